@@ -1,0 +1,250 @@
+"""Modality Contribution Monitor: how much each input modality contributes, measured on validation epochs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
+from lightning_mc.metric import ModalityContribution, Normalization, check_normalization
+from lightning_mc.modality import ModalitiesSpec, resolve_modalities
+from lightning_mc.occlusion import FillSpec
+from lightning_mc.result import ContributionResult
+
+#: Modalities with at most this many attributes get one scalar per attribute (``mc/attr/<modality>/<attribute>``).
+MAX_LOGGED_ATTRIBUTES = 16
+
+
+class ModalityContributionMonitor(Callback):
+    r"""Log each modality's share of a multimodal model's output movement while the model trains.
+
+    On selected validation epochs the monitor re-runs the model on validation batches with one modality (or one
+    attribute of a modality) occluded at a time, measures how far the outputs move, and logs each modality's share
+    of the total movement (Gapp et al., arXiv 2503.01904, Algorithm 1). A unimodal collapse shows up as one
+    modality's share falling towards 0. No labels are used.
+
+    The extra passes run on the batches already on the device, in eval mode, under ``torch.inference_mode()`` and
+    inside the trainer's precision context, so mixed-precision runs measure what the model really does. Occluded
+    copies are stacked along the batch dimension (at most ``max_batch_size`` rows per forward call). The user's
+    batch is never modified.
+
+    Logged through ``pl_module.log`` at the end of each measured validation run, so every logger and
+    ``trainer.callback_metrics`` get them (the same values on every process):
+
+    - ``mc/share/<modality>``: share of the total output movement (sums to 1 over modalities; NaN with a warning
+      when no occlusion moved any output);
+    - ``mc/raw/<modality>``: ``1ᵀdᵢ``, mean over samples of the summed absolute output change;
+    - ``mc/balance``: normalised entropy of the shares, 1 = equal contributions, 0 = one modality does everything;
+    - ``mc/attr/<modality>/<attribute>``: attribute shares, for modalities with 2 to 16 attributes.
+
+    Args:
+        modalities: ``name -> dict key`` (dict batches), ``name -> index`` (tuple/list batches), or
+            :class:`lightning_mc.Modality` objects (nested batches, per-modality fills, attribute masks).
+        forward_fn: ``(pl_module, batch) -> Tensor``, how the model is called on a batch. Default:
+            ``pl_module(*modality_tensors)``, the modality tensors as positional arguments in the order of
+            ``modalities``.
+        output_transform: Output activation applied before outputs are compared: ``None``, ``"softmax"``,
+            ``"sigmoid"`` or a callable.
+        occlusion: Default fill of modalities that set none: ``"mean"`` (per-sample mean), ``"zeros"``,
+            ``"noise"``, ``"permute"``, a number or a callable.
+        normalization: ``"ratio_of_sums"`` (Algorithm 1, default), ``"per_sample"`` or ``"per_sample_output"``.
+        every_n_epochs: Measure on validation runs of every n-th epoch (``(epoch + 1) % n == 0``). With
+            ``val_check_interval < 1`` every validation run of a selected epoch is measured.
+        limit_batches: Validation batches measured per run: an int (count) or a float in ``(0, 1]`` (fraction of
+            ``trainer.num_val_batches``). ``None``: all.
+        dataloader_idx: Index of the validation dataloader to measure (position in a list, or in a dict's order).
+        max_batch_size: Most rows per forward call of the occluded copies (``None``: 4 × the batch size).
+        seed: Seed for the ``"noise"`` and ``"permute"`` fills (a private generator: the global RNG is untouched).
+        run_on_sanity_check: Also measure during the sanity check (by default it adds nothing).
+        run_on_fast_dev_run: Also measure when the trainer runs with ``fast_dev_run``.
+        run_on_validate: Also measure in ``trainer.validate()``; by default only fitting is measured.
+
+    Raises:
+        ValueError: If an argument is out of range (each message names the argument and what is valid).
+        TypeError: If ``modalities``, ``occlusion`` or ``forward_fn`` have the wrong type.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_mc import ModalityContributionMonitor
+
+        monitor = ModalityContributionMonitor({"image": "image", "table": "clinical"}, output_transform="softmax")
+        trainer = Trainer(callbacks=[monitor])
+        trainer.fit(model, datamodule)
+        monitor.history[-1]["shares"]  # {'image': 0.61, 'table': 0.39}
+    """
+
+    def __init__(
+        self,
+        modalities: ModalitiesSpec,
+        *,
+        forward_fn: ForwardFn | None = None,
+        output_transform: OutputTransform = None,
+        occlusion: FillSpec = "mean",
+        normalization: Normalization = "ratio_of_sums",
+        every_n_epochs: int = 1,
+        limit_batches: int | float | None = None,
+        dataloader_idx: int = 0,
+        max_batch_size: int | None = None,
+        seed: int = 0,
+        run_on_sanity_check: bool = False,
+        run_on_fast_dev_run: bool = False,
+        run_on_validate: bool = False,
+    ) -> None:
+        super().__init__()
+        self.modalities = resolve_modalities(modalities)
+        check_normalization(normalization)
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs!r} must be a positive int.")
+        _check_limit_batches(limit_batches)
+        if isinstance(dataloader_idx, bool) or not isinstance(dataloader_idx, int) or dataloader_idx < 0:
+            raise ValueError(f"dataloader_idx={dataloader_idx!r} must be a non-negative int.")
+        self.engine = OcclusionEngine(
+            self.modalities,
+            forward_fn=forward_fn,
+            output_transform=output_transform,
+            occlusion=occlusion,
+            max_batch_size=max_batch_size,
+            seed=seed,
+        )
+        self.normalization = normalization
+        self.every_n_epochs = every_n_epochs
+        self.limit_batches = limit_batches
+        self.dataloader_idx = dataloader_idx
+        self.run_on_sanity_check = run_on_sanity_check
+        self.run_on_fast_dev_run = run_on_fast_dev_run
+        self.run_on_validate = run_on_validate
+        #: One entry per measured validation run: epoch, global_step, shares, raw, balance, num_samples.
+        self.history: list[dict[str, Any]] = []
+        #: The latest measurement, with attribute values and per-output shares.
+        self.latest: ContributionResult | None = None
+        self._metric: ModalityContribution | None = None
+        self._measuring = False
+        self._warned_empty = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modalities=[m.name for m in self.modalities])
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        """Names of the monitored modalities, in order."""
+        return tuple(m.name for m in self.modalities)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(entry) for entry in self.history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(entry) for entry in state_dict.get("history", [])]
+
+    def _should_measure(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return self.run_on_sanity_check
+        if trainer.fast_dev_run and not self.run_on_fast_dev_run:
+            return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return self.run_on_validate
+        if trainer.state.fn != TrainerFn.FITTING:
+            return False
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _batch_limit(self, trainer: pl.Trainer) -> float:
+        if self.limit_batches is None:
+            return math.inf
+        if isinstance(self.limit_batches, int):
+            return self.limit_batches
+        available = trainer.num_val_batches[self.dataloader_idx]
+        return max(1, math.ceil(self.limit_batches * available)) if math.isfinite(available) else math.inf
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measuring = self._should_measure(trainer)
+        self._metric = None
+        if self._measuring and self.dataloader_idx >= len(trainer.num_val_batches):
+            raise ValueError(
+                f"dataloader_idx={self.dataloader_idx} but the trainer has {len(trainer.num_val_batches)} validation "
+                f"dataloader(s); valid: 0..{len(trainer.num_val_batches) - 1}."
+            )
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._measuring or dataloader_idx != self.dataloader_idx or batch_idx >= self._batch_limit(trainer):
+            return
+        self._measure_batch(trainer, pl_module, batch)
+
+    def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        with trainer.precision_plugin.val_step_context():
+            outputs = self.engine.run(pl_module, batch)
+        if self._metric is None:
+            self._metric = ModalityContribution(
+                outputs.attribute_names, num_outputs=outputs.clean.shape[1], normalization=self.normalization
+            ).to(outputs.clean.device)
+        self._metric.update(outputs.clean, outputs.occluded)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._measuring:
+            return
+        self._measuring = False
+        if self._metric is None:
+            if not self._warned_empty:
+                self._warned_empty = True
+                rank_zero_warn(
+                    f"ModalityContributionMonitor measured no batch of validation dataloader {self.dataloader_idx} "
+                    "(the loader is empty or limit_batches excluded every batch); nothing is logged."
+                )
+            return
+        metric, self._metric = self._metric, None
+        values = metric.compute()  # reduced across processes: every rank logs the same numbers
+        result = ContributionResult.from_values(values, metric.attribute_names, self.normalization)
+        self._log(pl_module, result)
+        self.latest = result
+        self.history.append(
+            {
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "shares": dict(result.shares),
+                "raw": dict(result.raw),
+                "balance": result.balance,
+                "num_samples": result.num_samples,
+            }
+        )
+
+    def _log(self, pl_module: pl.LightningModule, result: ContributionResult) -> None:
+        # values are already identical on every rank; sync_dist=True keeps Lightning's DDP bookkeeping consistent
+        logged = {f"mc/share/{name}": share for name, share in result.shares.items()}
+        logged.update({f"mc/raw/{name}": raw for name, raw in result.raw.items()})
+        logged["mc/balance"] = result.balance
+        for name, attribute_shares in result.attribute_shares.items():
+            if 1 < len(attribute_shares) <= MAX_LOGGED_ATTRIBUTES:
+                logged.update({f"mc/attr/{name}/{attr}": share for attr, share in attribute_shares.items()})
+        for key, value in logged.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+
+
+def _check_limit_batches(limit_batches: int | float | None) -> None:
+    if limit_batches is None:
+        return
+    if isinstance(limit_batches, bool) or not isinstance(limit_batches, (int, float)):
+        raise TypeError(f"limit_batches={limit_batches!r} must be an int, a float in (0, 1] or None.")
+    if isinstance(limit_batches, int) and limit_batches < 1:
+        raise ValueError(f"limit_batches={limit_batches!r} must be at least 1 (or None for all batches).")
+    if isinstance(limit_batches, float) and not 0.0 < limit_batches <= 1.0:
+        raise ValueError(f"limit_batches={limit_batches!r} as a fraction must be in (0, 1].")

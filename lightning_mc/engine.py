@@ -1,0 +1,283 @@
+"""Builds the occluded copies of a batch and runs them through the model in as few forward calls as allowed.
+
+For a batch of ``N`` samples and ``H`` attributes over all modalities the engine needs ``(1 + H) · N`` rows of
+model input: the clean batch and one copy per attribute. It lays these rows out as one virtual batch (clean copy
+first, then each modality's attributes in order), cuts it into chunks of at most ``max_batch_size`` rows and runs
+each chunk in one forward call. Nothing here knows about Lightning.
+
+Example:
+    >>> import torch
+    >>> from lightning_mc.modality import resolve_modalities
+    >>> model = torch.nn.Bilinear(3, 2, 4)
+    >>> engine = OcclusionEngine(resolve_modalities({"a": 0, "b": 1}), occlusion="zeros")
+    >>> outputs = engine.run(model, (torch.randn(5, 3), torch.randn(5, 2)))
+    >>> outputs.clean.shape, outputs.occluded["a"].shape
+    (torch.Size([5, 4]), torch.Size([5, 1, 4]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torchmetrics.utilities import rank_zero_warn
+
+from lightning_mc.modality import Batch, Modality
+from lightning_mc.occlusion import AttributeMasks, Fill, FillSpec, occlude, resolve_fill
+
+ForwardFn = Callable[[nn.Module, Batch], Tensor]
+OutputTransform = Union[Literal["softmax", "sigmoid"], Callable[[Tensor], Tensor], None]
+OUTPUT_TRANSFORMS: tuple[str, ...] = ("softmax", "sigmoid")
+
+#: With ``max_batch_size=None``, one forward call takes this many batch-sized copies at most.
+DEFAULT_COPIES_PER_CALL = 4
+
+
+@dataclass(frozen=True)
+class OccludedOutputs:
+    """Model outputs of one batch, clean and under each occlusion.
+
+    Attributes:
+        clean: ``(N, C)``, after the output transform, outputs flattened per sample.
+        occluded: ``name -> (N, h_i, C)``: outputs with attribute ``l`` of modality ``name`` occluded.
+        attribute_names: ``name -> h_i`` attribute names.
+    """
+
+    clean: Tensor
+    occluded: dict[str, Tensor]
+    attribute_names: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``start:stop`` of copy ``copy`` (0 = clean, then one per attribute) of the virtual batch."""
+
+    copy: int
+    start: int
+    stop: int
+
+
+def plan_chunks(num_copies: int, batch_size: int, max_rows: int) -> list[list[_Piece]]:
+    """Split ``num_copies`` copies of ``batch_size`` rows into chunks of at most ``max_rows`` rows.
+
+    Example:
+        >>> [[(p.copy, p.start, p.stop) for p in chunk] for chunk in plan_chunks(3, 2, 4)]
+        [[(0, 0, 2), (1, 0, 2)], [(2, 0, 2)]]
+    """
+    chunks: list[list[_Piece]] = [[]]
+    room = max_rows
+    for copy in range(num_copies):
+        start = 0
+        while start < batch_size:
+            if room == 0:
+                chunks.append([])
+                room = max_rows
+            stop = min(batch_size, start + room)
+            chunks[-1].append(_Piece(copy, start, stop))
+            room -= stop - start
+            start = stop
+    return chunks
+
+
+def default_forward(modalities: Sequence[Modality]) -> ForwardFn:
+    """The default ``forward_fn``: the model called with the modality tensors as positional arguments, in order.
+
+    For ``modalities={"image": "x_img", "table": "x_tab"}`` this is ``model(batch["x_img"], batch["x_tab"])``.
+    """
+
+    def forward(model: nn.Module, batch: Batch) -> Tensor:
+        return model(*(modality.select(batch) for modality in modalities))
+
+    return forward
+
+
+def resolve_output_transform(output_transform: OutputTransform) -> Callable[[Tensor], Tensor]:
+    """Turn ``output_transform`` (None, "softmax", "sigmoid" or a callable) into a function on ``(N, C)`` outputs."""
+    if output_transform is None:
+        return lambda outputs: outputs
+    if output_transform == "softmax":
+        return lambda outputs: outputs.float().softmax(dim=-1)
+    if output_transform == "sigmoid":
+        return lambda outputs: outputs.float().sigmoid()
+    if callable(output_transform) and not isinstance(output_transform, str):
+        return output_transform
+    raise ValueError(
+        f"output_transform={output_transform!r} must be None, one of {OUTPUT_TRANSFORMS} or a callable."
+    )
+
+
+class OcclusionEngine:
+    """Runs a model on a batch and on its occluded copies, batched.
+
+    Args:
+        modalities: The resolved modalities.
+        forward_fn: ``(model, batch) -> Tensor``; default :func:`default_forward`.
+        output_transform: Output activation applied before differences are taken: ``None``, ``"softmax"``
+            (over the last dimension), ``"sigmoid"`` or a callable.
+        occlusion: Default fill for modalities that do not set their own.
+        max_batch_size: Most rows per forward call. ``None``: ``4 ×`` the incoming batch size, so a call holds the
+            clean batch and up to three occluded copies.
+        seed: Seed of the engine's own random generator (used by ``"noise"`` and ``"permute"``); the global RNG is
+            never touched.
+
+    Raises:
+        ValueError: On an invalid ``max_batch_size`` or ``output_transform``.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[Modality],
+        forward_fn: ForwardFn | None = None,
+        output_transform: OutputTransform = None,
+        occlusion: FillSpec = "mean",
+        max_batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if max_batch_size is not None and (
+            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
+            raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int or None.")
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"forward_fn={forward_fn!r} must be a callable (model, batch) -> Tensor.")
+        self.modalities = tuple(modalities)
+        self.forward_fn = forward_fn if forward_fn is not None else default_forward(self.modalities)
+        self.output_transform = output_transform
+        self._transform = resolve_output_transform(output_transform)
+        default_fill = resolve_fill(occlusion)
+        self.fills = tuple(m.fill if m.fill is not None else default_fill for m in self.modalities)
+        self.max_batch_size = max_batch_size
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._warned_single_output_softmax = False
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def run(self, model: nn.Module, batch: Batch) -> OccludedOutputs:
+        """Return the outputs of ``model`` on ``batch`` and on every occluded copy.
+
+        The model runs in eval mode under :func:`torch.inference_mode`; its previous mode is restored. ``batch`` is
+        never modified.
+
+        Raises:
+            TypeError: If the model output is not a tensor.
+            ValueError: If the outputs have a different shape in the occluded passes or a wrong batch dimension.
+        """
+        values = [modality.select(batch) for modality in self.modalities]
+        batch_size = values[0].shape[0]
+        for modality, value in zip(self.modalities, values):
+            if value.shape[0] != batch_size:
+                raise ValueError(
+                    f"Modality {modality.name!r} has {value.shape[0]} samples but {self.modalities[0].name!r} has "
+                    f"{batch_size}; every modality needs the samples along dimension 0."
+                )
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                return self._run(model, batch, values, batch_size)
+        finally:
+            model.train(was_training)
+
+    def _run(self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int) -> OccludedOutputs:
+        masks = [modality.attribute_masks(value) for modality, value in zip(self.modalities, values)]
+        for modality, attribute_masks in zip(self.modalities, masks):
+            if not isinstance(attribute_masks, AttributeMasks):
+                raise TypeError(
+                    f"Modality {modality.name!r}: attributes returned {type(attribute_masks).__name__}, expected "
+                    "lightning_mc.occlusion.AttributeMasks."
+                )
+        fills = [
+            self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
+        ]
+        # copy c > 0 is attribute `attribute` of modality `owner`
+        copies: list[tuple[int, int]] = [(-1, -1)] + [
+            (owner, attribute) for owner, m in enumerate(masks) for attribute in range(m.masks.shape[0])
+        ]
+        max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
+        outputs = []
+        for chunk in plan_chunks(len(copies), batch_size, max_rows):
+            chunk_batch = apply_to_collection(batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size)
+            for owner, (modality, value) in enumerate(zip(self.modalities, values)):
+                parts = []
+                for piece in chunk:
+                    rows = slice(piece.start, piece.stop)
+                    copy_owner, attribute = copies[piece.copy]
+                    if copy_owner == owner:
+                        mask = _rows_of(masks[owner].masks[attribute], rows)
+                        parts.append(occlude(value[rows], fills[owner][rows], mask))
+                    else:
+                        parts.append(value[rows])
+                chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
+            outputs.append(self._forward(model, chunk_batch, sum(p.stop - p.start for p in chunk)))
+        self._check_output_shapes(outputs)
+        flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
+        occluded, start = {}, 1
+        for modality, attribute_masks in zip(self.modalities, masks):
+            count = attribute_masks.masks.shape[0]
+            occluded[modality.name] = flat[start : start + count].transpose(0, 1)
+            start += count
+        return OccludedOutputs(
+            clean=flat[0], occluded=occluded, attribute_names={m.name: a.names for m, a in zip(self.modalities, masks)}
+        )
+
+    def _fill(self, modality: Modality, fill: Fill, value: Tensor) -> Tensor:
+        try:
+            return fill(value, self._generator(value.device))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"Modality {modality.name!r}: {err}") from None
+
+    def _forward(self, model: nn.Module, batch: Batch, rows: int) -> Tensor:
+        output = self.forward_fn(model, batch)
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"The model returned a {type(output).__name__}, not a tensor. Pass `forward_fn` to select the "
+                "prediction tensor, e.g. forward_fn=lambda model, batch: model(batch)['logits']."
+            )
+        if output.ndim == 0 or output.shape[0] != rows:
+            raise ValueError(
+                f"The model output has shape {tuple(output.shape)} for an input of {rows} samples; expected the "
+                "samples along dimension 0. Use `forward_fn` to return per-sample outputs."
+            )
+        output = output.reshape(rows, -1)
+        if self.output_transform == "softmax" and output.shape[1] == 1 and not self._warned_single_output_softmax:
+            self._warned_single_output_softmax = True
+            rank_zero_warn(
+                "output_transform='softmax' on a model with 1 output: the softmax of one logit is always 1, so every "
+                "share will be NaN. Use output_transform='sigmoid' for a binary model with a single logit.",
+                UserWarning,
+            )
+        transformed = self._transform(output)
+        if not isinstance(transformed, Tensor) or transformed.shape[0] != rows:
+            raise ValueError(
+                f"output_transform returned {getattr(transformed, 'shape', type(transformed).__name__)} for "
+                f"{rows} samples; it must return a tensor with the samples along dimension 0."
+            )
+        return transformed.reshape(rows, -1)
+
+    @staticmethod
+    def _check_output_shapes(outputs: list[Tensor]) -> None:
+        widths = {output.shape[1] for output in outputs}
+        if len(widths) > 1:
+            raise ValueError(
+                f"The model returned {sorted(widths)} outputs per sample in different passes; the occluded passes "
+                "must give outputs of the same shape as the clean pass."
+            )
+
+
+def _rows_of(mask: Tensor, rows: slice) -> Tensor:
+    """The rows of a per-sample mask (``(N, ...)``); masks shared by all samples (``(1, ...)``) pass unchanged."""
+    return mask if mask.shape[0] == 1 else mask[rows]
+
+
+def _concat_rows(tensor: Tensor, pieces: list[_Piece], batch_size: int) -> Tensor:
+    """Rows of a batch tensor for one chunk; tensors without the batch dimension pass unchanged."""
+    if tensor.ndim == 0 or tensor.shape[0] != batch_size:
+        return tensor
+    return torch.cat([tensor[piece.start : piece.stop] for piece in pieces])

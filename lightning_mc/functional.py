@@ -1,0 +1,99 @@
+"""Modality contributions of a trained model, measured offline on any iterable of batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+
+from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
+from lightning_mc.metric import ModalityContribution, Normalization, check_normalization
+from lightning_mc.modality import Batch, ModalitiesSpec, resolve_modalities
+from lightning_mc.occlusion import FillSpec
+from lightning_mc.result import ContributionResult
+
+
+def modality_contribution(
+    model: nn.Module,
+    data: Iterable[Batch],
+    modalities: ModalitiesSpec,
+    *,
+    forward_fn: ForwardFn | None = None,
+    output_transform: OutputTransform = None,
+    occlusion: FillSpec = "mean",
+    normalization: Normalization = "ratio_of_sums",
+    max_batch_size: int | None = None,
+    limit_batches: int | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> ContributionResult:
+    """Measure how much each modality contributes to ``model``'s outputs on ``data``.
+
+    Each modality (or each of its attributes) is occluded in turn and the mean absolute change of the outputs is
+    accumulated (Gapp et al., arXiv 2503.01904, Algorithm 1). No labels are needed.
+
+    Args:
+        model: The model. It runs in eval mode under ``torch.inference_mode()``; its mode is restored.
+        data: Any iterable of batches (a ``DataLoader``, a list of batches).
+        modalities: ``name -> dict key`` (dict batches), ``name -> index`` (tuple/list batches), or
+            :class:`lightning_mc.Modality` objects (nested batches, per-modality fills, attributes).
+        forward_fn: ``(model, batch) -> Tensor``. Default: ``model(*modality_tensors)``, the modality tensors as
+            positional arguments in the order of ``modalities``, e.g. ``model(batch["image"], batch["table"])``.
+        output_transform: Activation applied to the outputs before they are compared: ``None`` (regression, or a
+            model that already returns probabilities), ``"softmax"``, ``"sigmoid"`` or a callable.
+        occlusion: Default fill for modalities that do not set their own: ``"mean"`` (per-sample mean, the paper's
+            image fill), ``"zeros"``, ``"noise"``, ``"permute"``, a number or a callable.
+        normalization: ``"ratio_of_sums"`` (Algorithm 1, default), ``"per_sample"`` or ``"per_sample_output"``.
+        max_batch_size: Most rows per forward call (``None``: 4 × the batch size).
+        limit_batches: Use only the first ``limit_batches`` batches of ``data``.
+        device: Where batches are moved before the model runs; default: the device of the model's first parameter.
+        seed: Seed for the ``"noise"`` and ``"permute"`` fills.
+
+    Returns:
+        A :class:`lightning_mc.ContributionResult`.
+
+    Raises:
+        ValueError: If ``data`` holds no batch, or on invalid arguments.
+
+    Example:
+        >>> import torch
+        >>> class Model(torch.nn.Module):
+        ...     def forward(self, image, table):
+        ...         return image.flatten(1).sum(1, keepdim=True) + 0 * table.sum(1, keepdim=True)
+        >>> batches = [(torch.randn(8, 1, 4, 4), torch.randn(8, 3))]
+        >>> result = modality_contribution(Model(), batches, {"image": 0, "table": 1}, occlusion="zeros")
+        >>> result.shares
+        {'image': 1.0, 'table': 0.0}
+    """
+    if limit_batches is not None and (
+        isinstance(limit_batches, bool) or not isinstance(limit_batches, int) or limit_batches < 1
+    ):
+        raise ValueError(f"limit_batches={limit_batches!r} must be a positive int or None.")
+    check_normalization(normalization)
+    resolved = resolve_modalities(modalities)
+    engine = OcclusionEngine(
+        resolved,
+        forward_fn=forward_fn,
+        output_transform=output_transform,
+        occlusion=occlusion,
+        max_batch_size=max_batch_size,
+        seed=seed,
+    )
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    metric: ModalityContribution | None = None
+    for index, batch in enumerate(data):
+        if limit_batches is not None and index >= limit_batches:
+            break
+        outputs = engine.run(model, move_data_to_device(batch, device))
+        if metric is None:
+            metric = ModalityContribution(
+                outputs.attribute_names, num_outputs=outputs.clean.shape[1], normalization=normalization
+            ).to(outputs.clean.device)
+        metric.update(outputs.clean, outputs.occluded)
+    if metric is None:
+        raise ValueError("data held no batch; pass a non-empty iterable of batches.")
+    return ContributionResult.from_values(metric.compute(), metric.attribute_names, normalization)

@@ -1,0 +1,274 @@
+"""The modality contribution metric of Gapp et al. (arXiv 2503.01904), as a torchmetrics ``Metric``.
+
+This module is the only place the formula lives. For ``N`` samples with outputs ``p⁰ᵏ ∈ R^C`` and outputs
+``p_{i,l}^k`` with attribute ``l`` of modality ``i`` occluded::
+
+    d_{i,l}^k = |p⁰ᵏ − p_{i,l}^k|            (elementwise over the C outputs)
+    d_i       = (1/N) Σ_k Σ_l d_{i,l}^k
+    raw_i     = 1ᵀ d_i
+    share_i   = raw_i / Σ_j raw_j             ("ratio_of_sums", Algorithm 1, the default)
+
+and for attributes ``attribute_raw_{i,l} = 1ᵀ d_{i,l}``, ``attribute_share_{i,l} = share_i · attribute_raw_{i,l} /
+raw_i``. The state is sums and counts only, so it reduces with a plain sum across batches and processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
+
+Normalization = Literal["ratio_of_sums", "per_sample", "per_sample_output"]
+NORMALIZATIONS: tuple[str, ...] = ("ratio_of_sums", "per_sample", "per_sample_output")
+
+
+def absolute_differences(clean: Tensor, occluded: Tensor) -> Tensor:
+    """``d_{i,l}^k``: the elementwise movement of the outputs under each occlusion.
+
+    Args:
+        clean: Outputs of the unoccluded batch, ``(N, C)``.
+        occluded: Outputs with one attribute occluded at a time, ``(N, H, C)`` (``H`` attributes of all modalities).
+
+    Returns:
+        ``|clean − occluded|`` of shape ``(N, H, C)`` in float32 (or float64 if the inputs are).
+    """
+    dtype = torch.promote_types(torch.promote_types(clean.dtype, occluded.dtype), torch.float32)
+    return (occluded.to(dtype) - clean.to(dtype).unsqueeze(1)).abs()
+
+
+def sum_per_modality(values: Tensor, attribute_counts: Sequence[int], dim: int) -> Tensor:
+    """Sum ``values`` over the attributes of each modality along ``dim`` (``H`` entries → ``M`` entries)."""
+    return torch.stack([part.sum(dim=dim) for part in values.split(list(attribute_counts), dim=dim)], dim=dim)
+
+
+def share_balance(shares: Tensor) -> Tensor:
+    """Normalised entropy of the shares: 1 when all modalities contribute equally, 0 when one does everything.
+
+    NaN when the shares are undefined (NaN).
+
+    Example:
+        >>> share_balance(torch.tensor([0.5, 0.5]))
+        tensor(1.)
+        >>> share_balance(torch.tensor([1.0, 0.0]))
+        tensor(0.)
+    """
+    entropy = -torch.where(shares > 0, shares * shares.log(), torch.zeros_like(shares)).sum()
+    balance = entropy / math.log(shares.numel())
+    return torch.where(shares.isnan().any(), torch.full_like(balance, float("nan")), balance)
+
+
+def check_normalization(normalization: str) -> None:
+    """Raise a ``ValueError`` naming the valid choices if ``normalization`` is unknown."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}.")
+
+
+class ModalityContribution(Metric):
+    r"""Accumulates how far a model's outputs move when each modality (or attribute) is occluded.
+
+    ``update`` takes the clean outputs and the outputs under each occlusion; ``compute`` returns each modality's
+    raw contribution ``1ᵀdᵢ`` (mean over samples of the summed absolute output change) and its share of the total.
+
+    Three normalisations are available. ``"ratio_of_sums"`` (default) is Algorithm 1 of Gapp et al.:
+    ``share_i = raw_i / Σ_j raw_j``. ``"per_sample"`` averages each sample's shares, and ``"per_sample_output"``
+    averages the shares of each (sample, output) pair, as the paper's reference task scripts do; samples or pairs
+    whose total movement is 0 carry no information and are skipped.
+
+    Samples with a non-finite output (NaN/inf in the clean or any occluded output) are skipped and counted in
+    ``num_skipped``, with a warning at ``compute``. When nothing moved at all the shares are undefined: they are
+    NaN, with a warning, and the raw values (all 0) are still reported.
+
+    Args:
+        attributes: The modalities, as a sequence of names (each modality occluded as a whole), or a mapping
+            ``name -> attribute names`` (one occlusion per attribute).
+        num_outputs: ``C``, the number of model outputs; inferred from the first ``update`` when ``None``. In DDP
+            every process must then see at least one batch.
+        normalization: ``"ratio_of_sums"``, ``"per_sample"`` or ``"per_sample_output"``.
+        kwargs: Passed to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute``).
+
+    Raises:
+        ValueError: If ``normalization`` is unknown, fewer than two modalities or a modality without attributes are
+            given.
+
+    Example:
+        >>> metric = ModalityContribution(["image", "table"])
+        >>> clean = torch.tensor([[0.8, 0.2]])
+        >>> occluded = {"image": torch.tensor([[[0.4, 0.6]]]), "table": torch.tensor([[[0.7, 0.3]]])}
+        >>> metric.update(clean, occluded)
+        >>> values = metric.compute()
+        >>> values["shares"]
+        tensor([0.8000, 0.2000])
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    attribute_diff: Tensor
+    sample_share_sum: Tensor
+    informative_samples: Tensor
+    output_share_sum: Tensor
+    informative_pairs: Tensor
+    num_samples: Tensor
+    num_skipped: Tensor
+
+    def __init__(
+        self,
+        attributes: Sequence[str] | Mapping[str, Sequence[str]],
+        num_outputs: int | None = None,
+        normalization: Normalization = "ratio_of_sums",
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(attributes, Mapping):
+            self.attribute_names = {name: tuple(names) for name, names in attributes.items()}
+        else:
+            self.attribute_names = {name: ("all",) for name in attributes}
+        self.modality_names = tuple(self.attribute_names)
+        if len(self.modality_names) < 2:
+            raise ValueError(f"attributes needs at least 2 modalities, got {list(self.modality_names)}.")
+        empty = [name for name, names in self.attribute_names.items() if not names]
+        if empty:
+            raise ValueError(f"attributes: modalities {empty} have no attributes; give each at least one name.")
+        check_normalization(normalization)
+        if num_outputs is not None and (not isinstance(num_outputs, int) or num_outputs < 1):
+            raise ValueError(f"num_outputs={num_outputs!r} must be a positive int or None (inferred).")
+        self.normalization = normalization
+        self.attribute_counts = tuple(len(names) for names in self.attribute_names.values())
+        num_modalities, num_attributes = len(self.modality_names), sum(self.attribute_counts)
+
+        self.add_state("attribute_diff", torch.zeros(num_attributes, num_outputs or 0), dist_reduce_fx="sum")
+        self.add_state("sample_share_sum", torch.zeros(num_modalities), dist_reduce_fx="sum")
+        self.add_state("informative_samples", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("output_share_sum", torch.zeros(num_modalities), dist_reduce_fx="sum")
+        self.add_state("informative_pairs", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("num_samples", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("num_skipped", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
+        """Accumulate one batch.
+
+        Args:
+            clean: Outputs of the unoccluded batch, ``(N, C)`` (already passed through the output activation).
+            occluded: For each modality, the outputs with each of its attributes occluded, ``(N, h_i, C)``.
+
+        Raises:
+            ValueError: If modalities are missing or shapes do not match.
+        """
+        stacked = self._stack_occluded(clean, occluded)
+        if self.attribute_diff.shape[1] == 0:
+            self.attribute_diff = torch.zeros(
+                sum(self.attribute_counts), clean.shape[1], device=self.device, dtype=self.attribute_diff.dtype
+            )
+        elif self.attribute_diff.shape[1] != clean.shape[1]:
+            raise ValueError(
+                f"clean has {clean.shape[1]} outputs but earlier batches had {self.attribute_diff.shape[1]}; the "
+                "number of outputs must stay the same."
+            )
+        finite = clean.isfinite().all(dim=1) & stacked.isfinite().all(dim=2).all(dim=1)
+        diffs = absolute_differences(clean[finite], stacked[finite]).to(self.attribute_diff.dtype)
+
+        self.attribute_diff += diffs.sum(dim=0)
+        self.num_samples += finite.sum()
+        self.num_skipped += (~finite).sum()
+
+        per_modality = sum_per_modality(diffs, self.attribute_counts, dim=1)  # (N, M, C)
+        sample_totals = per_modality.sum(dim=2)  # (N, M)
+        sample_denominator = sample_totals.sum(dim=1, keepdim=True)
+        informative = sample_denominator.squeeze(1) > 0
+        self.sample_share_sum += (sample_totals[informative] / sample_denominator[informative]).sum(dim=0)
+        self.informative_samples += informative.sum()
+
+        pair_denominator = per_modality.sum(dim=1, keepdim=True)  # (N, 1, C)
+        informative_pair = pair_denominator > 0
+        pair_shares = torch.where(informative_pair, per_modality / pair_denominator.clamp_min(1e-38), 0.0)
+        self.output_share_sum += pair_shares.sum(dim=(0, 2))
+        self.informative_pairs += informative_pair.sum()
+
+    def _stack_occluded(self, clean: Tensor, occluded: Mapping[str, Tensor]) -> Tensor:
+        missing = [name for name in self.modality_names if name not in occluded]
+        unknown = [name for name in occluded if name not in self.attribute_names]
+        if missing or unknown:
+            raise ValueError(
+                f"occluded must have exactly the modalities {list(self.modality_names)}; missing {missing}, "
+                f"unknown {unknown}."
+            )
+        if clean.ndim != 2:
+            raise ValueError(f"clean must have shape (N, C), got {tuple(clean.shape)}.")
+        for name, count in zip(self.modality_names, self.attribute_counts):
+            expected = (clean.shape[0], count, clean.shape[1])
+            if tuple(occluded[name].shape) != expected:
+                raise ValueError(
+                    f"occluded[{name!r}] has shape {tuple(occluded[name].shape)}, expected (N, attributes, C) = "
+                    f"{expected}."
+                )
+        return torch.cat([occluded[name] for name in self.modality_names], dim=1)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Derive raw values and shares from the accumulated sums.
+
+        Returns:
+            A dict of tensors: ``raw`` (M,), ``shares`` (M,), ``balance`` (scalar), ``attribute_raw`` (H,),
+            ``attribute_shares`` (H,), ``per_output_shares`` (M, C), ``num_samples`` and ``num_skipped``
+            (scalars). ``H`` runs over the attributes of all modalities in order.
+        """
+        num_samples = self.num_samples
+        if self.num_skipped > 0:
+            rank_zero_warn(
+                f"ModalityContribution skipped {int(self.num_skipped)} sample(s) whose model outputs were NaN or inf "
+                f"(clean or occluded); the values use the {int(num_samples)} finite sample(s).",
+                UserWarning,
+            )
+        nan = torch.tensor(float("nan"), device=self.device)
+        attribute_raw = (
+            self.attribute_diff.sum(dim=1) / num_samples
+            if num_samples > 0
+            else nan.expand(self.attribute_diff.shape[0]).clone()
+        )
+        raw = sum_per_modality(attribute_raw, self.attribute_counts, dim=0)
+        shares = self._shares(raw)
+        within_modality = attribute_raw / torch.repeat_interleave(
+            raw, torch.tensor(self.attribute_counts, device=raw.device)
+        )
+        within_modality = torch.where(attribute_raw == 0, torch.zeros_like(within_modality), within_modality)
+        attribute_shares = within_modality * torch.repeat_interleave(
+            shares, torch.tensor(self.attribute_counts, device=raw.device)
+        )
+        per_modality_output = sum_per_modality(self.attribute_diff, self.attribute_counts, dim=0)  # (M, C)
+        per_output_shares = per_modality_output / per_modality_output.sum(dim=0, keepdim=True)
+        return {
+            "raw": raw,
+            "shares": shares,
+            "balance": share_balance(shares),
+            "attribute_raw": attribute_raw,
+            "attribute_shares": attribute_shares,
+            "per_output_shares": per_output_shares,
+            "num_samples": num_samples.clone(),
+            "num_skipped": self.num_skipped.clone(),
+        }
+
+    def _shares(self, raw: Tensor) -> Tensor:
+        nan = torch.full_like(raw, float("nan"))
+        if self.num_samples == 0:
+            rank_zero_warn("ModalityContribution.compute() was called without any finite sample: shares are NaN.")
+            return nan
+        if self.normalization == "ratio_of_sums":
+            numerator, denominator = raw, raw.sum()
+        elif self.normalization == "per_sample":
+            numerator, denominator = self.sample_share_sum, self.informative_samples
+        else:
+            numerator, denominator = self.output_share_sum, self.informative_pairs
+        if denominator == 0:
+            rank_zero_warn(
+                "Occluding any single modality left every model output unchanged, so modality shares are undefined "
+                f"(NaN); the raw values ({dict(zip(self.modality_names, raw.tolist()))}) are all 0. Either the "
+                "model ignores its inputs or the modalities are redundant (each compensates for the other).",
+                UserWarning,
+            )
+            return nan
+        return numerator / denominator

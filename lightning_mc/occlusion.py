@@ -1,0 +1,274 @@
+"""How a modality is occluded: the value put in its place (a fill) and which parts are replaced (masks).
+
+A *fill* maps the modality tensor of a batch, shape ``(N, ...)``, to a tensor of the same shape and dtype that
+stands in for it. A *mask* says which elements of one attribute the fill replaces; a modality occluded as a
+whole has a single all-true mask.
+
+Example:
+    >>> import torch
+    >>> fill = resolve_fill("mean")
+    >>> fill(torch.tensor([[1.0, 3.0], [0.0, 4.0]]), torch.Generator())
+    tensor([[2., 2.],
+            [2., 2.]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, Union, runtime_checkable
+
+import torch
+from torch import Tensor
+
+FillName = Literal["zeros", "mean", "noise", "permute"]
+FillSpec = Union[FillName, float, int, bool, Callable[[Tensor], Tensor], "Fill"]
+
+FILL_NAMES: tuple[str, ...] = ("zeros", "mean", "noise", "permute")
+
+
+def _is_integer_like(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex)
+
+
+class Fill:
+    """Base class of fills: the value that replaces an occluded modality (or the occluded part of it).
+
+    Subclasses implement :meth:`_fill`; :meth:`__call__` checks that the result can replace the input.
+    """
+
+    #: Whether the fill is defined for integer tensors such as token ids.
+    supports_integer: bool = False
+
+    def __call__(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        """Return the fill for ``value`` (shape ``(N, ...)``), same shape and dtype.
+
+        Raises:
+            TypeError: If the fill is not defined for ``value``'s dtype, or returns another dtype.
+            ValueError: If the fill returns a tensor whose shape does not match ``value``.
+        """
+        if _is_integer_like(value.dtype) and not self.supports_integer:
+            raise TypeError(
+                f"occlusion={self!r} cannot fill a {value.dtype} tensor (token ids, other integer data): a float fill "
+                "would be silently cast. Use an integer constant (e.g. `occlusion=0` for the pad token id), "
+                "'permute', 'zeros' or a callable."
+            )
+        filled = self._fill(value, generator)
+        if not isinstance(filled, Tensor):
+            raise TypeError(f"occlusion={self!r} returned {type(filled).__name__}, expected a torch.Tensor.")
+        if filled.dtype != value.dtype:
+            raise TypeError(
+                f"occlusion={self!r} returned dtype {filled.dtype} for a modality of dtype {value.dtype}; "
+                "a fill must keep the dtype."
+            )
+        if filled.shape != value.shape:
+            try:
+                filled = filled.expand(value.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"occlusion={self!r} returned shape {tuple(filled.shape)} for a modality of shape "
+                    f"{tuple(value.shape)}; a fill must return the input's shape (or one that broadcasts to it)."
+                ) from None
+        return filled
+
+    def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class ZerosFill(Fill):
+    """Replace by zeros (``False`` for boolean tensors)."""
+
+    supports_integer = True
+
+    def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.zeros_like(value)
+
+    def __repr__(self) -> str:
+        return "'zeros'"
+
+
+class MeanFill(Fill):
+    """Replace by the per-sample mean of the modality tensor: the paper's fill for images."""
+
+    def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        per_sample = value.reshape(value.shape[0], -1).float().mean(dim=1).to(value.dtype)
+        return per_sample.view(-1, *([1] * (value.ndim - 1))).expand(value.shape)
+
+    def __repr__(self) -> str:
+        return "'mean'"
+
+
+@dataclass(frozen=True, repr=False)
+class ConstantFill(Fill):
+    """Replace by a constant (0, or an out-of-range value such as -999 for tables; a pad id for tokens).
+
+    Args:
+        value: The constant. Integer and boolean modalities need an integer (or bool) constant.
+    """
+
+    value: float | int | bool
+
+    supports_integer = True
+
+    def __call__(self, value: Tensor, generator: torch.Generator) -> Tensor:  # noqa: D102
+        if _is_integer_like(value.dtype) and isinstance(self.value, float):
+            raise TypeError(
+                f"occlusion={self.value!r} is a float but the modality has dtype {value.dtype} (token ids or other "
+                f"integer data); a float would be silently cast. Pass an integer, e.g. occlusion={int(self.value)}."
+            )
+        return super().__call__(value, generator)
+
+    def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.full_like(value, self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+@dataclass(frozen=True, repr=False)
+class NoiseFill(Fill):
+    """Replace by Gaussian noise ``mean + std * N(0, 1)``, drawn from the engine's seeded generator.
+
+    Args:
+        mean: Mean of the noise.
+        std: Standard deviation of the noise.
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        noise = torch.randn(value.shape, generator=generator, device=value.device, dtype=torch.float32)
+        return (self.mean + self.std * noise).to(value.dtype)
+
+    def __repr__(self) -> str:
+        return "'noise'" if (self.mean, self.std) == (0.0, 1.0) else f"NoiseFill(mean={self.mean}, std={self.std})"
+
+
+class PermuteFill(Fill):
+    """Replace each sample's modality by another sample's (a seeded shuffle across the batch).
+
+    This is the Perceptual Score's occlusion: the modality keeps its marginal distribution but loses its link to
+    the rest of the sample. With a batch of one sample it changes nothing.
+    """
+
+    supports_integer = True
+
+    def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        order = torch.randperm(value.shape[0], generator=generator, device=value.device)
+        return value[order]
+
+    def __repr__(self) -> str:
+        return "'permute'"
+
+
+@dataclass(frozen=True, repr=False)
+class CallableFill(Fill):
+    """Replace by what a user function returns for the modality tensor.
+
+    Args:
+        function: ``tensor -> tensor`` of the same shape and dtype (or a shape that broadcasts to it).
+    """
+
+    function: Callable[[Tensor], Tensor]
+
+    supports_integer = True
+
+    def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        return self.function(value)
+
+    def __repr__(self) -> str:
+        return getattr(self.function, "__name__", repr(self.function))
+
+
+_NAMED_FILLS: dict[str, Callable[[], Fill]] = {
+    "zeros": ZerosFill,
+    "mean": MeanFill,
+    "noise": NoiseFill,
+    "permute": PermuteFill,
+}
+
+
+def resolve_fill(spec: FillSpec, argument: str = "occlusion") -> Fill:
+    """Turn a user's fill specification into a :class:`Fill`.
+
+    Args:
+        spec: ``"zeros"``, ``"mean"``, ``"noise"``, ``"permute"``, a number, a callable ``tensor -> tensor``, or a
+            :class:`Fill`.
+        argument: The argument's name, for error messages.
+
+    Raises:
+        ValueError: For an unknown fill name.
+        TypeError: For anything else that is not a fill.
+    """
+    if isinstance(spec, Fill):
+        return spec
+    if isinstance(spec, str):
+        if spec not in _NAMED_FILLS:
+            raise ValueError(
+                f"{argument}={spec!r} is not a known fill; expected one of {FILL_NAMES}, a number or a callable."
+            )
+        return _NAMED_FILLS[spec]()
+    if isinstance(spec, (bool, int, float)):
+        return ConstantFill(spec)
+    if callable(spec):
+        return CallableFill(spec)
+    raise TypeError(
+        f"{argument}={spec!r} ({type(spec).__name__}) is not a fill; expected one of {FILL_NAMES}, a number, "
+        "a callable `tensor -> tensor` or a lightning_mc.occlusion.Fill."
+    )
+
+
+@dataclass(frozen=True)
+class AttributeMasks:
+    """The attributes of one modality: a boolean mask per attribute, and the attributes' names.
+
+    Attributes:
+        masks: Boolean tensor of shape ``(h, *shape)`` where ``shape`` broadcasts against the modality tensor
+            ``(N, ...)``: ``(h, 1, F)`` for masks shared by all samples of a table with ``F`` columns, ``(h, N, L)``
+            for per-sample token masks. ``True`` marks the elements that the fill replaces.
+        names: One name per mask.
+    """
+
+    masks: Tensor
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.masks.dtype != torch.bool:
+            raise TypeError(f"masks must be a boolean tensor, got dtype {self.masks.dtype}.")
+        if self.masks.shape[0] != len(self.names):
+            raise ValueError(f"got {self.masks.shape[0]} masks but {len(self.names)} names; give one name per mask.")
+
+
+@runtime_checkable
+class Attributes(Protocol):
+    """Builds the attribute masks of a modality from its tensor in a batch."""
+
+    def __call__(self, value: Tensor) -> AttributeMasks:
+        """Return the masks for ``value`` (shape ``(N, ...)``)."""
+
+
+class WholeModality:
+    """A single attribute covering the whole modality: the default, one occlusion per modality."""
+
+    def __call__(self, value: Tensor) -> AttributeMasks:
+        """Return one all-true mask."""
+        shape = (1,) * value.ndim
+        return AttributeMasks(torch.ones((1, *shape), dtype=torch.bool, device=value.device), ("all",))
+
+    def __repr__(self) -> str:
+        return "WholeModality()"
+
+
+def occlude(value: Tensor, fill: Tensor, mask: Tensor) -> Tensor:
+    """Return a copy of ``value`` with the elements under ``mask`` taken from ``fill``; ``value`` is not modified.
+
+    Args:
+        value: The modality tensor ``(N, ...)``.
+        fill: Its fill, same shape.
+        mask: Boolean mask broadcasting against ``value``.
+    """
+    return torch.where(mask, fill, value)

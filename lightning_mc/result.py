@@ -1,0 +1,67 @@
+"""The result of a modality contribution measurement, as plain Python numbers keyed by name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ContributionResult:
+    """Modality contributions measured on a set of samples.
+
+    Attributes:
+        shares: ``name -> share`` of each modality; the shares sum to 1, or are all NaN when no occlusion moved any
+            output.
+        raw: ``name -> 1ᵀdᵢ``, the mean over samples of the summed absolute output change when the modality is
+            occluded (summed over its attributes).
+        balance: Normalised entropy of the shares (1 = equal contributions, 0 = one modality does everything).
+        attribute_raw: ``name -> {attribute -> raw value}``.
+        attribute_shares: ``name -> {attribute -> share}``; a modality's attribute shares sum to its share.
+        per_output_shares: ``name -> [share for each output]`` (ratio of sums per output; NaN for an output that
+            no occlusion moved).
+        num_samples: Number of samples measured.
+        num_skipped: Number of samples skipped because an output was NaN or inf.
+        normalization: How the shares were normalised.
+    """
+
+    shares: dict[str, float]
+    raw: dict[str, float]
+    balance: float
+    attribute_raw: dict[str, dict[str, float]]
+    attribute_shares: dict[str, dict[str, float]]
+    per_output_shares: dict[str, list[float]]
+    num_samples: int
+    num_skipped: int
+    normalization: str
+
+    @classmethod
+    def from_values(
+        cls, values: Mapping[str, Tensor], attribute_names: Mapping[str, tuple[str, ...]], normalization: str
+    ) -> ContributionResult:
+        """Build a result from :meth:`lightning_mc.ModalityContribution.compute`'s tensors."""
+        names = list(attribute_names)
+        attribute_raw = values["attribute_raw"].tolist()
+        attribute_shares = values["attribute_shares"].tolist()
+        per_output = values["per_output_shares"].tolist()
+        raw_by_attribute: dict[str, dict[str, float]] = {}
+        shares_by_attribute: dict[str, dict[str, float]] = {}
+        position = 0
+        for name, attributes in attribute_names.items():
+            span = slice(position, position + len(attributes))
+            raw_by_attribute[name] = dict(zip(attributes, attribute_raw[span]))
+            shares_by_attribute[name] = dict(zip(attributes, attribute_shares[span]))
+            position += len(attributes)
+        return cls(
+            shares=dict(zip(names, values["shares"].tolist())),
+            raw=dict(zip(names, values["raw"].tolist())),
+            balance=float(values["balance"]),
+            attribute_raw=raw_by_attribute,
+            attribute_shares=shares_by_attribute,
+            per_output_shares=dict(zip(names, per_output)),
+            num_samples=int(values["num_samples"]),
+            num_skipped=int(values["num_skipped"]),
+            normalization=normalization,
+        )
