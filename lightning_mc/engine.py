@@ -35,6 +35,8 @@ OUTPUT_TRANSFORMS: tuple[str, ...] = ("softmax", "sigmoid")
 
 #: With ``max_batch_size=None``, one forward call takes this many batch-sized copies at most.
 DEFAULT_COPIES_PER_CALL = 4
+#: Mixed into the user's seed so the fills' random stream never equals data drawn with the same seed.
+_SEED_SALT = 0x6C6D63
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class OcclusionEngine:
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + _SEED_SALT)
         return self._generators[device]
 
     def run(self, model: nn.Module, batch: Batch) -> OccludedOutputs:
