@@ -23,8 +23,8 @@ quickstart: setup
 	$(PY) examples/quickstart.py
 
 lint: setup
-	$(PY) -m ruff check lightning_mc tests examples benchmarks
-	$(PY) -m ruff format --check lightning_mc tests examples benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: lint
 	$(PY) -m pytest
