@@ -107,9 +107,7 @@ def resolve_output_transform(output_transform: OutputTransform) -> Callable[[Ten
         return lambda outputs: outputs.float().sigmoid()
     if callable(output_transform) and not isinstance(output_transform, str):
         return output_transform
-    raise ValueError(
-        f"output_transform={output_transform!r} must be None, one of {OUTPUT_TRANSFORMS} or a callable."
-    )
+    raise ValueError(f"output_transform={output_transform!r} must be None, one of {OUTPUT_TRANSFORMS} or a callable.")
 
 
 class OcclusionEngine:
