@@ -1,0 +1,96 @@
+"""``python -m benchmarks [--quick] [--only P1,P3] [--out DIR]``: run the benchmarks, print and save the tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import report, suites
+from benchmarks.timing import pick_device
+
+SUITES = ("P1", "P2", "P3", "P4", "P5", "scaling")
+
+
+def machine(device: torch.device, command: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    description = f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        description += f", GPU {torch.cuda.get_device_name(device)}"
+    return {
+        "description": description,
+        "device": str(device),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "command": command,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run: small sizes, few repeats")
+    parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where JSON/MD go")
+    args = parser.parse_args(argv)
+    selected = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(selected) - set(SUITES))
+    if unknown:
+        parser.error(f"--only: unknown suites {unknown}; choose from {SUITES}")
+
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    device = pick_device()
+    config = suites.Config(quick=args.quick, device=device)
+    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    info = machine(device, command)
+    print(f"lightning-mc benchmarks on {info['description']} ({device})", flush=True)
+
+    rows: list[suites.Row] = []
+    tables: list[suites.Table] = []
+    started = time.perf_counter()
+    for name in selected:
+        began = time.perf_counter()
+        if name == "P1":
+            rows += suites.p1_floor(config)
+        elif name == "P2":
+            rows += suites.p2_reference(config)
+        elif name == "P3":
+            rows += suites.p3_captum(config)
+        elif name == "P4":
+            found, cost = suites.p4_training(config)
+            rows += found
+            tables.append(cost)
+        elif name == "P5":
+            found, by_budget, by_masks = suites.p5_memory(config)
+            rows += found
+            tables += [by_budget, by_masks]
+        elif name == "scaling":
+            tables.append(suites.scaling(config))
+        print(f"  {name} done in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+    info["seconds"] = round(time.perf_counter() - started, 1)
+
+    print()
+    for table in [report.summary_table(rows), *tables]:
+        print(report.text(table))
+    stem = "quick" if args.quick else "results"
+    paths = report.write(args.out, stem, info, rows, tables)
+    print(f"total {info['seconds']} s; wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
