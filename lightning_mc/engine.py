@@ -178,12 +178,16 @@ class OcclusionEngine:
                     f"{batch_size}; every modality needs the samples along dimension 0."
                 )
         was_training = model.training
-        model.eval()
+        # a model already in eval mode (the monitor's case, inside validation) is left alone: no two module-tree walks
+        needs_eval = any(module.training for module in model.modules())
+        if needs_eval:
+            model.eval()
         try:
             with torch.inference_mode():
                 return self._run(model, batch, values, batch_size)
         finally:
-            model.train(was_training)
+            if needs_eval:
+                model.train(was_training)
 
     def _run(self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int) -> OccludedOutputs:
         masks = [modality.attribute_masks(value) for modality, value in zip(self.modalities, values)]
@@ -203,7 +207,10 @@ class OcclusionEngine:
         max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
         outputs = []
         for chunk in plan_chunks(len(copies), batch_size, max_rows):
-            chunk_batch = apply_to_collection(batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size)
+            # the modality tensors are replaced below: only the other tensors of the batch are cut here
+            chunk_batch = apply_to_collection(
+                batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(value) for value in values}
+            )
             for owner, (modality, value) in enumerate(zip(self.modalities, values)):
                 parts = []
                 for piece in chunk:
@@ -276,8 +283,10 @@ def _rows_of(mask: Tensor, rows: slice) -> Tensor:
     return mask if mask.shape[0] == 1 else mask[rows]
 
 
-def _concat_rows(tensor: Tensor, pieces: list[_Piece], batch_size: int) -> Tensor:
-    """Rows of a batch tensor for one chunk; tensors without the batch dimension pass unchanged."""
-    if tensor.ndim == 0 or tensor.shape[0] != batch_size:
+def _concat_rows(
+    tensor: Tensor, pieces: list[_Piece], batch_size: int, skip: frozenset[int] | set[int] = frozenset()
+) -> Tensor:
+    """Rows of a batch tensor for one chunk; tensors without the batch dimension or in ``skip`` (ids) pass unchanged."""
+    if id(tensor) in skip or tensor.ndim == 0 or tensor.shape[0] != batch_size:
         return tensor
     return torch.cat([tensor[piece.start : piece.stop] for piece in pieces])
