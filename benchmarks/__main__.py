@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import sys
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown suites {unknown}; choose from {SUITES}")
 
     warnings.filterwarnings("ignore", module="lightning")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     device = pick_device()
     config = suites.Config(quick=args.quick, device=device)

@@ -15,8 +15,11 @@ def summary_table(rows: list[Row]) -> Table:
 
     return Table(
         "Summary (median [p25–p75] of per-round ratios, things compared run interleaved in the same rounds)",
-        ["id", "case", "measure", "median [p25–p75]", "n", "target", "verdict"],
-        [[r.id, r.case, r.measure, r.value.format(r.digits), f"{r.value.n}", r.target, verdict(r)] for r in rows],
+        ["id", "case", "measure", "median [p25–p75]", "n", "target", "verdict", "note"],
+        [
+            [r.id, r.case, r.measure, r.value.format(r.digits), f"{r.value.n}", r.target, verdict(r), r.note]
+            for r in rows
+        ],
     )
 
 

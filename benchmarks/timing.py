@@ -23,12 +23,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def interleaved(
-    fns: Mapping[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
+    fns: Mapping[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1, inner: int = 1
 ) -> dict[str, list[float]]:
     """Wall-clock seconds of each function, run in turn ``repeats`` times (order reversed every other round).
 
     Interleaving puts the things compared under the same load at the same moment, so a ratio of the times of one
-    round is far steadier on a shared machine than a ratio of separately taken medians.
+    round is far steadier on a shared machine than a ratio of separately taken medians. With ``inner > 1`` a round
+    keeps the fastest of ``inner`` back-to-back calls of each function (other processes only ever add time).
     """
     names = list(fns)
     for _ in range(warmup):
@@ -39,11 +40,14 @@ def interleaved(
     for round_ in range(repeats):
         gc.collect()
         for name in names if round_ % 2 == 0 else reversed(names):
-            synchronize(device)
-            start = time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            best = float("inf")
+            for _ in range(inner):
+                synchronize(device)
+                start = time.perf_counter()
+                fns[name]()
+                synchronize(device)
+                best = min(best, time.perf_counter() - start)
+            times[name].append(best)
     return times
 
 
