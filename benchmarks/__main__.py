@@ -27,7 +27,9 @@ def machine(device: torch.device, command: str) -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    description = f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    description = (
+        f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
+    )
     if device.type == "cuda":
         description += f", GPU {torch.cuda.get_device_name(device)}"
     return {
@@ -41,10 +43,24 @@ def machine(device: torch.device, command: str) -> dict[str, Any]:
     }
 
 
+def free_cores(load: float) -> int:
+    """Threads for a CPU run: more intra-op threads than free cores make every op wait on descheduled peers.
+
+    Measured here with another job on one of 2 cores: a forward pass took 7× longer with 2 threads than with 1.
+    """
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(load)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: small sizes, few repeats")
     parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads on CPU; 0 (default): the cores left free by the 1-minute load average, at least 1",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where JSON/MD go")
     args = parser.parse_args(argv)
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -57,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     device = pick_device()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = args.threads if args.threads > 0 else free_cores(load)
+    torch.set_num_threads(threads)
     config = suites.Config(quick=args.quick, device=device)
-    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (f" --threads {threads}")
     info = machine(device, command)
+    info["load_average_at_start"] = round(load, 2)
     print(f"lightning-mc benchmarks on {info['description']} ({device})", flush=True)
 
     rows: list[suites.Row] = []
