@@ -1,9 +1,16 @@
 """lightning-mc: measure each input modality's contribution while a multimodal model trains."""
 
 from lightning_mc.callback import ModalityContributionMonitor
+from lightning_mc.early_stopping import CollapseEarlyStopping
 from lightning_mc.metric import ModalityContribution
 from lightning_mc.modality import Modality
 from lightning_mc.result import ContributionResult
 
-__all__ = ["ContributionResult", "Modality", "ModalityContribution", "ModalityContributionMonitor"]
+__all__ = [
+    "CollapseEarlyStopping",
+    "ContributionResult",
+    "Modality",
+    "ModalityContribution",
+    "ModalityContributionMonitor",
+]
 __version__ = "0.1.0"

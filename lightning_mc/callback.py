@@ -16,6 +16,7 @@ from lightning_mc.metric import ModalityContribution, Normalization, check_norma
 from lightning_mc.modality import ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
 from lightning_mc.result import ContributionResult
+from lightning_mc.tensorboard import ContributionDashboard
 
 #: Modalities with at most this many attributes get one scalar per attribute (``mc/attr/<modality>/<attribute>``).
 MAX_LOGGED_ATTRIBUTES = 16
@@ -64,6 +65,10 @@ class ModalityContributionMonitor(Callback):
         run_on_sanity_check: Also measure during the sanity check (by default it adds nothing).
         run_on_fast_dev_run: Also measure when the trainer runs with ``fast_dev_run``.
         run_on_validate: Also measure in ``trainer.validate()``; by default only fitting is measured.
+        dashboard: When the trainer has a ``TensorBoardLogger``, also write the TensorBoard dashboard: a
+            custom-scalars layout (shares, raw values, balance), a stacked-area figure of the shares updated every
+            check (with a :class:`~lightning_mc.CollapseEarlyStopping`'s threshold and stop marked) and a text
+            summary at the end of fit. Other loggers are unaffected.
 
     Raises:
         ValueError: If an argument is out of range (each message names the argument and what is valid).
@@ -96,6 +101,7 @@ class ModalityContributionMonitor(Callback):
         run_on_sanity_check: bool = False,
         run_on_fast_dev_run: bool = False,
         run_on_validate: bool = False,
+        dashboard: bool = True,
     ) -> None:
         super().__init__()
         self.modalities = resolve_modalities(modalities)
@@ -120,6 +126,8 @@ class ModalityContributionMonitor(Callback):
         self.run_on_sanity_check = run_on_sanity_check
         self.run_on_fast_dev_run = run_on_fast_dev_run
         self.run_on_validate = run_on_validate
+        self.dashboard = dashboard
+        self._dashboard: ContributionDashboard | None = None
         #: One entry per measured validation run: epoch, global_step, shares, raw, balance, num_samples.
         self.history: list[dict[str, Any]] = []
         #: The latest measurement, with attribute values and per-output shares.
@@ -164,6 +172,17 @@ class ModalityContributionMonitor(Callback):
             return self.limit_batches
         available = trainer.num_val_batches[self.dataloader_idx]
         return max(1, math.ceil(self.limit_batches * available)) if math.isfinite(available) else math.inf
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._dashboard = ContributionDashboard.for_trainer(trainer) if self.dashboard and stage == "fit" else None
+        if self._dashboard is not None:
+            self._dashboard.register_layout(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._dashboard is not None:
+            self._dashboard.finish(trainer, self.history, self.modality_names, self)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -226,6 +245,8 @@ class ModalityContributionMonitor(Callback):
                 "num_samples": result.num_samples,
             }
         )
+        if self._dashboard is not None:
+            self._dashboard.update(trainer, self.history, self.modality_names, self)
 
     def _log(self, pl_module: pl.LightningModule, result: ContributionResult) -> None:
         # values are already identical on every rank; sync_dist=True keeps Lightning's DDP bookkeeping consistent

@@ -1,0 +1,296 @@
+r"""Collapse Early Stopping: stop (or flag) a run when a modality's contribution share collapses."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_mc.callback import ModalityContributionMonitor
+
+CollapseAction = Literal["stop", "warn"]
+_ACTIONS = ("stop", "warn")
+
+
+class CollapseEarlyStopping(Callback):
+    r"""Stop training (or only flag it) when a modality's contribution share collapses.
+
+    Reads the shares that a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer measured (the
+    values logged as ``mc/share/<modality>``, identical on every process) after each validation run that the monitor
+    measured. A modality *collapses* when its share stays below ``min_share`` for ``patience`` consecutive checks
+    after the warm-up. With ``action="stop"`` the trainer is told to stop at the end of that epoch; with
+    ``action="warn"`` the collapse is only reported and recorded, and training goes on.
+
+    A check whose share is NaN (no occlusion moved any output, so shares are undefined) neither counts towards the
+    patience nor resets it; it is reported with a warning. In DDP the decision is reduced across processes, so every
+    rank stops at the same epoch.
+
+    Args:
+        min_share: Threshold in ``(0, 1)``: a watched modality whose share is below it counts as collapsing.
+        patience: Number of consecutive monitor checks below ``min_share`` that flag a collapse. Counted in checks
+            (validation runs the monitor measured), not in epochs: with ``every_n_epochs=2`` on the monitor and
+            ``patience=3`` the collapse must last 6 epochs.
+        warmup_epochs: Checks of epochs ``< warmup_epochs`` are recorded but not counted (early shares are noisy).
+        modalities: Names of the modalities to watch; ``None`` watches every modality of the monitor.
+        action: ``"stop"`` to stop the run at a collapse, ``"warn"`` to only report and record it.
+        verbose: Also report every check that counts towards a collapse (rank 0 only).
+        monitor: The monitor whose shares are read. ``None`` finds the single
+            :class:`~lightning_mc.ModalityContributionMonitor` in ``trainer.callbacks``.
+
+    Attributes:
+        collapsed_modality: Name of the modality whose collapse was flagged first, ``None`` while there is none.
+        collapse_epoch: Epoch of the check that flagged the collapse (with either action), or ``None``.
+        collapse_share: The modality's share at that check.
+        stopped_epoch: Epoch at which training was told to stop, ``None`` if it was not (always ``None`` with
+            ``action="warn"``).
+        collapse_message: The message reported when the collapse was flagged.
+        wait_count: ``modality -> number of consecutive counted checks below min_share``.
+        history: One entry per check: ``epoch``, ``global_step``, ``shares`` (watched modalities), ``counted``
+            (False during the warm-up), ``wait_count`` after the check and ``collapsed`` (flagged at this check).
+
+    Raises:
+        ValueError: If ``min_share``, ``patience``, ``warmup_epochs``, ``action`` or ``modalities`` is invalid (at
+            construction), or if ``modalities`` names a modality the monitor does not measure (at ``setup``).
+        TypeError: If ``monitor`` is not a :class:`~lightning_mc.ModalityContributionMonitor`.
+        RuntimeError: At ``setup``, if the trainer has no :class:`~lightning_mc.ModalityContributionMonitor`, or
+            several and ``monitor`` does not say which one.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
+
+        monitor = ModalityContributionMonitor({"image": 0, "table": 1}, output_transform="softmax")
+        stopper = CollapseEarlyStopping(min_share=0.1, patience=2, warmup_epochs=3)
+        trainer = Trainer(max_epochs=50, callbacks=[monitor, stopper])
+        trainer.fit(model, train_loader, val_loader)
+        if stopper.collapsed_modality is not None:
+            print(stopper.collapse_message)  # Modality 'image' collapsed: ...
+    """
+
+    def __init__(
+        self,
+        min_share: float = 0.05,
+        patience: int = 2,
+        warmup_epochs: int = 0,
+        modalities: str | list[str] | tuple[str, ...] | None = None,
+        action: CollapseAction = "stop",
+        verbose: bool = False,
+        monitor: ModalityContributionMonitor | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) or not 0.0 < min_share < 1.0:
+            raise ValueError(f"min_share={min_share!r} must be a number in (0, 1).")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience={patience!r} must be a positive int (number of consecutive checks).")
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={warmup_epochs!r} must be a non-negative int.")
+        if action not in _ACTIONS:
+            raise ValueError(f"action={action!r} must be one of {', '.join(map(repr, _ACTIONS))}.")
+        if monitor is not None and not isinstance(monitor, ModalityContributionMonitor):
+            raise TypeError(f"monitor={monitor!r} must be a ModalityContributionMonitor or None.")
+        self.min_share = float(min_share)
+        self.patience = patience
+        self.warmup_epochs = warmup_epochs
+        self.modalities = _check_modalities(modalities)
+        self.action = action
+        self.verbose = verbose
+        self.monitor = monitor
+        self.collapsed_modality: str | None = None
+        self.collapse_epoch: int | None = None
+        self.collapse_share: float | None = None
+        self.stopped_epoch: int | None = None
+        self.collapse_message: str | None = None
+        self.wait_count: dict[str, int] = {}
+        self.history: list[dict[str, Any]] = []
+        self._below_since: dict[str, int] = {}
+        self._flagged: set[str] = set()
+        self._last_check: tuple[int, int] | None = None
+        self._watched: tuple[str, ...] = ()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            min_share=self.min_share, modalities=None if self.modalities is None else list(self.modalities)
+        )
+
+    @property
+    def watched_modalities(self) -> tuple[str, ...]:
+        """The modalities this stopper watches (known after ``setup``)."""
+        return self._watched
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.monitor = self._find_monitor(trainer)
+        names = self.monitor.modality_names
+        if self.modalities is None:
+            self._watched = names
+            return
+        unknown = [name for name in self.modalities if name not in names]
+        if unknown:
+            raise ValueError(
+                f"CollapseEarlyStopping(modalities={list(self.modalities)!r}): {unknown!r} not measured by the "
+                f"monitor; valid names: {list(names)!r}."
+            )
+        self._watched = self.modalities
+
+    def _find_monitor(self, trainer: pl.Trainer) -> ModalityContributionMonitor:
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, ModalityContributionMonitor)]
+        if self.monitor is not None:
+            if not any(cb is self.monitor for cb in monitors):
+                raise RuntimeError(
+                    "CollapseEarlyStopping(monitor=...) was given a ModalityContributionMonitor that is not in "
+                    "trainer.callbacks; add it to the Trainer's callbacks too."
+                )
+            return self.monitor
+        if not monitors:
+            raise RuntimeError(
+                "CollapseEarlyStopping reads the shares of a ModalityContributionMonitor, but trainer.callbacks has "
+                "none. Add one: Trainer(callbacks=[ModalityContributionMonitor(...), CollapseEarlyStopping(...)])."
+            )
+        if len(monitors) > 1:
+            raise RuntimeError(
+                f"trainer.callbacks has {len(monitors)} ModalityContributionMonitor callbacks; pass the one to read "
+                "as CollapseEarlyStopping(monitor=...)."
+            )
+        return monitors[0]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "wait_count": dict(self.wait_count),
+            "below_since": dict(self._below_since),
+            "flagged": sorted(self._flagged),
+            "last_check": None if self._last_check is None else list(self._last_check),
+            "collapsed_modality": self.collapsed_modality,
+            "collapse_epoch": self.collapse_epoch,
+            "collapse_share": self.collapse_share,
+            "stopped_epoch": self.stopped_epoch,
+            "collapse_message": self.collapse_message,
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wait_count = dict(state_dict.get("wait_count", {}))
+        self._below_since = dict(state_dict.get("below_since", {}))
+        self._flagged = set(state_dict.get("flagged", []))
+        last_check = state_dict.get("last_check")
+        self._last_check = None if last_check is None else (int(last_check[0]), int(last_check[1]))
+        self.collapsed_modality = state_dict.get("collapsed_modality")
+        self.collapse_epoch = state_dict.get("collapse_epoch")
+        self.collapse_share = state_dict.get("collapse_share")
+        self.stopped_epoch = state_dict.get("stopped_epoch")
+        self.collapse_message = state_dict.get("collapse_message")
+        self.history = [dict(entry) for entry in state_dict.get("history", [])]
+
+    def _should_skip_check(self, trainer: pl.Trainer) -> bool:
+        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip_check(trainer) or self.monitor is None or not self.monitor.history:
+            return
+        entry = self.monitor.history[-1]
+        check = (int(entry["epoch"]), int(entry["global_step"]))
+        if check == self._last_check:  # the monitor did not measure this validation run
+            return
+        self._last_check = check
+        self._run_collapse_check(trainer, entry)
+
+    def _run_collapse_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
+        """Updates the counts with one monitor check and tells the trainer to stop when a collapse is flagged."""
+        epoch = int(entry["epoch"])
+        shares = {name: float(entry["shares"][name]) for name in self._watched}
+        counted = epoch >= self.warmup_epochs
+        collapsed = self._update_counts(shares, epoch) if counted else None
+        self.history.append(
+            {
+                "epoch": epoch,
+                "global_step": int(entry["global_step"]),
+                "shares": shares,
+                "counted": counted,
+                "wait_count": dict(self.wait_count),
+                "collapsed": collapsed,
+            }
+        )
+        if collapsed is not None:
+            self._flag(collapsed, shares[collapsed], epoch)
+        if self.action != "stop":
+            return
+        # keep signalling while a flagged modality stays collapsed (``min_epochs`` may defer the stop); every process
+        # reads the same reduced shares, and reducing the decision keeps them in lockstep regardless
+        should_stop = trainer.strategy.reduce_boolean_decision(bool(self._flagged), all=False)
+        if should_stop:
+            trainer.should_stop = True
+            if self.stopped_epoch is None:
+                self.stopped_epoch = epoch
+
+    def _update_counts(self, shares: dict[str, float], epoch: int) -> str | None:
+        """Counts consecutive checks below ``min_share``; returns the modality whose collapse is flagged now."""
+        newly_collapsed: list[str] = []
+        for name, share in shares.items():
+            if math.isnan(share):
+                rank_zero_warn(
+                    f"CollapseEarlyStopping: mc/share/{name} is NaN at epoch {epoch} (no occlusion moved any output); "
+                    f"this check neither counts towards patience={self.patience} nor resets the count "
+                    f"({self.wait_count.get(name, 0)})."
+                )
+                continue
+            if share >= self.min_share:
+                self.wait_count[name] = 0
+                self._below_since.pop(name, None)
+                self._flagged.discard(name)
+                continue
+            self.wait_count[name] = self.wait_count.get(name, 0) + 1
+            self._below_since.setdefault(name, epoch)
+            if self.verbose:
+                rank_zero_info(
+                    f"CollapseEarlyStopping: mc/share/{name} = {share:.4f} < min_share = {self.min_share} at epoch "
+                    f"{epoch} ({self.wait_count[name]}/{self.patience} checks)."
+                )
+            if self.wait_count[name] >= self.patience and name not in self._flagged:
+                newly_collapsed.append(name)
+        if not newly_collapsed:
+            return None
+        return min(newly_collapsed, key=lambda name: shares[name])  # the lowest share names the collapse
+
+    def _flag(self, name: str, share: float, epoch: int) -> None:
+        self._flagged.add(name)
+        since = self._below_since[name]
+        checks = self.wait_count[name]
+        consequence = "Signaling Trainer to stop." if self.action == "stop" else "Training continues (action='warn')."
+        message = (
+            f"Modality {name!r} collapsed: its share stayed below min_share={self.min_share} for {checks} consecutive "
+            f"checks (epochs {since}–{epoch}); mc/share/{name} = {share:.4f} at epoch {epoch}, "
+            f"{self.min_share - share:.4f} below the threshold. {consequence}"
+        )
+        if self.collapsed_modality is None:
+            self.collapsed_modality = name
+            self.collapse_epoch = epoch
+            self.collapse_share = share
+            self.collapse_message = message
+        if self.action == "stop":
+            rank_zero_info(message)
+        else:
+            rank_zero_warn(message)
+
+
+def _check_modalities(modalities: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if modalities is None:
+        return None
+    if isinstance(modalities, str):
+        modalities = (modalities,)
+    if not isinstance(modalities, (list, tuple)) or not modalities:
+        raise ValueError(f"modalities={modalities!r} must be None, a modality name or a non-empty list of names.")
+    if not all(isinstance(name, str) and name for name in modalities):
+        raise ValueError(f"modalities={modalities!r} must hold non-empty strings (modality names).")
+    if len(set(modalities)) != len(modalities):
+        raise ValueError(f"modalities={modalities!r} names a modality more than once.")
+    return tuple(modalities)
