@@ -158,7 +158,7 @@ def p1_floor(config: Config) -> list[Row]:
                 value.median <= 1.15,
                 note=(
                     f"engine alone ÷ floor {engine.format()}; floor {floor_seconds.median * 1e3:.1f} ms/check, "
-                    f"monitor +{extra_ms:.1f} ms/batch"
+                    f"monitor {extra_ms:+.1f} ms/batch"
                 ),
                 extra={
                     "masks": masks,
