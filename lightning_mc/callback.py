@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
 from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
@@ -135,6 +137,9 @@ class ModalityContributionMonitor(Callback):
         self._metric: ModalityContribution | None = None
         self._measuring = False
         self._warned_empty = False
+        #: Samples of the monitored loader this process holds before DistributedSampler's padding (None: no padding).
+        self._unpadded_samples: int | None = None
+        self._seen_samples = 0
 
     @property
     @override
@@ -188,6 +193,8 @@ class ModalityContributionMonitor(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measuring = self._should_measure(trainer)
         self._metric = None
+        self._seen_samples = 0
+        self._unpadded_samples = self._count_unpadded_samples(trainer) if self._measuring else None
         if self._measuring and self.dataloader_idx >= len(trainer.num_val_batches):
             raise ValueError(
                 f"dataloader_idx={self.dataloader_idx} but the trainer has {len(trainer.num_val_batches)} validation "
@@ -215,7 +222,55 @@ class ModalityContributionMonitor(Callback):
             self._metric = ModalityContribution(
                 outputs.attribute_names, num_outputs=outputs.clean.shape[1], normalization=self.normalization
             ).to(outputs.clean.device)
-        self._metric.update(outputs.clean, outputs.occluded)
+        clean, occluded = outputs.clean, outputs.occluded
+        if self._unpadded_samples is not None:  # drop the repeats DistributedSampler pads the last batches with
+            keep = min(clean.shape[0], max(0, self._unpadded_samples - self._seen_samples))
+            clean, occluded = clean[:keep], {name: value[:keep] for name, value in occluded.items()}
+        self._seen_samples += outputs.clean.shape[0]
+        self._metric.update(clean, occluded)
+
+    def _count_unpadded_samples(self, trainer: pl.Trainer) -> int | None:
+        # DistributedSampler(drop_last=False) gives rank r the samples at padded positions r, r + W, r + 2W, ... of
+        # the dataset's N indices followed by repeats of the first ones: this rank's real ones are its first
+        # ceil((N - r) / W); the rest repeat samples another rank measures.
+        loop = (
+            trainer.validate_loop if trainer.state.fn == TrainerFn.VALIDATING else trainer.fit_loop.epoch_loop.val_loop
+        )
+        combined = getattr(loop, "_combined_loader", None)
+        loaders = combined.iterables if combined is not None else trainer.val_dataloaders
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        elif not isinstance(loaders, (list, tuple)):
+            loaders = [loaders]
+        sampler = getattr(loaders[self.dataloader_idx], "sampler", None) if self.dataloader_idx < len(loaders) else None
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return None
+        return max(0, math.ceil((len(sampler.dataset) - sampler.rank) / sampler.num_replicas))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips a validation run whose loaders are all empty: no validation hook tells the monitor
+        num_val_batches = trainer.num_val_batches
+        if (
+            self.dataloader_idx < len(num_val_batches)
+            and num_val_batches[self.dataloader_idx] == 0
+            and self._should_measure(trainer)
+        ):
+            self._warn_empty()
+
+    def _warn_empty(self) -> None:
+        if not self._warned_empty:
+            self._warned_empty = True
+            rank_zero_warn(
+                f"ModalityContributionMonitor measured no batch of validation dataloader {self.dataloader_idx} "
+                "(the loader is empty or limit_batches excluded every batch); nothing is logged."
+            )
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a failed check leaves no partial sums behind (the history only ever holds completed checks)
+        self._measuring = False
+        self._metric = None
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -223,12 +278,7 @@ class ModalityContributionMonitor(Callback):
             return
         self._measuring = False
         if self._metric is None:
-            if not self._warned_empty:
-                self._warned_empty = True
-                rank_zero_warn(
-                    f"ModalityContributionMonitor measured no batch of validation dataloader {self.dataloader_idx} "
-                    "(the loader is empty or limit_batches excluded every batch); nothing is logged."
-                )
+            self._warn_empty()
             return
         metric, self._metric = self._metric, None
         values = metric.compute()  # reduced across processes: every rank logs the same numbers
