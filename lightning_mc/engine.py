@@ -90,21 +90,39 @@ def default_forward(modalities: Sequence[Modality]) -> ForwardFn:
 
     For ``modalities={"image": "x_img", "table": "x_tab"}`` this is ``model(batch["x_img"], batch["x_tab"])``.
     """
+    return _PositionalForward(tuple(modalities))
 
-    def forward(model: nn.Module, batch: Batch) -> Tensor:
-        return model(*(modality.select(batch) for modality in modalities))
 
-    return forward
+class _PositionalForward:
+    """``model(*modality_tensors)``; a class, not a closure, so monitors pickle (``ddp_spawn`` sends callbacks)."""
+
+    def __init__(self, modalities: tuple[Modality, ...]) -> None:
+        self.modalities = modalities
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
+        return model(*(modality.select(batch) for modality in self.modalities))
+
+
+def _identity(outputs: Tensor) -> Tensor:
+    return outputs
+
+
+def _softmax(outputs: Tensor) -> Tensor:
+    return outputs.float().softmax(dim=-1)
+
+
+def _sigmoid(outputs: Tensor) -> Tensor:
+    return outputs.float().sigmoid()
 
 
 def resolve_output_transform(output_transform: OutputTransform) -> Callable[[Tensor], Tensor]:
     """Turn ``output_transform`` (None, "softmax", "sigmoid" or a callable) into a function on ``(N, C)`` outputs."""
     if output_transform is None:
-        return lambda outputs: outputs
+        return _identity
     if output_transform == "softmax":
-        return lambda outputs: outputs.float().softmax(dim=-1)
+        return _softmax
     if output_transform == "sigmoid":
-        return lambda outputs: outputs.float().sigmoid()
+        return _sigmoid
     if callable(output_transform) and not isinstance(output_transform, str):
         return output_transform
     raise ValueError(f"output_transform={output_transform!r} must be None, one of {OUTPUT_TRANSFORMS} or a callable.")
