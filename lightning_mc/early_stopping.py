@@ -234,14 +234,17 @@ class CollapseEarlyStopping(Callback):
 
     def _update_counts(self, shares: dict[str, float], epoch: int) -> str | None:
         """Counts consecutive checks below ``min_share``; returns the modality whose collapse is flagged now."""
+        undefined = [name for name, share in shares.items() if math.isnan(share)]
+        if undefined:
+            counts = ", ".join(f"{name}: {self.wait_count.get(name, 0)}" for name in undefined)
+            rank_zero_warn(
+                f"CollapseEarlyStopping: {', '.join(f'mc/share/{name}' for name in undefined)} NaN at epoch {epoch} "
+                f"(no occlusion moved any output); this check neither counts towards patience={self.patience} nor "
+                f"resets the counts ({counts})."
+            )
         newly_collapsed: list[str] = []
         for name, share in shares.items():
             if math.isnan(share):
-                rank_zero_warn(
-                    f"CollapseEarlyStopping: mc/share/{name} is NaN at epoch {epoch} (no occlusion moved any output); "
-                    f"this check neither counts towards patience={self.patience} nor resets the count "
-                    f"({self.wait_count.get(name, 0)})."
-                )
                 continue
             if share >= self.min_share:
                 self.wait_count[name] = 0

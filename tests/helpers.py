@@ -69,3 +69,41 @@ def trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+class ScheduledContributionNet(L.LightningModule):
+    """Frozen linear branches whose weights follow a per-epoch schedule: the shares are planted, not learned.
+
+    ``forward = image_scale · A(image) + table_scale · B(table)`` with ``A``, ``B`` fixed linear maps and
+    ``(image_scale, table_scale) = schedule[current_epoch]`` (the last entry repeats). With ``occlusion="zeros"``
+    and no output transform each modality's raw value is proportional to its scale, so the image share at an
+    epoch is ``s_i·r_i / (s_i·r_i + s_t·r_t)`` with ``r_i``, ``r_t`` the shares' values at scales (1, 1).
+    """
+
+    def __init__(self, schedule: list[tuple[float, float]]) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.image_scale, self.table_scale = schedule[0]
+        self.image_head = nn.Linear(64, NUM_CLASSES)
+        self.table_head = nn.Linear(5, NUM_CLASSES)
+        self.bias = nn.Parameter(torch.zeros(NUM_CLASSES))  # the only trained parameter: shares stay as planted
+        for parameter in (*self.image_head.parameters(), *self.table_head.parameters()):
+            parameter.requires_grad_(False)
+
+    def on_train_epoch_start(self) -> None:
+        self.image_scale, self.table_scale = self.schedule[min(self.current_epoch, len(self.schedule) - 1)]
+
+    def forward(self, image: Tensor, table: Tensor) -> Tensor:
+        return (
+            self.image_scale * self.image_head(image.flatten(1)) + self.table_scale * self.table_head(table) + self.bias
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        image, table, label = batch
+        return nn.functional.cross_entropy(self(image, table), label)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([self.bias], lr=0.0)
