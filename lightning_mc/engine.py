@@ -240,7 +240,19 @@ class OcclusionEngine:
                     else:
                         parts.append(value[rows])
                 chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
-            outputs.append(self._forward(model, chunk_batch, sum(p.stop - p.start for p in chunk)))
+            rows = sum(p.stop - p.start for p in chunk)
+            occluded_here = [copies[p.copy] for p in chunk if p.copy > 0]
+            names = [self._copy_name(owner, attribute, masks) for owner, attribute in occluded_here]
+            outputs.append(
+                self._forward(
+                    model,
+                    chunk_batch,
+                    rows,
+                    occluded=list(dict.fromkeys(names)),
+                    holds_clean=chunk[0].copy == 0,
+                    batch_size=batch_size,
+                )
+            )
         self._check_output_shapes(outputs)
         flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
         occluded, start = {}, 1
@@ -258,8 +270,33 @@ class OcclusionEngine:
         except (TypeError, ValueError) as err:
             raise type(err)(f"Modality {modality.name!r}: {err}") from None
 
-    def _forward(self, model: nn.Module, batch: Batch, rows: int) -> Tensor:
-        output = self.forward_fn(model, batch)
+    def _copy_name(self, owner: int, attribute: int, masks: list[AttributeMasks]) -> str:
+        names = masks[owner].names
+        name = self.modalities[owner].name
+        return name if len(names) == 1 else f"{name}/{names[attribute]}"
+
+    def _forward(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        rows: int,
+        occluded: Sequence[str] = (),
+        holds_clean: bool = True,
+        batch_size: int | None = None,
+    ) -> Tensor:
+        try:
+            output = self.forward_fn(model, batch)
+        except Exception as err:
+            what = f"while occluding modality {', '.join(map(repr, occluded))}" if occluded else "on the clean batch"
+            held = (["the clean batch"] if holds_clean else []) + [f"{name!r} occluded" for name in occluded]
+            raise RuntimeError(
+                f"The model's forward call raised {type(err).__name__} {what} (one call of {rows} stacked rows: "
+                f"{', '.join(held)}): {err}\n"
+                "Reproduce it on this batch, one occluded copy per call, with the functional API: "
+                "lightning_mc.functional.modality_contribution(model, [batch], modalities, forward_fn=forward_fn, "
+                f"occlusion=occlusion, max_batch_size={batch_size or rows}), with the same modalities, forward_fn "
+                "and occlusion as here."
+            ) from err
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"The model returned a {type(output).__name__}, not a tensor. Pass `forward_fn` to select the "
