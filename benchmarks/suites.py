@@ -221,6 +221,7 @@ def p2_reference(config: Config) -> list[Row]:
             },
             max(3, config.repeats // 2 + 1),
             device,
+            inner=config.inner,
         )
         value = ratio(times["reference"], times["monitor"])
         rows.append(
@@ -234,7 +235,7 @@ def p2_reference(config: Config) -> list[Row]:
                 digits=1,
                 note=(
                     f"max |Δshare| {share_difference:.1e}; {sum(b[0].shape[0] for b in batches)} samples, "
-                    f"monitor {Stat.of(times['monitor']).median * 1e3:.0f} ms"
+                    f"monitor {Stat.of(times['monitor']).median * 1e3:.0f} ms; {torch.get_num_threads()} thread(s)"
                 ),
                 extra={"shares_max_abs_diff": share_difference, "params": num_parameters(model)},
             )
@@ -339,7 +340,7 @@ def p4_training(config: Config) -> tuple[list[Row], Table]:
     """Trainer.fit with the monitor every epoch on 10% of the validation data ÷ the same fit without it."""
     train, val = (512, 256) if config.quick else (4096, 1024)
     loaders = _loaders(config, train, val)
-    epochs, repeats = 2, 2 if config.quick else 9
+    epochs, repeats = 2, 2 if config.quick else 11
     _fit_seconds(config, loaders, monitored=True, epochs=1)  # warm-up (imports, first-call costs)
     times: dict[bool, list[float]] = {True: [], False: []}
     for round_ in range(repeats):
@@ -354,7 +355,7 @@ def p4_training(config: Config) -> tuple[list[Row], Table]:
         "≤ 1.05",
         value.median <= 1.05,
         digits=3,
-        note=f"fit without the monitor {Stat.of(times[False]).median:.2f} s",
+        note=f"fit without the monitor {Stat.of(times[False]).median:.2f} s; {torch.get_num_threads()} thread(s)",
         extra={"fit_seconds_without": Stat.of(times[False]).as_dict()},
     )
     return [row], _cost_per_check(config, val)
