@@ -46,6 +46,17 @@ class ModalityContributionMonitor(Callback):
     - ``mc/balance``: normalised entropy of the shares, 1 = equal contributions, 0 = one modality does everything;
     - ``mc/attr/<modality>/<attribute>``: attribute shares, for modalities with 2 to 16 attributes.
 
+    Which batches are measured: the batches of validation dataloader ``dataloader_idx`` (a single loader is 0; a
+    list or dict of loaders is indexed in its order) that the trainer runs, so ``limit_val_batches`` applies first
+    and ``limit_batches`` then takes the first batches of those. A validation run is measured when the trainer
+    validates (``check_val_every_n_epoch``) *and* the epoch is selected by ``every_n_epochs``; with
+    ``val_check_interval < 1`` each validation run of a selected epoch is measured and logged (``history`` records
+    its ``global_step``). A loader without batches logs nothing and warns once. Under DDP every process measures its
+    part of the data and the sums are reduced before logging, so the numbers equal one process's on the whole set:
+    the repeats ``DistributedSampler`` pads the last batches with are not counted (fills that mix samples,
+    ``"permute"``, or draw noise depend on how the batches are cut and so can differ). Every rank must run the same
+    number of measured batches, as Lightning's samplers guarantee.
+
     Args:
         modalities: ``name -> dict key`` (dict batches), ``name -> index`` (tuple/list batches), or
             :class:`lightning_mc.Modality` objects (nested batches, per-modality fills, attribute masks).
