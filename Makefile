@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) examples/quickstart.py
+	$(PY) examples/collapse_demo.py
 
 quickstart: setup
 	$(PY) examples/quickstart.py
