@@ -195,17 +195,18 @@ class OcclusionEngine:
                     f"Modality {modality.name!r} has {value.shape[0]} samples but {self.modalities[0].name!r} has "
                     f"{batch_size}; every modality needs the samples along dimension 0."
                 )
-        was_training = model.training
-        # a model already in eval mode (the monitor's case, inside validation) is left alone: no two module-tree walks
-        needs_eval = any(module.training for module in model.modules())
+        # a model already in eval mode (the monitor's case, inside validation) is left alone: no second module-tree walk
+        modes = [module.training for module in model.modules()]
+        needs_eval = any(modes)
         if needs_eval:
             model.eval()
         try:
             with torch.inference_mode():
                 return self._run(model, batch, values, batch_size)
         finally:
-            if needs_eval:
-                model.train(was_training)
+            if needs_eval:  # each submodule's own mode: a user's frozen submodule in eval stays in eval
+                for module, training in zip(model.modules(), modes):
+                    module.training = training
 
     def _run(self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int) -> OccludedOutputs:
         masks = [modality.attribute_masks(value) for modality, value in zip(self.modalities, values)]
