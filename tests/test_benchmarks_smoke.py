@@ -54,7 +54,8 @@ def test_floor_runs_exactly_the_engines_forward_inputs(tiny) -> None:
 
 
 def test_quick_run_prints_and_writes_every_suite(tmp_path, capsys) -> None:
-    assert main(["--quick", "--only", "P1,P5", "--out", str(tmp_path)]) == 0
+    threads = str(torch.get_num_threads())  # explicit, so the run leaves the process's thread count as it was
+    assert main(["--quick", "--only", "P1,P5", "--threads", threads, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "monitor ÷ floor" in printed and "P5" in printed
     results = json.loads((tmp_path / "quick.json").read_text())
