@@ -57,7 +57,7 @@ def share_balance(shares: Tensor) -> Tensor:
         >>> share_balance(torch.tensor([1.0, 0.0]))
         tensor(0.)
     """
-    entropy = -torch.where(shares > 0, shares * shares.log(), torch.zeros_like(shares)).sum()
+    entropy = torch.where(shares > 0, -shares * shares.log(), torch.zeros_like(shares)).sum()  # 0, never -0
     balance = entropy / math.log(shares.numel())
     return torch.where(shares.isnan().any(), torch.full_like(balance, float("nan")), balance)
 
