@@ -265,6 +265,84 @@ class OcclusionEngine:
             clean=flat[0], occluded=occluded, attribute_names={m.name: a.names for m, a in zip(self.modalities, masks)}
         )
 
+    def run_coalitions(
+        self, model: nn.Module, batch: Batch, coalitions: Sequence[frozenset[int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Return the outputs of ``model`` on ``batch`` and on one copy per coalition of whole modalities occluded.
+
+        Copy 0 is the clean batch, copy ``k + 1`` has every modality whose index (in ``self.modalities``) is in
+        ``coalitions[k]`` replaced by its fill at once (the whole modality; attributes are ignored). The copies are
+        laid out and cut into forward calls exactly as in :meth:`run`. The model runs in eval mode under
+        :func:`torch.inference_mode`; its previous mode is restored.
+
+        Returns:
+            ``(clean, occluded)``: ``(N, C)`` and ``(N, len(coalitions), C)``, after the output transform.
+
+        Raises:
+            ValueError: On a coalition naming no known modality index, or mismatched batch dimensions.
+        """
+        coalitions = [frozenset(coalition) for coalition in coalitions]
+        for coalition in coalitions:
+            if not coalition or not coalition <= frozenset(range(len(self.modalities))):
+                raise ValueError(
+                    f"Coalition {sorted(coalition)} must be a non-empty set of modality indices in "
+                    f"range({len(self.modalities)})."
+                )
+        values = [modality.select(batch) for modality in self.modalities]
+        batch_size = values[0].shape[0]
+        for modality, value in zip(self.modalities, values):
+            if value.shape[0] != batch_size:
+                raise ValueError(
+                    f"Modality {modality.name!r} has {value.shape[0]} samples but {self.modalities[0].name!r} has "
+                    f"{batch_size}; every modality needs the samples along dimension 0."
+                )
+        modes = [module.training for module in model.modules()]
+        needs_eval = any(modes)
+        if needs_eval:
+            model.eval()
+        try:
+            with torch.inference_mode():
+                return self._run_coalitions(model, batch, values, batch_size, coalitions)
+        finally:
+            if needs_eval:
+                for module, training in zip(model.modules(), modes):
+                    module.training = training
+
+    def _run_coalitions(
+        self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int, coalitions: list[frozenset[int]]
+    ) -> tuple[Tensor, Tensor]:
+        fills = [
+            self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
+        ]
+        copies: list[frozenset[int]] = [frozenset(), *coalitions]
+        max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
+        outputs = []
+        for chunk in plan_chunks(len(copies), batch_size, max_rows):
+            chunk_batch = apply_to_collection(
+                batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(value) for value in values}
+            )
+            for owner, (modality, value) in enumerate(zip(self.modalities, values)):
+                parts = [
+                    fills[owner][p.start : p.stop] if owner in copies[p.copy] else value[p.start : p.stop]
+                    for p in chunk
+                ]
+                chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
+            rows = sum(p.stop - p.start for p in chunk)
+            names = ["+".join(self.modalities[i].name for i in sorted(copies[p.copy])) for p in chunk if p.copy > 0]
+            outputs.append(
+                self._forward(
+                    model,
+                    chunk_batch,
+                    rows,
+                    occluded=list(dict.fromkeys(names)),
+                    holds_clean=chunk[0].copy == 0,
+                    batch_size=batch_size,
+                )
+            )
+        self._check_output_shapes(outputs)
+        flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
+        return flat[0], flat[1:].transpose(0, 1)
+
     def _fill(self, modality: Modality, fill: Fill, value: Tensor) -> Tensor:
         try:
             return fill(value, self._generator(value.device))

@@ -1,0 +1,315 @@
+"""Exact modality Shapley values and pairwise interaction indices from coalition occlusion.
+
+One-at-a-time occlusion (:class:`lightning_mc.ModalityContribution`) cannot tell "this modality is useless" from
+"these modalities are redundant": if either of two modalities alone suffices, occluding one of them moves nothing and
+both get a raw value of ~0. Here every coalition ``S`` of whole modalities is occluded at once and the cooperative
+game
+
+    v(S) = mean over samples of Σ_c |p⁰_c − p^S_c|,   v(∅) = 0,
+
+(``p⁰``: clean outputs, ``p^S``: outputs with every modality in ``S`` replaced by its fill) is solved exactly. With
+``M`` modalities this costs ``2^M − 1`` occluded copies of each batch (plus the clean one), run batched by
+:meth:`lightning_mc.engine.OcclusionEngine.run_coalitions`; ``M ≤ 6`` (63 copies).
+
+Shapley value of modality ``i``:
+
+    φ_i = Σ_{S ⊆ M∖{i}} |S|! (M − |S| − 1)! / M! · [v(S ∪ {i}) − v(S)],
+
+so ``Σ_i φ_i = v(M)`` (efficiency) and the shares ``φ_i / Σ φ`` sum to 1. Pairwise Shapley interaction index:
+
+    I_ij = Σ_{S ⊆ M∖{i,j}} |S|! (M − |S| − 2)! / (M − 1)! · [v(S ∪ {i,j}) − v(S ∪ {i}) − v(S ∪ {j}) + v(S)].
+
+Sign convention (checked on the planted models in ``tests/test_shapley.py``): ``v`` measures how much the outputs
+*move when modalities are removed*, not how much they are worth when present, so
+
+* **redundancy** (either modality alone suffices) gives a **positive** interaction: occluding one moves nothing,
+  occluding both moves everything, ``v({i,j}) > v({i}) + v({j})``;
+* **synergy** (the modalities are only useful together, e.g. XOR) gives a **negative** interaction: occluding either
+  one already destroys the joint signal, ``v({i,j}) < v({i}) + v({j})``;
+* **independent additive** modalities give ``I_ij ≈ 0``.
+
+(This is the opposite sign of the interaction of the "value when present" game ``w(S) = v(M) − v(M ∖ S)``.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
+from lightning_mc.modality import Batch, ModalitiesSpec, resolve_modalities
+from lightning_mc.occlusion import FillSpec
+
+#: Most modalities for exact Shapley values: ``2^6 − 1 = 63`` occluded copies per batch.
+MAX_SHAPLEY_MODALITIES = 6
+
+
+def check_num_modalities(num_modalities: int) -> None:
+    """Raise a ValueError unless ``1 ≤ num_modalities ≤ MAX_SHAPLEY_MODALITIES``."""
+    if not 1 <= num_modalities <= MAX_SHAPLEY_MODALITIES:
+        raise ValueError(
+            f"Exact modality Shapley values need 1 to {MAX_SHAPLEY_MODALITIES} modalities (2^M - 1 occluded copies "
+            f"per batch); got {num_modalities}. Group modalities together or use one-at-a-time "
+            "lightning_mc.functional.modality_contribution."
+        )
+
+
+def coalitions(num_modalities: int) -> list[frozenset[int]]:
+    """All non-empty coalitions of ``num_modalities`` modalities; coalition ``k − 1`` holds the set bits of ``k``.
+
+    Example:
+        >>> [sorted(c) for c in coalitions(2)]
+        [[0], [1], [0, 1]]
+    """
+    check_num_modalities(num_modalities)
+    return [frozenset(i for i in range(num_modalities) if mask >> i & 1) for mask in range(1, 2**num_modalities)]
+
+
+def _game(coalition_values: Tensor) -> Tensor:
+    """``v`` indexed by bitmask, ``v[0] = 0`` prepended to the ``2^M − 1`` non-empty coalition values."""
+    values = coalition_values.double().flatten()
+    num_modalities = round(math.log2(values.numel() + 1))
+    if 2**num_modalities - 1 != values.numel():
+        raise ValueError(f"Expected 2^M - 1 coalition values, got {values.numel()}.")
+    check_num_modalities(num_modalities)
+    return torch.cat([values.new_zeros(1), values])
+
+
+def shapley_values(coalition_values: Tensor) -> Tensor:
+    """Exact Shapley values ``φ`` ``(M,)`` from the ``2^M − 1`` coalition values (ordered as :func:`coalitions`).
+
+    Example:
+        >>> shapley_values(torch.tensor([0.0, 0.0, 1.0]))  # redundant pair: v({a}) = v({b}) = 0, v({a, b}) = 1
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+    v = _game(coalition_values)
+    num_modalities = int(math.log2(v.numel()))
+    phi = v.new_zeros(num_modalities)
+    for i in range(num_modalities):
+        for mask in range(2**num_modalities):
+            if mask >> i & 1:
+                continue
+            size = bin(mask).count("1")
+            weight = math.factorial(size) * math.factorial(num_modalities - size - 1) / math.factorial(num_modalities)
+            phi[i] += weight * (v[mask | 1 << i] - v[mask])
+    return phi
+
+
+def shapley_interactions(coalition_values: Tensor) -> Tensor:
+    """Pairwise Shapley interaction indices ``I`` ``(M, M)``, symmetric, with a zero diagonal.
+
+    Positive: redundant (occluding both moves the outputs more than occluding each); negative: synergistic.
+
+    Example:
+        >>> shapley_interactions(torch.tensor([0.0, 0.0, 1.0]))
+        tensor([[0., 1.],
+                [1., 0.]], dtype=torch.float64)
+    """
+    v = _game(coalition_values)
+    num_modalities = int(math.log2(v.numel()))
+    interactions = v.new_zeros(num_modalities, num_modalities)
+    for i in range(num_modalities):
+        for j in range(i + 1, num_modalities):
+            total = v.new_zeros(())
+            for mask in range(2**num_modalities):
+                if mask >> i & 1 or mask >> j & 1:
+                    continue
+                size = bin(mask).count("1")
+                weight = (
+                    math.factorial(size)
+                    * math.factorial(num_modalities - size - 2)
+                    / math.factorial(num_modalities - 1)
+                )
+                total += weight * (v[mask | 1 << i | 1 << j] - v[mask | 1 << i] - v[mask | 1 << j] + v[mask])
+            interactions[i, j] = interactions[j, i] = total
+    return interactions
+
+
+def shapley_shares(values: Tensor) -> Tensor:
+    """``φ_i / Σ φ`` (all NaN when ``Σ φ = v(M) = 0``, i.e. no occlusion moved any output)."""
+    total = values.sum()
+    if total == 0:
+        return torch.full_like(values, float("nan"))
+    return values / total
+
+
+class ModalityShapley(Metric):
+    """Accumulates coalition values ``v(S)`` over batches; computes exact Shapley values and interactions.
+
+    The states are sums (``dist_reduce_fx="sum"``), so the metric is exact under DDP: the per-coalition sums of
+    ``Σ_c |p⁰ − p^S|`` and the sample count are all-reduced before :meth:`compute`.
+
+    Args:
+        modality_names: Names of the ``M`` modalities (``1 ≤ M ≤ 6``), in the engine's order.
+
+    Example:
+        >>> metric = ModalityShapley(["a", "b"])
+        >>> clean = torch.ones(4, 1)
+        >>> occluded = torch.tensor([1.0, 1.0, 0.0]).reshape(1, 3, 1).expand(4, 3, 1)  # v = (0, 0, 1)
+        >>> metric.update(clean, occluded)
+        >>> metric.compute()["values"]
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, modality_names: Iterable[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.modality_names = tuple(modality_names)
+        check_num_modalities(len(self.modality_names))
+        self.num_coalitions = 2 ** len(self.modality_names) - 1
+        self.add_state(
+            "coalition_sums", default=torch.zeros(self.num_coalitions, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("num_samples", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("num_skipped", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, clean: Tensor, occluded: Tensor) -> None:
+        """Add a batch: ``clean`` ``(N, C)`` and ``occluded`` ``(N, 2^M − 1, C)`` (from ``run_coalitions``).
+
+        Samples with a NaN or inf output are skipped and counted in ``num_skipped``.
+        """
+        if occluded.ndim != 3 or occluded.shape[1] != self.num_coalitions or occluded.shape[0] != clean.shape[0]:
+            raise ValueError(
+                f"occluded has shape {tuple(occluded.shape)}; expected ({clean.shape[0]}, {self.num_coalitions}, C)."
+            )
+        clean, occluded = clean.double(), occluded.double()
+        finite = torch.isfinite(clean).all(-1) & torch.isfinite(occluded).all(-1).all(-1)
+        moves = (clean[finite].unsqueeze(1) - occluded[finite]).abs().sum(-1)
+        self.coalition_sums += moves.sum(0)
+        self.num_samples += finite.sum()
+        self.num_skipped += (~finite).sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        """``coalition_values`` ``(2^M − 1,)``, ``values`` ``(M,)``, ``shares``, ``interactions`` ``(M, M)``."""
+        count = self.num_samples.double()
+        coalition_values = (
+            self.coalition_sums / count if count > 0 else torch.full_like(self.coalition_sums, float("nan"))
+        )
+        values = shapley_values(coalition_values)
+        return {
+            "coalition_values": coalition_values,
+            "values": values,
+            "shares": shapley_shares(values),
+            "interactions": shapley_interactions(coalition_values),
+            "num_samples": self.num_samples,
+            "num_skipped": self.num_skipped,
+        }
+
+
+@dataclass(frozen=True)
+class ShapleyResult:
+    """Exact modality Shapley values measured on a set of samples.
+
+    Attributes:
+        values: ``name -> φ``; they sum to ``v(all modalities)``.
+        shares: ``name -> φ / Σ φ``; they sum to 1 (all NaN when no occlusion moved any output).
+        interactions: ``(name_i, name_j) -> I_ij`` for each pair ``i < j`` in modality order; positive means
+            redundant, negative synergistic, ~0 independent (see the module docstring).
+        coalition_values: ``"a+b" -> v({a, b})`` for every non-empty coalition (names joined by ``+``).
+        num_samples: Number of samples measured.
+        num_skipped: Number of samples skipped because an output was NaN or inf.
+    """
+
+    values: dict[str, float]
+    shares: dict[str, float]
+    interactions: dict[tuple[str, str], float]
+    coalition_values: dict[str, float]
+    num_samples: int
+    num_skipped: int = 0
+
+    @classmethod
+    def from_values(cls, values: dict[str, Tensor], modality_names: tuple[str, ...]) -> ShapleyResult:
+        """Build a result from :meth:`ModalityShapley.compute`'s tensors."""
+        names = list(modality_names)
+        interactions = values["interactions"].tolist()
+        keys = ["+".join(names[i] for i in sorted(c)) for c in coalitions(len(names))]
+        return cls(
+            values=dict(zip(names, values["values"].tolist())),
+            shares=dict(zip(names, values["shares"].tolist())),
+            interactions={
+                (names[i], names[j]): interactions[i][j] for i in range(len(names)) for j in range(i + 1, len(names))
+            },
+            coalition_values=dict(zip(keys, values["coalition_values"].tolist())),
+            num_samples=int(values["num_samples"]),
+            num_skipped=int(values["num_skipped"]),
+        )
+
+
+def modality_shapley(
+    model: nn.Module,
+    data: Iterable[Batch],
+    modalities: ModalitiesSpec,
+    *,
+    forward_fn: ForwardFn | None = None,
+    output_transform: OutputTransform = None,
+    occlusion: FillSpec = "mean",
+    max_batch_size: int | None = None,
+    limit_batches: int | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> ShapleyResult:
+    """Exact modality Shapley values and pairwise interactions of ``model`` on ``data``.
+
+    Every non-empty coalition of whole modalities is occluded at once (``2^M − 1`` copies per batch, ``M ≤ 6``), run
+    in forward calls of at most ``max_batch_size`` rows. Arguments as in
+    :func:`lightning_mc.functional.modality_contribution`; modality attributes are ignored (each modality is
+    occluded whole, with its fill).
+
+    Returns:
+        A :class:`ShapleyResult`.
+
+    Raises:
+        ValueError: With more than 6 modalities, an empty ``data`` or invalid arguments.
+
+    Example:
+        >>> class Model(torch.nn.Module):  # either input alone suffices
+        ...     def forward(self, a, b):
+        ...         return torch.maximum(a.sum(1, keepdim=True), b.sum(1, keepdim=True))
+        >>> x = torch.rand(8, 3)
+        >>> result = modality_shapley(Model(), [(x, x.clone())], {"a": 0, "b": 1}, occlusion="zeros")
+        >>> result.shares
+        {'a': 0.5, 'b': 0.5}
+        >>> result.interactions[("a", "b")] > 0  # positive: redundant
+        True
+    """
+    if limit_batches is not None and (
+        isinstance(limit_batches, bool) or not isinstance(limit_batches, int) or limit_batches < 1
+    ):
+        raise ValueError(f"limit_batches={limit_batches!r} must be a positive int or None.")
+    resolved = resolve_modalities(modalities)
+    check_num_modalities(len(resolved))
+    engine = OcclusionEngine(
+        resolved,
+        forward_fn=forward_fn,
+        output_transform=output_transform,
+        occlusion=occlusion,
+        max_batch_size=max_batch_size,
+        seed=seed,
+    )
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    names = tuple(m.name for m in resolved)
+    metric = ModalityShapley(names)
+    all_coalitions = coalitions(len(resolved))
+    seen = False
+    for index, batch in enumerate(data):
+        if limit_batches is not None and index >= limit_batches:
+            break
+        clean, occluded = engine.run_coalitions(model, move_data_to_device(batch, device), all_coalitions)
+        metric = metric.to(clean.device)
+        metric.update(clean, occluded)
+        seen = True
+    if not seen:
+        raise ValueError("data held no batch; pass a non-empty iterable of batches.")
+    return ShapleyResult.from_values(metric.compute(), names)
