@@ -1,0 +1,228 @@
+"""Exact modality Shapley values on planted models: redundancy, synergy and independent additive modalities."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_mc.engine import OcclusionEngine
+from lightning_mc.functional import modality_contribution
+from lightning_mc.modality import resolve_modalities
+from lightning_mc.shapley import (
+    ModalityShapley,
+    coalitions,
+    modality_shapley,
+    shapley_interactions,
+    shapley_values,
+)
+
+
+class RedundantMax(nn.Module):
+    """Either input alone suffices: the max of two branches that see the same (non-negative) evidence."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.maximum(a.sum(1, keepdim=True), b.sum(1, keepdim=True))
+
+
+class Xor(nn.Module):
+    """Synergy: the output is the XOR of two binary inputs, useful only together."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a + b - 2 * a * b).sum(1, keepdim=True)
+
+
+class Additive(nn.Module):
+    """Independent additive modalities: non-negative linear branches on non-negative inputs, so ``|Δ|`` adds up."""
+
+    def __init__(self, sizes: tuple[int, ...], num_outputs: int = 3) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        self.weights = [torch.rand(size, num_outputs, generator=generator) * (k + 1) for k, size in enumerate(sizes)]
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return sum(x @ w for x, w in zip(inputs, self.weights))
+
+
+class Mixed(nn.Module):
+    """Three modalities, non-linear and interacting (for the brute-force comparison)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(2, 5), nn.Linear(3, 5)
+
+    def forward(self, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        return torch.tanh(self.a(a)) * torch.sigmoid(self.b(b)) + torch.relu(self.c(c) + self.a(a))
+
+
+def _pair(seed: int = 0, n: int = 64, d: int = 4) -> list[tuple[Tensor, Tensor]]:
+    x = torch.rand(n, d, generator=torch.Generator().manual_seed(seed))
+    return [(x[: n // 2], x[: n // 2].clone()), (x[n // 2 :], x[n // 2 :].clone())]
+
+
+def test_redundant_pair_one_at_a_time_blind_shapley_half_half_positive_interaction() -> None:
+    data = _pair()
+    with pytest.warns(UserWarning, match="redundant"):
+        one_at_a_time = modality_contribution(RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros")
+    assert one_at_a_time.raw == {"a": 0.0, "b": 0.0}  # occluding one of the two moves nothing
+    result = modality_shapley(RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros")
+    v_all = result.coalition_values["a+b"]
+    assert v_all > 1.0  # occluding both moves the output by the whole evidence
+    assert result.values["a"] == pytest.approx(v_all / 2)
+    assert result.shares == pytest.approx({"a": 0.5, "b": 0.5})
+    # sign convention: redundancy → positive interaction, here the whole v(all)
+    assert result.interactions[("a", "b")] == pytest.approx(v_all)
+    assert result.num_samples == 64
+
+
+def test_xor_synergy_has_negative_interaction() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 2, (200, 1), generator=generator).float()
+    b = torch.randint(0, 2, (200, 1), generator=generator).float()
+    result = modality_shapley(Xor(), [(a, b)], {"a": 0, "b": 1}, occlusion="zeros")
+    # zero fill: occluding a leaves b, moving the output by a; occluding both moves it by a XOR b
+    assert result.coalition_values["a"] == pytest.approx(a.mean().item())
+    assert result.coalition_values["b"] == pytest.approx(b.mean().item())
+    assert result.coalition_values["a+b"] == pytest.approx((a != b).float().mean().item())
+    assert result.interactions[("a", "b")] < -0.2
+    assert sum(result.values.values()) == pytest.approx(result.coalition_values["a+b"])
+
+
+def test_independent_additive_zero_interaction_and_shares_match_one_at_a_time() -> None:
+    sizes = (3, 2, 5)
+    generator = torch.Generator().manual_seed(2)
+    batches = [tuple(torch.rand(16, size, generator=generator) for size in sizes) for _ in range(3)]
+    model = Additive(sizes)
+    spec = {"x": 0, "y": 1, "z": 2}
+    result = modality_shapley(model, batches, spec, occlusion="zeros")
+    one_at_a_time = modality_contribution(model, batches, spec, occlusion="zeros")
+    v_all = result.coalition_values["x+y+z"]
+    for interaction in result.interactions.values():
+        assert abs(interaction) < 1e-6 * v_all  # float32 forward passes: exact 0 up to rounding
+    assert result.values == pytest.approx(one_at_a_time.raw, rel=1e-6)
+    assert result.shares == pytest.approx(one_at_a_time.shares, rel=1e-6)
+
+
+@pytest.mark.parametrize("max_batch_size", [None, 5, 1000])
+def test_equals_brute_force_coalition_loop_and_sums_to_v_all(max_batch_size: int | None) -> None:
+    generator = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(12, 4, generator=generator), torch.randn(12, 2, generator=generator),
+                torch.randn(12, 3, generator=generator)) for _ in range(2)]  # fmt: skip
+    model = Mixed().eval()
+    spec = {"a": 0, "b": 1, "c": 2}
+    result = modality_shapley(
+        model, batches, spec, occlusion="mean", output_transform="softmax", max_batch_size=max_batch_size
+    )
+
+    # brute force: one plain forward per coalition, the fill being the per-sample mean of the occluded modality
+    def v(coalition: frozenset[int]) -> float:
+        total, count = 0.0, 0
+        for batch in batches:
+            clean = model(*batch).softmax(-1)
+            inputs = [x.mean(1, keepdim=True).expand_as(x) if i in coalition else x for i, x in enumerate(batch)]
+            total += (clean - model(*inputs).softmax(-1)).abs().sum().item()
+            count += batch[0].shape[0]
+        return total / count if coalition else 0.0
+
+    names = ["a", "b", "c"]
+    game = {frozenset(s): v(frozenset(s)) for r in range(4) for s in itertools.combinations(range(3), r)}
+    for coalition in coalitions(3):
+        key = "+".join(names[i] for i in sorted(coalition))
+        assert result.coalition_values[key] == pytest.approx(game[coalition], rel=1e-5)
+    m = 3
+    for i in range(m):
+        others = [k for k in range(m) if k != i]
+        phi = sum(
+            math.factorial(len(s)) * math.factorial(m - len(s) - 1) / math.factorial(m)
+            * (game[frozenset(s) | {i}] - game[frozenset(s)])
+            for r in range(m) for s in itertools.combinations(others, r)
+        )  # fmt: skip
+        assert result.values[names[i]] == pytest.approx(phi, rel=1e-5)
+    for i, j in itertools.combinations(range(m), 2):
+        rest = [k for k in range(m) if k not in (i, j)]
+        interaction = sum(
+            math.factorial(len(s)) * math.factorial(m - len(s) - 2) / math.factorial(m - 1)
+            * (game[frozenset(s) | {i, j}] - game[frozenset(s) | {i}] - game[frozenset(s) | {j}] + game[frozenset(s)])
+            for r in range(m - 1) for s in itertools.combinations(rest, r)
+        )  # fmt: skip
+        assert result.interactions[(names[i], names[j])] == pytest.approx(interaction, rel=1e-5, abs=1e-9)
+    assert sum(result.values.values()) == pytest.approx(result.coalition_values["a+b+c"], rel=1e-9)
+    assert sum(result.shares.values()) == pytest.approx(1.0)
+
+
+def test_run_coalitions_chunking_does_not_change_outputs_and_respects_max_batch_size() -> None:
+    calls: list[int] = []
+
+    def forward(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        calls.append(batch[0].shape[0])
+        return model(*batch)
+
+    batch = (torch.randn(6, 4), torch.randn(6, 2), torch.randn(6, 3))
+    modalities = resolve_modalities({"a": 0, "b": 1, "c": 2})
+    model = Mixed()
+    reference = OcclusionEngine(modalities, occlusion="zeros", max_batch_size=1000).run_coalitions(
+        model, batch, coalitions(3)
+    )
+    clean, occluded = OcclusionEngine(
+        modalities, forward_fn=forward, occlusion="zeros", max_batch_size=7
+    ).run_coalitions(model, batch, coalitions(3))
+    assert max(calls) <= 7 and sum(calls) == 8 * 6
+    torch.testing.assert_close(clean, reference[0])
+    torch.testing.assert_close(occluded, reference[1])
+    assert occluded.shape == (6, 7, 5)
+    assert model.training  # mode restored
+
+
+def test_metric_is_reducible_sums() -> None:
+    torch.manual_seed(0)
+    clean, occluded = torch.randn(10, 2), torch.randn(10, 3, 2)
+    whole = ModalityShapley(["a", "b"])
+    whole.update(clean, occluded)
+    halves = [ModalityShapley(["a", "b"]), ModalityShapley(["a", "b"])]
+    halves[0].update(clean[:4], occluded[:4])
+    halves[1].update(clean[4:], occluded[4:])
+    merged = halves[0]
+    merged.coalition_sums = halves[0].coalition_sums + halves[1].coalition_sums
+    merged.num_samples = halves[0].num_samples + halves[1].num_samples
+    for key in ("coalition_values", "values", "interactions"):
+        torch.testing.assert_close(merged.compute()[key], whole.compute()[key])
+
+
+def test_non_finite_samples_are_skipped() -> None:
+    clean, occluded = torch.ones(3, 1), torch.zeros(3, 3, 1)
+    occluded[1, 2, 0] = float("nan")
+    metric = ModalityShapley(["a", "b"])
+    metric.update(clean, occluded)
+    out = metric.compute()
+    assert int(out["num_samples"]) == 2 and int(out["num_skipped"]) == 1
+    torch.testing.assert_close(out["coalition_values"], torch.ones(3, dtype=torch.float64))
+
+
+def test_pure_functions_on_known_games() -> None:
+    # redundant: v(a) = v(b) = 0, v(ab) = 1; synergistic: v(a) = v(b) = v(ab) = 1
+    torch.testing.assert_close(shapley_values(torch.tensor([0.0, 0.0, 1.0])), torch.tensor([0.5, 0.5]).double())
+    assert shapley_interactions(torch.tensor([0.0, 0.0, 1.0]))[0, 1] == 1.0
+    assert shapley_interactions(torch.tensor([1.0, 1.0, 1.0]))[0, 1] == -1.0
+    torch.testing.assert_close(shapley_values(torch.tensor([2.0])), torch.tensor([2.0]).double())
+
+
+def test_too_many_modalities_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="1 to 6 modalities"):
+        coalitions(7)
+    batch = tuple(torch.randn(2, 1) for _ in range(7))
+    with pytest.raises(ValueError, match="1 to 6 modalities"):
+        modality_shapley(nn.Identity(), [batch], {f"m{i}": i for i in range(7)})
+    with pytest.raises(ValueError, match="Expected 2\\^M - 1"):
+        shapley_values(torch.zeros(4))
+
+
+def test_empty_data_and_bad_coalition() -> None:
+    with pytest.raises(ValueError, match="no batch"):
+        modality_shapley(RedundantMax(), [], {"a": 0, "b": 1})
+    engine = OcclusionEngine(resolve_modalities({"a": 0, "b": 1}))
+    with pytest.raises(ValueError, match="non-empty set"):
+        engine.run_coalitions(RedundantMax(), (torch.rand(2, 2), torch.rand(2, 2)), [frozenset({2})])
