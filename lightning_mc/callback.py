@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from lightning_mc.metric import ModalityContribution, Normalization, check_norma
 from lightning_mc.modality import ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
 from lightning_mc.result import ContributionResult
+from lightning_mc.shapley import AllOccludedMovement, redundancy_message
 from lightning_mc.tensorboard import ContributionDashboard
 
 #: Modalities with at most this many attributes get one scalar per attribute (``mc/attr/<modality>/<attribute>``).
@@ -82,6 +84,10 @@ class ModalityContributionMonitor(Callback):
             custom-scalars layout (shares, raw values, balance), a stacked-area figure of the shares updated every
             check (with a :class:`~lightning_mc.CollapseEarlyStopping`'s threshold and stop marked) and a text
             summary at the end of fit. Other loggers are unaffected.
+        check_redundancy: Also run one extra copy of each measured batch with every modality occluded at once
+            (``N`` more rows per batch; off by default so the default cost is unchanged), log ``mc/all_occluded_raw``
+            and warn (once) when the one-at-a-time raw values sum to less than a quarter of it: the modalities then
+            look redundant and the shares are not meaningful (use :func:`lightning_mc.shapley.modality_shapley`).
 
     Raises:
         ValueError: If an argument is out of range (each message names the argument and what is valid).
@@ -115,6 +121,7 @@ class ModalityContributionMonitor(Callback):
         run_on_fast_dev_run: bool = False,
         run_on_validate: bool = False,
         dashboard: bool = True,
+        check_redundancy: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = resolve_modalities(modalities)
@@ -140,6 +147,9 @@ class ModalityContributionMonitor(Callback):
         self.run_on_fast_dev_run = run_on_fast_dev_run
         self.run_on_validate = run_on_validate
         self.dashboard = dashboard
+        self.check_redundancy = check_redundancy
+        self._all_occluded: AllOccludedMovement | None = None
+        self._warned_redundant = False
         self._dashboard: ContributionDashboard | None = None
         #: One entry per measured validation run: epoch, global_step, shares, raw, balance, num_samples.
         self.history: list[dict[str, Any]] = []
@@ -204,6 +214,7 @@ class ModalityContributionMonitor(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measuring = self._should_measure(trainer)
         self._metric = None
+        self._all_occluded = None
         self._seen_samples = 0
         self._unpadded_samples = self._count_unpadded_samples(trainer) if self._measuring else None
         if self._measuring and self.dataloader_idx >= len(trainer.num_val_batches):
@@ -237,6 +248,13 @@ class ModalityContributionMonitor(Callback):
         if self._unpadded_samples is not None:  # drop the repeats DistributedSampler pads the last batches with
             keep = min(clean.shape[0], max(0, self._unpadded_samples - self._seen_samples))
             clean, occluded = clean[:keep], {name: value[:keep] for name, value in occluded.items()}
+        if self.check_redundancy:
+            with trainer.precision_plugin.val_step_context():
+                everything = [frozenset(range(len(self.modalities)))]
+                _, occluded_all = self.engine.run_coalitions(pl_module, batch, everything, include_clean=False)
+            if self._all_occluded is None:
+                self._all_occluded = AllOccludedMovement().to(clean.device)
+            self._all_occluded.update(clean, occluded_all[: clean.shape[0], 0])
         self._seen_samples += outputs.clean.shape[0]
         self._metric.update(clean, occluded)
 
@@ -282,6 +300,7 @@ class ModalityContributionMonitor(Callback):
         # a failed check leaves no partial sums behind (the history only ever holds completed checks)
         self._measuring = False
         self._metric = None
+        self._all_occluded = None
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -294,6 +313,14 @@ class ModalityContributionMonitor(Callback):
         metric, self._metric = self._metric, None
         values = metric.compute()  # reduced across processes: every rank logs the same numbers
         result = ContributionResult.from_values(values, metric.attribute_names, self.normalization)
+        if self._all_occluded is not None:
+            all_occluded, self._all_occluded = self._all_occluded, None
+            result = dataclasses.replace(result, all_occluded_raw=float(all_occluded.compute()))
+            pl_module.log("mc/all_occluded_raw", result.all_occluded_raw, on_step=False, on_epoch=True, sync_dist=True)
+            message = redundancy_message(result.raw, result.all_occluded_raw)
+            if message is not None and not self._warned_redundant:
+                self._warned_redundant = True
+                rank_zero_warn(message, category=UserWarning)
         self._log(pl_module, result)
         self.latest = result
         self.history.append(

@@ -266,14 +266,15 @@ class OcclusionEngine:
         )
 
     def run_coalitions(
-        self, model: nn.Module, batch: Batch, coalitions: Sequence[frozenset[int]]
-    ) -> tuple[Tensor, Tensor]:
+        self, model: nn.Module, batch: Batch, coalitions: Sequence[frozenset[int]], include_clean: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
         """Return the outputs of ``model`` on ``batch`` and on one copy per coalition of whole modalities occluded.
 
         Copy 0 is the clean batch, copy ``k + 1`` has every modality whose index (in ``self.modalities``) is in
         ``coalitions[k]`` replaced by its fill at once (the whole modality; attributes are ignored). The copies are
         laid out and cut into forward calls exactly as in :meth:`run`. The model runs in eval mode under
-        :func:`torch.inference_mode`; its previous mode is restored.
+        :func:`torch.inference_mode`; its previous mode is restored. With ``include_clean=False`` the clean copy is
+        left out (when the caller already has the clean outputs from :meth:`run`) and ``clean`` is ``None``.
 
         Returns:
             ``(clean, occluded)``: ``(N, C)`` and ``(N, len(coalitions), C)``, after the output transform.
@@ -302,19 +303,25 @@ class OcclusionEngine:
             model.eval()
         try:
             with torch.inference_mode():
-                return self._run_coalitions(model, batch, values, batch_size, coalitions)
+                return self._run_coalitions(model, batch, values, batch_size, coalitions, include_clean)
         finally:
             if needs_eval:
                 for module, training in zip(model.modules(), modes):
                     module.training = training
 
     def _run_coalitions(
-        self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int, coalitions: list[frozenset[int]]
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        model: nn.Module,
+        batch: Batch,
+        values: list[Tensor],
+        batch_size: int,
+        coalitions: list[frozenset[int]],
+        include_clean: bool,
+    ) -> tuple[Tensor | None, Tensor]:
         fills = [
             self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
         ]
-        copies: list[frozenset[int]] = [frozenset(), *coalitions]
+        copies: list[frozenset[int]] = [frozenset(), *coalitions] if include_clean else coalitions
         max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
         outputs = []
         for chunk in plan_chunks(len(copies), batch_size, max_rows):
@@ -328,19 +335,21 @@ class OcclusionEngine:
                 ]
                 chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
             rows = sum(p.stop - p.start for p in chunk)
-            names = ["+".join(self.modalities[i].name for i in sorted(copies[p.copy])) for p in chunk if p.copy > 0]
+            names = ["+".join(self.modalities[i].name for i in sorted(copies[p.copy])) for p in chunk if copies[p.copy]]
             outputs.append(
                 self._forward(
                     model,
                     chunk_batch,
                     rows,
                     occluded=list(dict.fromkeys(names)),
-                    holds_clean=chunk[0].copy == 0,
+                    holds_clean=include_clean and chunk[0].copy == 0,
                     batch_size=batch_size,
                 )
             )
         self._check_output_shapes(outputs)
         flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
+        if not include_clean:
+            return None, flat.transpose(0, 1)
         return flat[0], flat[1:].transpose(0, 1)
 
     def _fill(self, modality: Modality, fill: Fill, value: Tensor) -> Tensor:

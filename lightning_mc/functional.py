@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +15,7 @@ from lightning_mc.metric import ModalityContribution, Normalization, check_norma
 from lightning_mc.modality import Batch, ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
 from lightning_mc.result import ContributionResult
+from lightning_mc.shapley import AllOccludedMovement, redundancy_message
 
 
 def modality_contribution(
@@ -28,6 +31,7 @@ def modality_contribution(
     limit_batches: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
+    check_redundancy: bool = False,
 ) -> ContributionResult:
     """Measure how much each modality contributes to ``model``'s outputs on ``data``.
 
@@ -50,6 +54,10 @@ def modality_contribution(
         limit_batches: Use only the first ``limit_batches`` batches of ``data``.
         device: Where batches are moved before the model runs; default: the device of the model's first parameter.
         seed: Seed for the ``"noise"`` and ``"permute"`` fills.
+        check_redundancy: Also run one extra copy of each batch with every modality occluded at once (``N`` more
+            rows per batch), store ``v(all)`` in ``all_occluded_raw`` and warn when the one-at-a-time raw values sum
+            to less than a quarter of it: the modalities then look redundant and the shares are not meaningful
+            (use :func:`lightning_mc.shapley.modality_shapley`).
 
     Returns:
         A :class:`lightning_mc.ContributionResult`.
@@ -85,10 +93,17 @@ def modality_contribution(
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
     metric: ModalityContribution | None = None
+    all_occluded = AllOccludedMovement() if check_redundancy else None
+    everything = [frozenset(range(len(resolved)))]
     for index, batch in enumerate(data):
         if limit_batches is not None and index >= limit_batches:
             break
-        outputs = engine.run(model, move_data_to_device(batch, device))
+        batch = move_data_to_device(batch, device)
+        outputs = engine.run(model, batch)
+        if all_occluded is not None:
+            _, occluded_all = engine.run_coalitions(model, batch, everything, include_clean=False)
+            all_occluded = all_occluded.to(outputs.clean.device)
+            all_occluded.update(outputs.clean, occluded_all[:, 0])
         if metric is None:
             metric = ModalityContribution(
                 outputs.attribute_names, num_outputs=outputs.clean.shape[1], normalization=normalization
@@ -96,4 +111,11 @@ def modality_contribution(
         metric.update(outputs.clean, outputs.occluded)
     if metric is None:
         raise ValueError("data held no batch; pass a non-empty iterable of batches.")
-    return ContributionResult.from_values(metric.compute(), metric.attribute_names, normalization)
+    result = ContributionResult.from_values(metric.compute(), metric.attribute_names, normalization)
+    if all_occluded is None:
+        return result
+    result = dataclasses.replace(result, all_occluded_raw=float(all_occluded.compute()))
+    message = redundancy_message(result.raw, result.all_occluded_raw)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return result

@@ -25,6 +25,8 @@ class ContributionResult:
         num_samples: Number of samples measured.
         num_skipped: Number of samples skipped because an output was NaN or inf.
         normalization: How the shares were normalised.
+        all_occluded_raw: ``v(all)``, the mean summed absolute output change with every modality occluded at once;
+            measured only with ``check_redundancy=True``, else ``None``.
     """
 
     shares: dict[str, float]
@@ -36,6 +38,7 @@ class ContributionResult:
     num_samples: int
     num_skipped: int
     normalization: str
+    all_occluded_raw: float | None = None
 
     @classmethod
     def from_values(

@@ -206,6 +206,59 @@ class ModalityShapley(Metric):
         }
 
 
+#: The redundancy warning fires when the one-at-a-time raw values sum to less than this fraction of ``v(all)``.
+REDUNDANCY_RATIO = 0.25
+
+
+class AllOccludedMovement(Metric):
+    """``v(all)``: the mean over samples of ``Σ_c |p⁰ − p^M|`` with every modality occluded at once.
+
+    Sum states (``dist_reduce_fx="sum"``), so it is exact under DDP. Used by the redundancy check of
+    :func:`lightning_mc.functional.modality_contribution` and the monitor (``check_redundancy=True``).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, clean: Tensor, all_occluded: Tensor) -> None:
+        """Add a batch: ``clean`` and ``all_occluded`` ``(N, C)``; samples with a NaN or inf output are skipped."""
+        clean, all_occluded = clean.double().reshape(clean.shape[0], -1), all_occluded.double()
+        all_occluded = all_occluded.reshape(clean.shape)
+        finite = torch.isfinite(clean).all(-1) & torch.isfinite(all_occluded).all(-1)
+        self.total += (clean[finite] - all_occluded[finite]).abs().sum()
+        self.count += finite.sum()
+
+    def compute(self) -> Tensor:
+        """``v(all)`` (NaN without a finite sample)."""
+        return self.total / self.count if self.count > 0 else torch.full_like(self.total, float("nan"))
+
+
+def redundancy_message(raw: dict[str, float], all_occluded: float, ratio: float = REDUNDANCY_RATIO) -> str | None:
+    """The redundancy warning, or ``None``.
+
+    Fires when ``v(all) > 0`` and the one-at-a-time raw values sum to less than ``ratio · v(all)``: occluding
+    modalities one at a time barely moves the outputs but occluding all of them moves them a lot, so each modality's
+    evidence is also carried by another one and the shares (ratios of near-zero numbers) are not meaningful. For
+    independent additive modalities the raw values sum to ``v(all)``; with synergy they sum to more.
+    """
+    total = sum(raw.values())
+    if not all_occluded > 0 or not math.isfinite(all_occluded) or total >= ratio * all_occluded:
+        return None
+    return (
+        f"The modalities look redundant: occluding them one at a time moves the outputs by {total:.4g} in all "
+        f"(raw values {', '.join(f'{k}={v:.3g}' for k, v in raw.items())}), but occluding all of them at once moves "
+        f"them by {all_occluded:.4g}. Each modality's evidence is also carried by another, so the one-at-a-time "
+        "shares are not meaningful. Use lightning_mc.shapley.modality_shapley for exact Shapley values and pairwise "
+        "interactions (positive = redundant)."
+    )
+
+
 @dataclass(frozen=True)
 class ShapleyResult:
     """Exact modality Shapley values measured on a set of samples.
@@ -307,6 +360,7 @@ def modality_shapley(
         if limit_batches is not None and index >= limit_batches:
             break
         clean, occluded = engine.run_coalitions(model, move_data_to_device(batch, device), all_coalitions)
+        assert clean is not None  # include_clean=True
         metric = metric.to(clean.device)
         metric.update(clean, occluded)
         seen = True

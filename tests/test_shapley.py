@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mc import ModalityContributionMonitor
 from lightning_mc.engine import OcclusionEngine
 from lightning_mc.functional import modality_contribution
 from lightning_mc.modality import resolve_modalities
@@ -16,9 +21,12 @@ from lightning_mc.shapley import (
     ModalityShapley,
     coalitions,
     modality_shapley,
+    redundancy_message,
     shapley_interactions,
     shapley_values,
 )
+
+from helpers import trainer_kwargs
 
 
 class RedundantMax(nn.Module):
@@ -226,3 +234,70 @@ def test_empty_data_and_bad_coalition() -> None:
     engine = OcclusionEngine(resolve_modalities({"a": 0, "b": 1}))
     with pytest.raises(ValueError, match="non-empty set"):
         engine.run_coalitions(RedundantMax(), (torch.rand(2, 2), torch.rand(2, 2)), [frozenset({2})])
+
+
+class RedundantModule(L.LightningModule):
+    """A trainable scale on the max of two branches that see the same evidence (either modality alone suffices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.scale * RedundantMax()(a, b)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return (self(batch[0], batch[1]) - 1.0).pow(2).mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_functional_redundancy_warning_fires_on_redundant_and_not_on_additive() -> None:
+    data = _pair()
+    with pytest.warns(UserWarning, match="look redundant.*modality_shapley"):
+        result = modality_contribution(RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros", check_redundancy=True)
+    shapley = modality_shapley(RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros")
+    assert result.all_occluded_raw == pytest.approx(shapley.coalition_values["a+b"])
+    assert modality_contribution(RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros").all_occluded_raw is None
+
+    sizes = (3, 2)
+    batches = [tuple(torch.rand(16, size, generator=torch.Generator().manual_seed(5)) for size in sizes)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        additive = modality_contribution(
+            Additive(sizes), batches, {"x": 0, "y": 1}, occlusion="zeros", check_redundancy=True
+        )
+    assert additive.all_occluded_raw == pytest.approx(sum(additive.raw.values()), rel=1e-5)
+
+
+def test_redundancy_message_threshold() -> None:
+    assert redundancy_message({"a": 0.01, "b": 0.02}, 1.0) is not None
+    assert redundancy_message({"a": 0.5, "b": 0.5}, 1.0) is None  # additive: raw values sum to v(all)
+    assert redundancy_message({"a": 0.0, "b": 0.0}, 0.0) is None  # nothing moves: not a redundancy
+    assert redundancy_message({"a": 0.0}, float("nan")) is None
+
+
+def test_monitor_redundancy_warning_once_and_logs_v_all(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 4, generator=generator)
+    dataset = TensorDataset(x, x.clone())
+    monitor = ModalityContributionMonitor({"a": 0, "b": 1}, occlusion="zeros", check_redundancy=True, dashboard=False)
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=2))
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(RedundantModule(), DataLoader(dataset, batch_size=8), DataLoader(dataset, batch_size=8))
+    redundant = [w for w in record if "look redundant" in str(w.message)]
+    assert len(redundant) == 1
+    assert monitor.latest is not None and monitor.latest.raw == {"a": 0.0, "b": 0.0}
+    assert trainer.callback_metrics["mc/all_occluded_raw"].item() == pytest.approx(
+        monitor.latest.all_occluded_raw, rel=1e-6
+    )
+    assert monitor.latest.all_occluded_raw > 1.0
+    # off by default: no extra pass, nothing logged
+    plain = ModalityContributionMonitor({"a": 0, "b": 1}, occlusion="zeros", dashboard=False)
+    trainer = L.Trainer(callbacks=[plain], **trainer_kwargs(tmp_path / "plain", max_epochs=1))
+    trainer.fit(RedundantModule(), DataLoader(dataset, batch_size=8), DataLoader(dataset, batch_size=8))
+    assert "mc/all_occluded_raw" not in trainer.callback_metrics and plain.latest.all_occluded_raw is None
