@@ -5,6 +5,7 @@ from lightning_mc.early_stopping import CollapseEarlyStopping
 from lightning_mc.metric import ModalityContribution
 from lightning_mc.modality import Modality
 from lightning_mc.result import ContributionResult
+from lightning_mc.shapley import ModalityShapley, ShapleyResult
 
 __all__ = [
     "CollapseEarlyStopping",
@@ -12,5 +13,7 @@ __all__ = [
     "Modality",
     "ModalityContribution",
     "ModalityContributionMonitor",
+    "ModalityShapley",
+    "ShapleyResult",
 ]
 __version__ = "0.1.0"

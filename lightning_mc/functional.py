@@ -16,6 +16,7 @@ from lightning_mc.modality import Batch, ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
 from lightning_mc.result import ContributionResult
 from lightning_mc.shapley import AllOccludedMovement, redundancy_message
+from lightning_mc.shapley import modality_shapley as modality_shapley  # re-exported
 
 
 def modality_contribution(
