@@ -19,7 +19,14 @@ from lightning_mc.metric import ModalityContribution, Normalization, check_norma
 from lightning_mc.modality import ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
 from lightning_mc.result import ContributionResult
-from lightning_mc.shapley import AllOccludedMovement, redundancy_message
+from lightning_mc.shapley import (
+    AllOccludedMovement,
+    ModalityShapley,
+    ShapleyResult,
+    check_num_modalities,
+    coalitions,
+    redundancy_message,
+)
 from lightning_mc.tensorboard import ContributionDashboard
 
 #: Modalities with at most this many attributes get one scalar per attribute (``mc/attr/<modality>/<attribute>``).
@@ -88,6 +95,11 @@ class ModalityContributionMonitor(Callback):
             (``N`` more rows per batch; off by default so the default cost is unchanged), log ``mc/all_occluded_raw``
             and warn (once) when the one-at-a-time raw values sum to less than a quarter of it: the modalities then
             look redundant and the shares are not meaningful (use :func:`lightning_mc.shapley.modality_shapley`).
+        shapley: Also compute exact modality Shapley values (``M ≤ 6``): ``2^M − 1`` extra copies of each measured
+            batch, one per coalition of whole modalities occluded at once (off by default). Logs
+            ``mc/shapley/<m>`` (values, summing to ``v(all)``), ``mc/shapley_share/<m>`` and
+            ``mc/interaction/<a>/<b>`` (positive: redundant, negative: synergistic); kept in ``latest_shapley`` and
+            in each history entry under ``"shapley"``. Sum states: exact under DDP.
 
     Raises:
         ValueError: If an argument is out of range (each message names the argument and what is valid).
@@ -122,6 +134,7 @@ class ModalityContributionMonitor(Callback):
         run_on_validate: bool = False,
         dashboard: bool = True,
         check_redundancy: bool = False,
+        shapley: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = resolve_modalities(modalities)
@@ -148,6 +161,12 @@ class ModalityContributionMonitor(Callback):
         self.run_on_validate = run_on_validate
         self.dashboard = dashboard
         self.check_redundancy = check_redundancy
+        if shapley:
+            check_num_modalities(len(self.modalities))
+        self.shapley = shapley
+        self._shapley: ModalityShapley | None = None
+        #: The latest Shapley measurement (``shapley=True`` only).
+        self.latest_shapley: ShapleyResult | None = None
         self._all_occluded: AllOccludedMovement | None = None
         self._warned_redundant = False
         self._dashboard: ContributionDashboard | None = None
@@ -215,6 +234,7 @@ class ModalityContributionMonitor(Callback):
         self._measuring = self._should_measure(trainer)
         self._metric = None
         self._all_occluded = None
+        self._shapley = None
         self._seen_samples = 0
         self._unpadded_samples = self._count_unpadded_samples(trainer) if self._measuring else None
         if self._measuring and self.dataloader_idx >= len(trainer.num_val_batches):
@@ -255,6 +275,13 @@ class ModalityContributionMonitor(Callback):
             if self._all_occluded is None:
                 self._all_occluded = AllOccludedMovement().to(clean.device)
             self._all_occluded.update(clean, occluded_all[: clean.shape[0], 0])
+        if self.shapley:
+            with trainer.precision_plugin.val_step_context():
+                every = coalitions(len(self.modalities))
+                _, by_coalition = self.engine.run_coalitions(pl_module, batch, every, include_clean=False)
+            if self._shapley is None:
+                self._shapley = ModalityShapley(self.modality_names).to(clean.device)
+            self._shapley.update(clean, by_coalition[: clean.shape[0]])
         self._seen_samples += outputs.clean.shape[0]
         self._metric.update(clean, occluded)
 
@@ -301,6 +328,7 @@ class ModalityContributionMonitor(Callback):
         self._measuring = False
         self._metric = None
         self._all_occluded = None
+        self._shapley = None
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -333,6 +361,16 @@ class ModalityContributionMonitor(Callback):
                 "num_samples": result.num_samples,
             }
         )
+        if self._shapley is not None:
+            shapley_metric, self._shapley = self._shapley, None
+            shapley = ShapleyResult.from_values(shapley_metric.compute(), self.modality_names)
+            self.latest_shapley = shapley
+            self.history[-1]["shapley"] = dict(shapley.values)
+            logged = {f"mc/shapley/{name}": value for name, value in shapley.values.items()}
+            logged.update({f"mc/shapley_share/{name}": share for name, share in shapley.shares.items()})
+            logged.update({f"mc/interaction/{a}/{b}": value for (a, b), value in shapley.interactions.items()})
+            for key, value in logged.items():
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
         if self._dashboard is not None:
             self._dashboard.update(trainer, self.history, self.modality_names, self)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+import torch.distributed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,7 +29,9 @@ from lightning_mc.shapley import (
     shapley_values,
 )
 
-from helpers import trainer_kwargs
+from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+
+MODALITIES = {"image": 0, "table": 1}
 
 
 class RedundantMax(nn.Module):
@@ -301,3 +306,58 @@ def test_monitor_redundancy_warning_once_and_logs_v_all(tmp_path) -> None:
     trainer = L.Trainer(callbacks=[plain], **trainer_kwargs(tmp_path / "plain", max_epochs=1))
     trainer.fit(RedundantModule(), DataLoader(dataset, batch_size=8), DataLoader(dataset, batch_size=8))
     assert "mc/all_occluded_raw" not in trainer.callback_metrics and plain.latest.all_occluded_raw is None
+
+
+def test_monitor_shapley_logs_values_equal_to_the_functional_api(tmp_path) -> None:
+    monitor = ModalityContributionMonitor(MODALITIES, output_transform="softmax", shapley=True, dashboard=False)
+    torch.manual_seed(0)
+    model = TwoModalityNet()
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(model, loader(two_modality_dataset(48)), loader(two_modality_dataset(32, seed=1)))
+    offline = modality_shapley(model, loader(two_modality_dataset(32, seed=1)), MODALITIES, output_transform="softmax")
+    for name in MODALITIES:
+        assert trainer.callback_metrics[f"mc/shapley/{name}"].item() == pytest.approx(offline.values[name], abs=1e-6)
+        assert monitor.latest_shapley.values[name] == pytest.approx(offline.values[name], abs=1e-9)
+    interaction = trainer.callback_metrics["mc/interaction/image/table"].item()
+    assert interaction == pytest.approx(offline.interactions[("image", "table")], abs=1e-6)
+    assert monitor.history[-1]["shapley"] == monitor.latest_shapley.values
+    with pytest.raises(ValueError, match="1 to 6 modalities"):
+        ModalityContributionMonitor({f"m{i}": i for i in range(7)}, shapley=True)
+
+
+class RecordShapley(L.Callback):
+    """Placed after the monitor: each rank writes the Shapley values it logged, rank 0 the final weights."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.logged: dict[str, float] = {}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.logged = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        (self.directory / f"shapley{trainer.global_rank}.json").write_text(json.dumps(self.logged))
+        if trainer.global_rank == 0:
+            torch.save(pl_module.state_dict(), self.directory / "weights.pt")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_ddp_shapley_equals_single_process(tmp_path) -> None:
+    monitor = ModalityContributionMonitor(MODALITIES, output_transform="softmax", shapley=True, dashboard=False)
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        callbacks=[monitor, RecordShapley(tmp_path)],
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=1),
+    )
+    # 33 validation samples: DistributedSampler pads rank 1 with a repeat, which must not be counted
+    trainer.fit(
+        TwoModalityNet(), loader(two_modality_dataset(48), batch_size=8), loader(two_modality_dataset(33, seed=1))
+    )
+    ranks = [json.loads((tmp_path / f"shapley{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == pytest.approx(ranks[1], abs=1e-7)
+    model = TwoModalityNet()
+    model.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    single = modality_shapley(model, loader(two_modality_dataset(33, seed=1)), MODALITIES, output_transform="softmax")
+    for name in MODALITIES:
+        assert ranks[0][f"mc/shapley/{name}"] == pytest.approx(single.values[name], abs=1e-6)
+    assert ranks[0]["mc/interaction/image/table"] == pytest.approx(single.interactions[("image", "table")], abs=1e-6)
