@@ -1,7 +1,9 @@
-"""Figures of attribute-level contributions: an image patch heat-map and a bar chart of the top attributes.
+"""Figures of attribute-level contributions: image patch heat-maps, top attributes, top tokens.
 
 The functions return a matplotlib :class:`~matplotlib.figure.Figure` on an Agg canvas (no pyplot, no display), ready
-for ``figure.savefig(path)`` or TensorBoard's ``add_figure``.
+for ``figure.savefig(path)`` or TensorBoard's ``add_figure``. Matplotlib is imported inside the functions only, so
+importing this module costs nothing. :func:`attribute_figures` picks the figure for each modality with too many
+attributes for scalars; :class:`~lightning_mc.ModalityContributionMonitor` logs them to TensorBoard.
 
 Example:
     >>> import numpy as np
@@ -14,15 +16,26 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lightning_mc.masks import Patches2d
+from torch import Tensor
+
+from lightning_mc.masks import Patches2d, Tokens, Words
+from lightning_mc.modality import Batch, Modality
+from lightning_mc.result import ContributionResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["patch_heatmap", "patch_share_map", "top_attributes_bar"]
+__all__ = [
+    "MeanImages",
+    "attribute_figures",
+    "patch_heatmap",
+    "patch_share_map",
+    "top_attributes_bar",
+    "top_tokens_figure",
+]
 
 
 def patch_share_map(shares: Mapping[str, float], patches: Patches2d, shape: tuple[int, int]) -> Any:
@@ -73,7 +86,7 @@ def patch_heatmap(
         alpha: Opacity of the heat-map.
 
     Returns:
-        A figure with the image, the heat-map, a colour bar and each patch's share written on it.
+        A figure with the image, the heat-map, a colour bar and (up to 64 patches) each patch's share written on it.
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -90,7 +103,7 @@ def patch_heatmap(
     heat = axes.imshow(values, cmap="inferno", alpha=alpha, interpolation="nearest", vmin=0.0)
     figure.colorbar(heat, ax=axes, label="share")
     ph, pw = patches.size
-    for name, share in shares.items():
+    for name, share in shares.items() if len(shares) <= 64 else ():  # numbers only where they stay legible
         r, c = (int(part) for part in name[1:].split("c"))
         y = min(r * ph + (ph - 1) / 2, image.shape[0] - 1)
         x = min(c * pw + (pw - 1) / 2, image.shape[1] - 1)
@@ -137,3 +150,140 @@ def top_attributes_bar(
     axes.set_title(title)
     figure.tight_layout()
     return figure
+
+
+def top_tokens_figure(
+    shares: Mapping[str, float],
+    *,
+    k: int = 10,
+    labels: Mapping[str, str] | None = None,
+    title: str = "token positions",
+) -> Figure:
+    """Shares of token positions (or words) in sequence order, above a bar chart of the ``k`` largest.
+
+    Args:
+        shares: ``attribute -> share`` in sequence order, as :class:`~lightning_mc.masks.Tokens` (``"t0"``, ``"t1"``,
+            ...) or :class:`~lightning_mc.masks.Words` (``"w0"``, ...) name them.
+        k: How many of the largest to list.
+        labels: Optional ``attribute -> text`` shown next to the name (e.g. the token at that position of a fixed
+            prompt template).
+        title: Figure title.
+
+    Raises:
+        ValueError: If ``k`` is not a positive int or ``shares`` is empty.
+
+    Example:
+        >>> figure = top_tokens_figure({"t0": 0.1, "t1": 0.6, "t2": 0.3}, k=2, labels={"t1": "fever"})
+        >>> [label.get_text() for label in figure.axes[1].get_yticklabels()]
+        ['t2', 't1 fever']
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be a positive int (how many tokens to list).")
+    if not shares:
+        raise ValueError("shares is empty; give at least one token position -> share.")
+    labels = labels or {}
+    top = sorted(shares.items(), key=lambda item: item[1], reverse=True)[:k][::-1]
+    figure = Figure(figsize=(6.0, 2.4 + 0.3 * len(top)))
+    FigureCanvasAgg(figure)
+    sequence, ranked = figure.subplots(2, 1, height_ratios=[1.0, max(1.0, 0.25 * len(top))])
+    sequence.bar(range(len(shares)), list(shares.values()), color="tab:purple", width=1.0)
+    sequence.set_xlabel("position")
+    sequence.set_ylabel("share")
+    sequence.set_title(title)
+    names = [f"{name} {labels[name]}" if name in labels else name for name, _ in top]
+    ranked.barh(names, [value for _, value in top], color="tab:purple")
+    ranked.set_xlabel("share")
+    figure.tight_layout()
+    return figure
+
+
+class MeanImages:
+    """Running mean image ``(H, W)`` of each :class:`~lightning_mc.masks.Patches2d` modality: heat-map backgrounds.
+
+    Leading dimensions (samples, channels) are averaged. Under DDP each process averages its own samples (a picture's
+    background, not a number that is logged).
+
+    Args:
+        modalities: The monitored modalities; those without a ``Patches2d`` builder are ignored.
+
+    Example:
+        >>> from lightning_mc.masks import Patches2d
+        >>> import torch
+        >>> images = MeanImages([Modality("image", key=0, attributes=Patches2d((2, 2))), Modality("table", key=1)])
+        >>> images.update((torch.ones(4, 3, 4, 4), torch.zeros(4, 2)))
+        >>> images.means()["image"].shape
+        torch.Size([4, 4])
+    """
+
+    def __init__(self, modalities: Sequence[Modality]) -> None:
+        self.modalities = [m for m in modalities if isinstance(m.attributes, Patches2d)]
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def update(self, batch: Batch, num_samples: int | None = None) -> None:
+        """Add the first ``num_samples`` samples (all when ``None``) of each image modality of ``batch``."""
+        for modality in self.modalities:
+            value = modality.select(batch)[:num_samples].detach()
+            if value.ndim < 3 or value.shape[0] == 0:
+                continue
+            image = value.float().reshape(-1, *value.shape[-2:]).sum(dim=0).cpu()
+            count = value[..., 0, 0].numel()
+            if modality.name in self._sums and self._sums[modality.name].shape == image.shape:
+                self._sums[modality.name] += image
+                self._counts[modality.name] += count
+            else:
+                self._sums[modality.name], self._counts[modality.name] = image, count
+
+    def means(self) -> dict[str, Tensor]:
+        """``modality name -> (H, W)`` mean image of the samples seen."""
+        return {name: total / self._counts[name] for name, total in self._sums.items()}
+
+
+def attribute_figures(
+    result: ContributionResult,
+    modalities: Sequence[Modality],
+    mean_images: Mapping[str, Tensor] | None = None,
+    *,
+    min_attributes: int = 17,
+    k: int = 10,
+) -> dict[str, Figure]:
+    """One figure per modality with at least ``min_attributes`` attributes, keyed ``"mc_attributes/<modality>"``.
+
+    :class:`~lightning_mc.masks.Patches2d` modalities with a mean image get a :func:`patch_heatmap`,
+    :class:`~lightning_mc.masks.Tokens` / :class:`~lightning_mc.masks.Words` a :func:`top_tokens_figure`, every other
+    modality (columns, groups, 3-D patches, custom masks) a :func:`top_attributes_bar` of its ``k`` largest.
+
+    Args:
+        result: The measurement (``attribute_shares`` are drawn).
+        modalities: The modalities measured (their builders decide the kind of figure).
+        mean_images: ``name -> (H, W)`` background of the patch heat-maps (:class:`MeanImages`).
+        min_attributes: Modalities with fewer attributes get no figure (the monitor logs them as scalars).
+        k: Bars in the top-k charts.
+
+    Example:
+        >>> from lightning_mc.masks import Columns
+        >>> shares = {f"g{j}": j / 190 for j in range(20)}
+        >>> result = ContributionResult(
+        ...     {"genes": 1.0, "age": 0.0}, {"genes": 1.0, "age": 0.0}, 0.0, {}, {"genes": shares, "age": {"all": 0.0}},
+        ...     {}, 8, 0, "ratio_of_sums")
+        >>> list(attribute_figures(result, [Modality("genes", key=0, attributes=Columns()), Modality("age", key=1)]))
+        ['mc_attributes/genes']
+    """
+    mean_images = mean_images or {}
+    figures: dict[str, Figure] = {}
+    for modality in modalities:
+        shares = result.attribute_shares.get(modality.name, {})
+        if len(shares) < min_attributes:
+            continue
+        builder, tag = modality.attributes, f"mc_attributes/{modality.name}"
+        if isinstance(builder, Patches2d) and modality.name in mean_images:
+            title = f"{modality.name}: share per patch (mean image below)"
+            figures[tag] = patch_heatmap(shares, builder, mean_images[modality.name], title=title)
+        elif isinstance(builder, (Tokens, Words)):
+            figures[tag] = top_tokens_figure(shares, k=k, title=f"{modality.name}: share per position")
+        else:
+            figures[tag] = top_attributes_bar(shares, k=k, title=f"{modality.name}: top {k} attributes")
+    return figures

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
+from lightning_mc.attribute_figures import MeanImages, attribute_figures
 from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
 from lightning_mc.metric import ModalityContribution, Normalization, check_normalization
 from lightning_mc.modality import ModalitiesSpec, resolve_modalities
@@ -53,7 +54,10 @@ class ModalityContributionMonitor(Callback):
       when no occlusion moved any output);
     - ``mc/raw/<modality>``: ``1ᵀdᵢ``, mean over samples of the summed absolute output change;
     - ``mc/balance``: normalised entropy of the shares, 1 = equal contributions, 0 = one modality does everything;
-    - ``mc/attr/<modality>/<attribute>``: attribute shares, for modalities with 2 to 16 attributes.
+    - ``mc/attr/<modality>/<attribute>``: attribute shares, for modalities with 2 to 16 attributes. Modalities with
+      more get a figure in TensorBoard instead (``mc_attributes/<modality>``, with ``dashboard=True`` and a
+      ``TensorBoardLogger``): a patch heat-map over the mean image for ``Patches2d``, the shares per position for
+      ``Tokens``/``Words``, the top 10 attributes otherwise (:mod:`lightning_mc.attribute_figures`).
 
     Which batches are measured: the batches of validation dataloader ``dataloader_idx`` (a single loader is 0; a
     list or dict of loaders is indexed in its order) that the trainer runs, so ``limit_val_batches`` applies first
@@ -170,6 +174,7 @@ class ModalityContributionMonitor(Callback):
         self._all_occluded: AllOccludedMovement | None = None
         self._warned_redundant = False
         self._dashboard: ContributionDashboard | None = None
+        self._mean_images: MeanImages | None = None
         #: One entry per measured validation run: epoch, global_step, shares, raw, balance, num_samples.
         self.history: list[dict[str, Any]] = []
         #: The latest measurement, with attribute values and per-output shares.
@@ -237,6 +242,8 @@ class ModalityContributionMonitor(Callback):
         self._shapley = None
         self._seen_samples = 0
         self._unpadded_samples = self._count_unpadded_samples(trainer) if self._measuring else None
+        has_figures = self._measuring and self._dashboard is not None and trainer.is_global_zero
+        self._mean_images = MeanImages(self.modalities) if has_figures else None
         if self._measuring and self.dataloader_idx >= len(trainer.num_val_batches):
             raise ValueError(
                 f"dataloader_idx={self.dataloader_idx} but the trainer has {len(trainer.num_val_batches)} validation "
@@ -284,6 +291,8 @@ class ModalityContributionMonitor(Callback):
             self._shapley.update(clean, by_coalition[: clean.shape[0]])
         self._seen_samples += outputs.clean.shape[0]
         self._metric.update(clean, occluded)
+        if self._mean_images is not None:
+            self._mean_images.update(batch, clean.shape[0])
 
     def _count_unpadded_samples(self, trainer: pl.Trainer) -> int | None:
         # DistributedSampler(drop_last=False) gives rank r the samples at padded positions r, r + W, r + 2W, ... of
@@ -373,6 +382,16 @@ class ModalityContributionMonitor(Callback):
                 pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
         if self._dashboard is not None:
             self._dashboard.update(trainer, self.history, self.modality_names, self)
+            self._log_attribute_figures(trainer, result)
+
+    def _log_attribute_figures(self, trainer: pl.Trainer, result: ContributionResult) -> None:
+        # figures only where scalars would be too many (> MAX_LOGGED_ATTRIBUTES); rank 0 writes TensorBoard
+        if self._dashboard is None or not trainer.is_global_zero:
+            return
+        means = self._mean_images.means() if self._mean_images is not None else {}
+        figures = attribute_figures(result, self.modalities, means, min_attributes=MAX_LOGGED_ATTRIBUTES + 1)
+        for tag, figure in figures.items():
+            self._dashboard.logger.experiment.add_figure(tag, figure, global_step=trainer.global_step)
 
     def _log(self, pl_module: pl.LightningModule, result: ContributionResult) -> None:
         # values are already identical on every rank; sync_dist=True keeps Lightning's DDP bookkeeping consistent

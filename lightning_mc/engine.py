@@ -209,7 +209,7 @@ class OcclusionEngine:
                     module.training = training
 
     def _run(self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int) -> OccludedOutputs:
-        masks = [modality.attribute_masks(value) for modality, value in zip(self.modalities, values)]
+        masks = [_attribute_masks(modality, value, batch) for modality, value in zip(self.modalities, values)]
         for modality, attribute_masks in zip(self.modalities, masks):
             if not isinstance(attribute_masks, AttributeMasks):
                 raise TypeError(
@@ -419,6 +419,12 @@ class OcclusionEngine:
                 f"The model returned {sorted(widths)} outputs per sample in different passes; the occluded passes "
                 "must give outputs of the same shape as the clean pass."
             )
+
+
+def _attribute_masks(modality: Modality, value: Tensor, batch: Batch) -> AttributeMasks:
+    """The modality's attribute masks; builders with ``reads_batch`` (a padding mask in the batch) get the batch too."""
+    builder = modality.attribute_masks
+    return builder(value, batch=batch) if getattr(builder, "reads_batch", False) else builder(value)
 
 
 def _rows_of(mask: Tensor, rows: slice) -> Tensor:

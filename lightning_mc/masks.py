@@ -3,6 +3,11 @@
 Each builder implements the :class:`lightning_mc.occlusion.Attributes` protocol: called with a modality tensor
 ``(N, ...)`` it returns :class:`lightning_mc.occlusion.AttributeMasks`, one boolean mask per attribute. Pass a builder
 as ``Modality(name, key=..., attributes=builder)``; every mask of every modality then runs through the engine.
+Builders whose ``reads_batch`` is true (:class:`Tokens`/:class:`Words` reading an ``attention_mask`` or ``word_ids``
+entry of the batch) are called as ``builder(value, batch=batch)``.
+
+The metric needs the same attributes in every batch, so every builder returns a fixed number of masks: token and word
+builders take a ``max_length``/``max_words`` and give all-false masks to positions a batch does not have.
 
 Example:
     >>> import torch
@@ -17,17 +22,23 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from lightning_mc.occlusion import AttributeMasks
 
-__all__ = ["ColumnGroups", "Columns", "CustomMasks", "Patches2d", "Patches3d", "Tokens"]
+__all__ = ["ColumnGroups", "Columns", "CustomMasks", "Patches2d", "Patches3d", "Tokens", "Words"]
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_key(value: object) -> bool:
+    """A dict key (str) or tuple index (int) of a batch."""
+    return isinstance(value, str) or _is_int(value)
 
 
 def _check_ndim(builder: str, value: Tensor, minimum: int, what: str) -> None:
@@ -224,70 +235,71 @@ class Patches3d(_Patches):
     _letters = ("d", "r", "c")
 
 
-class Tokens:
-    """One attribute per token position ``0 .. max_length - 1`` of a sequence ``(N, L)`` (or ``(N, L, ...)``).
+#: Where a padding mask comes from: a batch key (dict key or tuple index) or ``modality tensor -> (N, L)`` mask.
+PaddingSource = Union[str, int, Callable[[Tensor], Tensor]]
 
-    The count is always ``max_length`` so the attributes are the same in every batch. Masks are per sample,
-    ``(max_length, N, L)``, and ``False`` on padding: pad positions are never occluded, so they get exactly 0. A
-    position beyond a batch's length ``L`` has an all-false mask. The last real token is occluded like any other.
 
-    Give exactly one way to find the padding:
+def _batch_item(builder: str, argument: str, batch: Any, location: str | int) -> Tensor:
+    """``batch[location]`` for a dict key or tuple index, with a message naming the argument when it is missing."""
+    if batch is None:
+        raise ValueError(
+            f"{builder}: {argument}={location!r} is a batch key but no batch was given; the engine passes it "
+            f"(call the builder as builder(value, batch=batch) yourself)."
+        )
+    try:
+        item = batch[location]
+    except (KeyError, IndexError, TypeError):
+        keys = list(batch) if isinstance(batch, Mapping) else f"{len(batch)} items" if hasattr(batch, "__len__") else ""
+        raise ValueError(
+            f"{builder}: {argument}={location!r} is not in the batch ({type(batch).__name__} with {keys})."
+        ) from None
+    if not isinstance(item, Tensor):
+        raise TypeError(f"{builder}: batch[{location!r}] ({argument}) is a {type(item).__name__}, expected a tensor.")
+    return item
 
-    Args:
-        max_length: The longest sequence length the modality can have.
-        pad_id: Token id of padding: a position is real where ``ids != pad_id`` (needs integer ids ``(N, L)``).
-        attention_mask: ``tensor -> (N, L)`` bool (or 0/1) tensor, ``True`` for real tokens, computed from the
-            modality tensor (e.g. ``lambda x: x.abs().sum(-1) > 0`` for zero-padded embeddings). ``None`` with no
-            ``pad_id``: every position is real.
 
-    Raises:
-        ValueError: If ``max_length`` is not a positive int, or both ``pad_id`` and ``attention_mask`` are given.
-        TypeError: If ``pad_id`` is not an int or ``attention_mask`` is not callable.
+class _Padded:
+    """Finds the real (non-pad) positions of a sequence modality ``(N, L, ...)``: from a pad id or a padding mask."""
 
-    Example:
-        >>> import torch
-        >>> ids = torch.tensor([[5, 6, 7], [8, 9, 0]])  # the second sequence is padded with id 0
-        >>> masks = Tokens(max_length=4, pad_id=0)(ids).masks
-        >>> masks.shape, masks[2].tolist()
-        (torch.Size([4, 2, 3]), [[False, False, True], [False, False, False]])
-    """
-
-    def __init__(
-        self,
-        max_length: int,
-        *,
-        pad_id: int | None = None,
-        attention_mask: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        if not _is_int(max_length) or max_length < 1:
-            raise ValueError(f"Tokens: max_length={max_length!r} must be a positive int (the longest sequence).")
+    def __init__(self, builder: str, pad_id: int | None, attention_mask: PaddingSource | None) -> None:
         if pad_id is not None and attention_mask is not None:
             raise ValueError(
-                f"Tokens: give pad_id or attention_mask, not both (got pad_id={pad_id!r}, "
+                f"{builder}: give pad_id or attention_mask, not both (got pad_id={pad_id!r}, "
                 f"attention_mask={attention_mask!r})."
             )
         if pad_id is not None and not _is_int(pad_id):
-            raise TypeError(f"Tokens: pad_id={pad_id!r} ({type(pad_id).__name__}) must be an int token id.")
-        if attention_mask is not None and not callable(attention_mask):
+            raise TypeError(f"{builder}: pad_id={pad_id!r} ({type(pad_id).__name__}) must be an int token id.")
+        if attention_mask is not None and not (callable(attention_mask) or _is_key(attention_mask)):
             raise TypeError(
-                f"Tokens: attention_mask={attention_mask!r} must be a callable `tensor -> (N, L) bool tensor`."
+                f"{builder}: attention_mask={attention_mask!r} must be a batch key (str dict key or int tuple index "
+                "of an (N, L) tensor, e.g. 'attention_mask') or a callable `tensor -> (N, L) bool tensor`."
             )
-        self.max_length = max_length
+        self._builder = builder
         self.pad_id = pad_id
         self.attention_mask = attention_mask
 
-    def real_tokens(self, value: Tensor) -> Tensor:
+    @property
+    def reads_batch(self) -> bool:
+        """Whether the builder needs the whole batch (the padding mask is a batch entry); the engine then passes it."""
+        return isinstance(self.attention_mask, (str, int))
+
+    def real_tokens(self, value: Tensor, batch: Any = None) -> Tensor:
         """Return the ``(N, L)`` boolean tensor of real (non-pad) positions of ``value``."""
         shape = tuple(value.shape[:2])
         if self.pad_id is not None:
             if value.dtype.is_floating_point or value.dtype.is_complex:
-                raise TypeError(f"Tokens: pad_id needs integer token ids, got a modality of dtype {value.dtype}.")
+                raise TypeError(
+                    f"{self._builder}: pad_id needs integer token ids, got a modality of dtype {value.dtype}."
+                )
             real = value.reshape(*shape, -1).ne(self.pad_id).all(dim=-1) if value.ndim > 2 else value != self.pad_id
         elif self.attention_mask is not None:
-            real = self.attention_mask(value)
+            if self.reads_batch:
+                real = _batch_item(self._builder, "attention_mask", batch, self.attention_mask)  # type: ignore[arg-type]
+            else:
+                real = self.attention_mask(value)  # type: ignore[operator]
             if not isinstance(real, Tensor) or tuple(real.shape) != shape:
                 raise ValueError(
-                    f"Tokens: attention_mask returned {getattr(real, 'shape', type(real).__name__)}, expected a "
+                    f"{self._builder}: attention_mask gave {getattr(real, 'shape', type(real).__name__)}, expected a "
                     f"tensor of shape (N, L) = {shape}."
                 )
             real = real.to(device=value.device, dtype=torch.bool)
@@ -295,8 +307,57 @@ class Tokens:
             real = torch.ones(shape, dtype=torch.bool, device=value.device)
         return real
 
-    def __call__(self, value: Tensor) -> AttributeMasks:
-        """Return one per-sample mask per position, ``False`` on padding and beyond the sequence length."""
+
+class Tokens(_Padded):
+    """One attribute per token position ``0 .. max_length - 1`` of a sequence ``(N, L)`` (or ``(N, L, ...)``).
+
+    The count is always ``max_length`` so the attributes are the same in every batch. Masks are per sample,
+    ``(max_length, N, L)``, and ``False`` on padding: pad positions are never occluded, so they get exactly 0. A
+    position beyond a batch's length ``L`` has an all-false mask. The last real token is occluded like any other.
+
+    Give at most one way to find the padding (neither: every position is real):
+
+    Args:
+        max_length: The longest sequence length the modality can have.
+        pad_id: Token id of padding: a position is real where ``ids != pad_id`` (needs integer ids ``(N, L)``).
+        attention_mask: Where the ``(N, L)`` mask of real tokens (``True``/1 = real) is: a batch key
+            (``"attention_mask"`` in a dict batch, or a tuple index), or a callable ``modality tensor -> mask``
+            (e.g. ``lambda x: x.abs().sum(-1) > 0`` for zero-padded embeddings).
+
+    Raises:
+        ValueError: If ``max_length`` is not a positive int, or both ``pad_id`` and ``attention_mask`` are given.
+        TypeError: If ``pad_id`` is not an int or ``attention_mask`` is neither a batch key nor callable.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[5, 6, 7], [8, 9, 0]])  # the second sequence is padded with id 0
+        >>> masks = Tokens(max_length=4, pad_id=0)(ids).masks
+        >>> masks.shape, masks[2].tolist()
+        (torch.Size([4, 2, 3]), [[False, False, True], [False, False, False]])
+        >>> batch = {"ids": ids, "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+        >>> Tokens(4, attention_mask="attention_mask")(ids, batch=batch).masks.sum().item()
+        5
+    """
+
+    def __init__(
+        self,
+        max_length: int,
+        *,
+        pad_id: int | None = None,
+        attention_mask: PaddingSource | None = None,
+    ) -> None:
+        if not _is_int(max_length) or max_length < 1:
+            raise ValueError(f"Tokens: max_length={max_length!r} must be a positive int (the longest sequence).")
+        super().__init__("Tokens", pad_id, attention_mask)
+        self.max_length = max_length
+
+    def __call__(self, value: Tensor, batch: Any = None) -> AttributeMasks:
+        """Return one per-sample mask per position, ``False`` on padding and beyond the sequence length.
+
+        Args:
+            value: The token modality ``(N, L, ...)``.
+            batch: The whole batch; needed only when ``attention_mask`` is a batch key.
+        """
         _check_ndim("Tokens", value, 2, "samples, positions")
         length = value.shape[1]
         if length > self.max_length:
@@ -304,7 +365,7 @@ class Tokens:
                 f"Tokens: the modality has {length} positions (shape {tuple(value.shape)}) but max_length="
                 f"{self.max_length}; raise max_length to at least {length}."
             )
-        real = self.real_tokens(value)  # (N, L)
+        real = self.real_tokens(value, batch)  # (N, L)
         eye = torch.eye(self.max_length, length, dtype=torch.bool, device=value.device)  # (max_length, L)
         masks = eye[:, None, :] & real[None]  # (max_length, N, L)
         masks = masks.view(*masks.shape, *([1] * (value.ndim - 2)))
@@ -312,6 +373,94 @@ class Tokens:
 
     def __repr__(self) -> str:
         return f"Tokens(max_length={self.max_length}, pad_id={self.pad_id!r}, attention_mask={self.attention_mask!r})"
+
+
+class Words(_Padded):
+    """One attribute per word ``0 .. max_words - 1``: every token of word ``w`` is occluded together.
+
+    Word ``w`` of a sample is the set of its positions whose word id is ``w`` (as a tokenizer's ``word_ids()``
+    gives them, with ``None`` written as ``-1``). Positions with a negative word id (padding, special tokens) and pad
+    positions (``pad_id`` / ``attention_mask``) belong to no word and are never occluded. The count is always
+    ``max_words``; a word a sample does not have has an all-false mask. Masks are per sample, ``(max_words, N, L)``.
+
+    Args:
+        max_words: The most words a sequence can have.
+        word_ids: Where the ``(N, L)`` integer word ids are: a batch key (dict key or tuple index) or a callable
+            ``modality tensor -> word ids``.
+        pad_id: Token id of padding (optional; negative word ids already exclude positions).
+        attention_mask: Batch key or callable giving the ``(N, L)`` mask of real tokens (optional).
+
+    Raises:
+        ValueError: If ``max_words`` is not a positive int or both ``pad_id`` and ``attention_mask`` are given.
+        TypeError: If ``word_ids`` is neither a batch key nor callable.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[101, 7, 8, 9, 102, 0]])  # [CLS] "play" "##ing" "chess" [SEP] [PAD]
+        >>> batch = {"ids": ids, "word_ids": torch.tensor([[-1, 0, 0, 1, -1, -1]])}
+        >>> masks = Words(max_words=3, word_ids="word_ids")(ids, batch=batch)
+        >>> masks.names, masks.masks[0, 0].tolist()
+        (('w0', 'w1', 'w2'), [False, True, True, False, False, False])
+    """
+
+    def __init__(
+        self,
+        max_words: int,
+        word_ids: str | int | Callable[[Tensor], Tensor],
+        *,
+        pad_id: int | None = None,
+        attention_mask: PaddingSource | None = None,
+    ) -> None:
+        if not _is_int(max_words) or max_words < 1:
+            raise ValueError(f"Words: max_words={max_words!r} must be a positive int (the most words a sequence has).")
+        if not (callable(word_ids) or _is_key(word_ids)):
+            raise TypeError(
+                f"Words: word_ids={word_ids!r} must be a batch key (str dict key or int tuple index of an (N, L) "
+                "integer tensor) or a callable `tensor -> (N, L) word ids`."
+            )
+        super().__init__("Words", pad_id, attention_mask)
+        self.max_words = max_words
+        self.word_ids = word_ids
+
+    @property
+    def reads_batch(self) -> bool:  # noqa: D102
+        return isinstance(self.word_ids, (str, int)) or super().reads_batch
+
+    def __call__(self, value: Tensor, batch: Any = None) -> AttributeMasks:
+        """Return one per-sample mask per word, ``False`` on padding and on positions of no word.
+
+        Args:
+            value: The token modality ``(N, L, ...)``.
+            batch: The whole batch; needed when ``word_ids`` or ``attention_mask`` is a batch key.
+        """
+        _check_ndim("Words", value, 2, "samples, positions")
+        shape = tuple(value.shape[:2])
+        if callable(self.word_ids):
+            word_ids = self.word_ids(value)
+        else:
+            word_ids = _batch_item("Words", "word_ids", batch, self.word_ids)
+        if not isinstance(word_ids, Tensor) or tuple(word_ids.shape) != shape or word_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"Words: word_ids gave {getattr(word_ids, 'shape', type(word_ids).__name__)} "
+                f"({getattr(word_ids, 'dtype', '')}), expected an integer tensor of shape (N, L) = {shape}."
+            )
+        word_ids = word_ids.to(value.device)
+        if word_ids.numel() and int(word_ids.max()) >= self.max_words:
+            raise ValueError(
+                f"Words: a sequence has word id {int(word_ids.max())} but max_words={self.max_words}; raise "
+                f"max_words to at least {int(word_ids.max()) + 1}."
+            )
+        real = self.real_tokens(value, batch)
+        words = torch.arange(self.max_words, device=value.device).view(-1, 1, 1)
+        masks = (word_ids[None] == words) & real[None]  # (max_words, N, L)
+        masks = masks.view(*masks.shape, *([1] * (value.ndim - 2)))
+        return AttributeMasks(masks, tuple(f"w{w}" for w in range(self.max_words)))
+
+    def __repr__(self) -> str:
+        return (
+            f"Words(max_words={self.max_words}, word_ids={self.word_ids!r}, pad_id={self.pad_id!r}, "
+            f"attention_mask={self.attention_mask!r})"
+        )
 
 
 class CustomMasks:
