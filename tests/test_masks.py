@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_mc import Modality, ModalityContribution
 from lightning_mc.functional import modality_contribution
-from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens
+from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
 
 GOLDEN_PATH = Path(__file__).resolve().parents[2] / "shared" / "golden" / "algorithm1_example.json"
 if not GOLDEN_PATH.exists():
@@ -251,6 +251,9 @@ def test_same_numbers_as_captum_feature_ablation() -> None:
         (lambda: Columns(["a", "a"]), "duplicates"),
         (lambda: CustomMasks([torch.ones(3, dtype=torch.bool)], ["a", "b"]), "1 masks but 2 names"),
         (lambda: CustomMasks([torch.ones(3)], ["a"]), "expected a boolean tensor"),
+        (lambda: Tokens(4, attention_mask=2.5), "attention_mask=2.5 must be a batch key"),
+        (lambda: Words(0, word_ids="word_ids"), "max_words=0 must be a positive int"),
+        (lambda: Words(3, word_ids=None), "word_ids=None must be a batch key"),
     ],
 )
 def test_bad_arguments_name_the_argument(build, message: str) -> None:
@@ -271,6 +274,21 @@ def test_bad_arguments_name_the_argument(build, message: str) -> None:
 def test_bad_modality_shapes_are_reported(builder, value: Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         builder(value)
+
+
+@pytest.mark.parametrize(
+    ("builder", "batch", "message"),
+    [
+        (Tokens(3, attention_mask="mask"), None, "attention_mask='mask' is a batch key but no batch was given"),
+        (Tokens(3, attention_mask="mask"), {"ids": 0}, r"'mask' is not in the batch \(dict with \['ids'\]"),
+        (Tokens(3, attention_mask="mask"), {"mask": torch.ones(2, 2)}, r"shape \(N, L\) = \(2, 3\)"),
+        (Words(2, word_ids="w"), {"w": torch.tensor([[0, 1, 2], [0, 0, 1]])}, "word id 2 but max_words=2"),
+        (Words(2, word_ids="w"), {"w": torch.zeros(2, 3)}, "expected an integer tensor of shape"),
+    ],
+)
+def test_bad_batch_entries_of_token_builders_are_reported(builder, batch, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        builder(torch.ones(2, 3, dtype=torch.long), batch=batch)
 
 
 def test_custom_masks_match_the_equivalent_builder() -> None:
