@@ -245,3 +245,23 @@ def test_column_groups_match_captum_feature_ablation_with_the_same_groups() -> N
         expected += attribution[:, [0, 3, 5]].abs().mean(dim=0)
     assert list(result.attribute_raw["table"].values()) == pytest.approx(expected.tolist(), abs=1e-6)
     assert result.attribute_raw["other"]["all"] == pytest.approx(0.0, abs=1e-6)  # batched-BLAS rounding only
+
+
+@pytest.mark.parametrize(("max_batch_size", "calls"), [(None, 6), (88, 1), (40, 3)])
+def test_all_attribute_copies_run_in_as_few_forward_calls_as_the_budget_allows(max_batch_size, calls: int) -> None:
+    seen: list[int] = []
+
+    def model(image: Tensor, table: Tensor) -> Tensor:
+        seen.append(image.shape[0])
+        return image.flatten(1).sum(1, keepdim=True) + table.sum(1, keepdim=True)
+
+    result = modality_contribution(
+        Lambda(model),
+        [(torch.randn(4, 1, 8, 8), torch.randn(4, 5))],
+        [Modality("image", key=0, attributes=Patches2d((2, 2))), Modality("table", key=1, attributes=Columns())],
+        occlusion="zeros",
+        max_batch_size=max_batch_size,
+    )
+    rows = (1 + 16 + 5) * 4  # the clean batch and one copy per attribute, 4 samples each
+    assert sum(seen) == rows and len(seen) == calls  # None: 4 copies (16 rows) per call
+    assert len(result.attribute_raw["image"]) == 16 and len(result.attribute_raw["table"]) == 5
