@@ -1,63 +1,132 @@
-"""Percentile bootstrap confidence intervals for the ratio-of-sums modality shares.
+"""Percentile bootstrap confidence intervals for the modality shares.
 
 The share of modality ``m`` is ``s_m = Σ_n d_nm / Σ_n Σ_k d_nk`` where ``d_nm = Σ_c |p⁰_nc − p^m_nc|`` is sample
 ``n``'s summed absolute output change when modality ``m`` is occluded (summed over its attributes), as in
-:class:`lightning_mc.ModalityContribution` with ``normalization="ratio_of_sums"``. Samples are resampled with
-replacement ``n_boot`` times (a private, seeded generator; the global RNG is untouched) and the ``(1 − ci)/2`` and
-``(1 + ci)/2`` quantiles of the resampled shares form the interval.
+:class:`lightning_mc.ModalityContribution` with ``normalization="ratio_of_sums"`` (with ``"per_sample"``: the mean
+over informative samples of ``d_nm / Σ_k d_nk``). Samples are resampled with replacement ``n_boot`` times (a private,
+seeded generator; the global RNG is untouched) and the ``(1 − ci)/2`` and ``(1 + ci)/2`` quantiles of the resampled
+shares form the interval. The rows are put in a canonical (lexicographic) order before resampling, so the interval
+depends only on the set of per-sample values, not on the order the batches (or the processes) delivered them.
 
-Per-sample values are kept in memory for the first ``max_samples`` samples only (``N × M`` float64 numbers); the
-point shares are computed from the kept samples too, so share and interval describe the same samples. This is a
-single-process tool: under DDP, gather the per-sample values first (``all_gather``) — sums alone do not suffice for a
-bootstrap.
+Memory: a bootstrap needs the per-sample values, not only sums. :class:`PerSampleRaw` keeps the first
+``max_samples`` samples *per process* (``N × M`` float64 numbers: 100 000 samples × 2 modalities = 1.6 MB); later
+samples are not kept. DDP: the kept values are a torchmetrics ``"cat"`` state, so ``compute()`` all-gathers every
+process's rows and every rank bootstraps the same set with the same seed, giving identical intervals on every rank
+and the same interval as one process on the whole data (as long as no process hit the cap).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch import Tensor, nn
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
-from lightning_mc.engine import ForwardFn, OccludedOutputs, OcclusionEngine, OutputTransform
-from lightning_mc.modality import Batch, ModalitiesSpec, resolve_modalities
-from lightning_mc.occlusion import FillSpec
+from lightning_mc.engine import OccludedOutputs
 
 #: Bootstrap replicates drawn per block (bounds the ``block × N`` index tensor).
 _BLOCK = 64
+#: Normalizations a bootstrap interval is available for.
+BOOTSTRAP_NORMALIZATIONS: tuple[str, ...] = ("ratio_of_sums", "per_sample")
+#: Default cap on the per-sample values kept per process.
+DEFAULT_MAX_CI_SAMPLES = 100_000
 
 
-def per_sample_raw(outputs: OccludedOutputs) -> Tensor:
-    """``d`` ``(N, M)``: each sample's summed absolute output change per modality (summed over its attributes).
+def check_ci_arguments(ci: float | None, n_boot: int, max_samples: int, normalization: str = "ratio_of_sums") -> None:
+    """Validate the confidence-interval options; raise a ValueError naming the argument.
+
+    Example:
+        >>> check_ci_arguments(0.95, 1000, 100_000)
+    """
+    if ci is not None and (isinstance(ci, bool) or not isinstance(ci, (int, float)) or not 0 < ci < 1):
+        raise ValueError(f"ci={ci!r} must be None or a coverage in (0, 1), e.g. 0.95.")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot={n_boot!r} must be a positive int.")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"max_ci_samples={max_samples!r} must be a positive int.")
+    if ci is not None and normalization not in BOOTSTRAP_NORMALIZATIONS:
+        raise ValueError(
+            f"Confidence intervals (ci={ci!r}) are available for normalization in {BOOTSTRAP_NORMALIZATIONS}; got "
+            f"normalization={normalization!r}."
+        )
+
+
+def per_sample_values(clean: Tensor, occluded: Mapping[str, Tensor]) -> Tensor:
+    """``d`` ``(N, M)`` float64: each sample's summed absolute output change per modality (summed over attributes).
+
+    Args:
+        clean: ``(N, C)`` clean outputs.
+        occluded: ``name -> (N, h_i, C)`` outputs with each attribute occluded, as from the engine.
 
     Samples with a NaN or inf output are dropped, as in :class:`lightning_mc.ModalityContribution`.
+
+    Example:
+        >>> per_sample_values(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)}).tolist()
+        [[1.0, 0.0], [1.0, 0.0]]
     """
-    clean = outputs.clean.double()
-    columns = [(clean.unsqueeze(1) - occluded.double()).abs().sum(dim=(1, 2)) for occluded in outputs.occluded.values()]
+    clean = clean.double().reshape(clean.shape[0], -1)
     finite = torch.isfinite(clean).all(-1)
-    for occluded in outputs.occluded.values():
-        finite &= torch.isfinite(occluded).flatten(1).all(-1)
+    columns = []
+    for value in occluded.values():
+        value = value.double().reshape(clean.shape[0], -1, clean.shape[1])
+        finite &= torch.isfinite(value).flatten(1).all(-1)
+        columns.append((clean.unsqueeze(1) - value).abs().sum(dim=(1, 2)))
     return torch.stack(columns, dim=1)[finite]
 
 
+def per_sample_raw(outputs: OccludedOutputs) -> Tensor:
+    """:func:`per_sample_values` of an :class:`~lightning_mc.engine.OccludedOutputs`."""
+    return per_sample_values(outputs.clean, outputs.occluded)
+
+
+def canonical_order(values: Tensor) -> Tensor:
+    """The rows of ``values`` ``(N, M)`` sorted lexicographically (first column first).
+
+    Any order of the same rows gives the same tensor.
+
+    Example:
+        >>> canonical_order(torch.tensor([[2.0, 1.0], [1.0, 5.0], [1.0, 3.0]])).tolist()
+        [[1.0, 3.0], [1.0, 5.0], [2.0, 1.0]]
+    """
+    order = torch.arange(values.shape[0], device=values.device)
+    for column in range(values.shape[1] - 1, -1, -1):  # stable sorts, least significant key first
+        order = order[torch.sort(values[order, column], stable=True).indices]
+    return values[order]
+
+
+def _statistic(values: Tensor, index: Tensor, normalization: str) -> Tensor:
+    """Shares of the resampled rows ``values[index]`` (``index``: ``(B, N)``) → ``(B, M)``."""
+    if normalization == "ratio_of_sums":
+        sums = values[index].sum(1)
+        return sums / sums.sum(-1, keepdim=True)
+    totals = values.sum(1, keepdim=True)
+    informative = totals.squeeze(1) > 0
+    row_shares = torch.where(informative.unsqueeze(1), values / totals.clamp_min(1e-300), 0.0)
+    return row_shares[index].sum(1) / informative.double()[index].sum(1, keepdim=True)
+
+
 def bootstrap_share_interval(
-    per_sample: Tensor, ci: float = 0.95, n_boot: int = 1000, seed: int = 0
+    per_sample: Tensor, ci: float = 0.95, n_boot: int = 1000, seed: int = 0, normalization: str = "ratio_of_sums"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Ratio-of-sums shares and their percentile bootstrap interval.
+    """Shares and their percentile bootstrap interval.
 
     Args:
         per_sample: ``(N, M)`` non-negative per-sample raw values.
         ci: Coverage of the interval, in ``(0, 1)``.
         n_boot: Number of bootstrap replicates.
         seed: Seed of the private generator.
+        normalization: ``"ratio_of_sums"`` (Algorithm 1) or ``"per_sample"`` (mean of each informative sample's
+            shares), as in :class:`lightning_mc.ModalityContribution`.
 
     Returns:
-        ``(shares, low, high)``, each ``(M,)`` float64; NaN where the shares are undefined (nothing moved).
+        ``(shares, low, high)``, each ``(M,)`` float64; NaN where the shares are undefined (nothing moved). The result
+        does not depend on the order of the rows.
 
     Raises:
-        ValueError: On an empty ``per_sample``, ``ci`` outside ``(0, 1)`` or ``n_boot < 1``.
+        ValueError: On an empty ``per_sample``, ``ci`` outside ``(0, 1)``, ``n_boot < 1`` or another normalization.
 
     Example:
         >>> shares, low, high = bootstrap_share_interval(torch.tensor([[1.0, 1.0], [2.0, 0.0], [1.0, 3.0]]), n_boot=200)
@@ -68,21 +137,20 @@ def bootstrap_share_interval(
     """
     if per_sample.ndim != 2 or per_sample.shape[0] == 0:
         raise ValueError(f"per_sample must be a non-empty (N, M) tensor; got shape {tuple(per_sample.shape)}.")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci={ci!r} must be in (0, 1).")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot={n_boot!r} must be a positive int.")
-    values = per_sample.double().cpu()
+    if ci is None:
+        raise ValueError("ci=None: pass a coverage in (0, 1), e.g. 0.95.")
+    check_ci_arguments(ci, n_boot, 1, normalization)
+    if normalization not in BOOTSTRAP_NORMALIZATIONS:  # also without ci's message
+        raise ValueError(f"normalization={normalization!r} must be one of {BOOTSTRAP_NORMALIZATIONS}.")
+    values = canonical_order(per_sample.double().cpu())
     num_samples = values.shape[0]
-    totals = values.sum(0)
-    shares = totals / totals.sum()
+    shares = _statistic(values, torch.arange(num_samples).unsqueeze(0), normalization)[0]
     generator = torch.Generator().manual_seed(seed)
     replicates = []
     for start in range(0, n_boot, _BLOCK):
         count = min(_BLOCK, n_boot - start)
         index = torch.randint(0, num_samples, (count, num_samples), generator=generator)
-        sums = values[index].sum(1)  # (count, M)
-        replicates.append(sums / sums.sum(-1, keepdim=True))
+        replicates.append(_statistic(values, index, normalization))
     boot = torch.cat(replicates)
     alpha = (1 - ci) / 2
     quantiles = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
@@ -90,82 +158,62 @@ def bootstrap_share_interval(
     return shares, low, high
 
 
-@dataclass(frozen=True)
-class ShareIntervals:
-    """Ratio-of-sums shares with percentile bootstrap confidence intervals.
+class PerSampleRaw(Metric):
+    """Keeps each sample's per-modality raw values ``d`` ``(N, M)`` for a bootstrap, memory-bounded.
 
-    Attributes:
-        shares: ``name -> share`` on the kept samples.
-        low: ``name -> lower bound``.
-        high: ``name -> upper bound``.
-        ci: Coverage of the intervals.
-        n_boot: Number of bootstrap replicates.
-        num_samples: Number of samples kept (at most ``max_samples``).
+    A torchmetrics ``"cat"`` state: under DDP ``compute()`` all-gathers the rows of every process, so every rank gets
+    the same set. At most ``max_samples`` samples are kept per process (the first ones); ``num_dropped`` counts the
+    rest (a sum state).
+
+    Args:
+        max_samples: Most samples kept per process.
+
+    Example:
+        >>> metric = PerSampleRaw(max_samples=3)
+        >>> metric.update(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)})
+        >>> metric.update(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.ones(2, 1, 1)})
+        >>> metric.compute().tolist(), int(metric.num_dropped)
+        ([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]], 1)
     """
 
-    shares: dict[str, float]
-    low: dict[str, float]
-    high: dict[str, float]
-    ci: float
-    n_boot: int
-    num_samples: int
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, max_samples: int = DEFAULT_MAX_CI_SAMPLES, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_ci_arguments(None, 1, max_samples)
+        self.max_samples = max_samples
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.add_state("num_dropped", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
+        """Add a batch (as :meth:`lightning_mc.ModalityContribution.update`); rows past the cap are dropped."""
+        values = per_sample_values(clean, occluded)
+        room = max(0, self.max_samples - sum(kept.shape[0] for kept in self.values))
+        self.values.append(values[:room])
+        self.num_dropped += values.shape[0] - min(room, values.shape[0])
+
+    def compute(self) -> Tensor:
+        """All kept rows ``(N, M)`` float64 (of every process under DDP), in canonical order."""
+        if isinstance(self.values, Tensor):  # after a DDP sync the list is already concatenated
+            return canonical_order(self.values)
+        if not self.values:
+            raise ValueError("PerSampleRaw.compute() was called before any update.")
+        return canonical_order(dim_zero_cat(self.values))
 
 
-def modality_share_intervals(
-    model: nn.Module,
-    data: Iterable[Batch],
-    modalities: ModalitiesSpec,
-    *,
-    forward_fn: ForwardFn | None = None,
-    output_transform: OutputTransform = None,
-    occlusion: FillSpec = "mean",
-    max_batch_size: int | None = None,
-    limit_batches: int | None = None,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-    ci: float = 0.95,
-    n_boot: int = 1000,
-    max_samples: int = 100_000,
-) -> ShareIntervals:
-    """One-at-a-time shares of ``model`` on ``data`` with percentile bootstrap confidence intervals.
+def share_intervals(
+    metric: PerSampleRaw, names: Iterable[str], ci: float, n_boot: int, seed: int, normalization: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(low, high)``: ``name -> bound`` from a :class:`PerSampleRaw` (reduced across processes first).
 
-    Arguments as in :func:`lightning_mc.functional.modality_contribution` (ratio-of-sums normalization), plus ``ci``,
-    ``n_boot`` and ``max_samples`` (per-sample values kept; later samples are not measured). ``seed`` seeds both the
-    random fills and the bootstrap.
-
-    Raises:
-        ValueError: If ``data`` holds no batch, or on invalid arguments.
+    NaN bounds when no sample was kept or nothing moved.
     """
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-        raise ValueError(f"max_samples={max_samples!r} must be a positive int.")
-    engine = OcclusionEngine(
-        resolve_modalities(modalities),
-        forward_fn=forward_fn,
-        output_transform=output_transform,
-        occlusion=occlusion,
-        max_batch_size=max_batch_size,
-        seed=seed,
-    )
-    if device is None:
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-    kept: list[Tensor] = []
-    count = 0
-    for index, batch in enumerate(data):
-        if (limit_batches is not None and index >= limit_batches) or count >= max_samples:
-            break
-        values = per_sample_raw(engine.run(model, move_data_to_device(batch, device)))[: max_samples - count]
-        kept.append(values.cpu())
-        count += values.shape[0]
-    if not kept:
-        raise ValueError("data held no batch; pass a non-empty iterable of batches.")
-    shares, low, high = bootstrap_share_interval(torch.cat(kept), ci=ci, n_boot=n_boot, seed=seed)
-    names = [m.name for m in engine.modalities]
-    return ShareIntervals(
-        shares=dict(zip(names, shares.tolist())),
-        low=dict(zip(names, low.tolist())),
-        high=dict(zip(names, high.tolist())),
-        ci=ci,
-        n_boot=n_boot,
-        num_samples=count,
-    )
+    names = list(names)
+    values = metric.compute()
+    if values.shape[0] == 0:
+        nan = dict.fromkeys(names, float("nan"))
+        return nan, dict(nan)
+    _, low, high = bootstrap_share_interval(values, ci=ci, n_boot=n_boot, seed=seed, normalization=normalization)
+    return dict(zip(names, low.tolist())), dict(zip(names, high.tolist()))

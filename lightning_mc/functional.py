@@ -9,13 +9,29 @@ from collections.abc import Iterable
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
+from torchmetrics import Metric
 
+from lightning_mc.bootstrap import DEFAULT_MAX_CI_SAMPLES, PerSampleRaw, check_ci_arguments, share_intervals
 from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
 from lightning_mc.metric import ModalityContribution, Normalization, check_normalization
 from lightning_mc.modality import Batch, ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
+from lightning_mc.perf_drop import (
+    PerformanceDrop,
+    TargetSpec,
+    check_perf_arguments,
+    select_target,
+    whole_modality_outputs,
+)
 from lightning_mc.result import ContributionResult
-from lightning_mc.shapley import AllOccludedMovement, redundancy_message
+from lightning_mc.shapley import (
+    AllOccludedMovement,
+    ModalityShapley,
+    ShapleyResult,
+    check_num_modalities,
+    coalitions,
+    redundancy_message,
+)
 from lightning_mc.shapley import modality_shapley as modality_shapley  # re-exported
 
 
@@ -33,6 +49,12 @@ def modality_contribution(
     device: torch.device | str | None = None,
     seed: int = 0,
     check_redundancy: bool = False,
+    ci: float | None = None,
+    n_boot: int = 1000,
+    max_ci_samples: int = DEFAULT_MAX_CI_SAMPLES,
+    shapley: bool = False,
+    perf_metric: Metric | None = None,
+    target: TargetSpec | None = None,
 ) -> ContributionResult:
     """Measure how much each modality contributes to ``model``'s outputs on ``data``.
 
@@ -59,6 +81,18 @@ def modality_contribution(
             rows per batch), store ``v(all)`` in ``all_occluded_raw`` and warn when the one-at-a-time raw values sum
             to less than a quarter of it: the modalities then look redundant and the shares are not meaningful
             (use :func:`lightning_mc.shapley.modality_shapley`).
+        ci: Coverage of percentile bootstrap intervals for the shares (e.g. ``0.95``; ``"ratio_of_sums"`` and
+            ``"per_sample"`` normalizations), stored in ``share_low``/``share_high``. ``None`` (default): none. The
+            per-sample values of the first ``max_ci_samples`` samples are kept (``N × M`` float64) and resampled
+            ``n_boot`` times with a generator seeded by ``seed`` (:mod:`lightning_mc.bootstrap`).
+        n_boot: Number of bootstrap replicates.
+        max_ci_samples: Most samples whose per-sample values are kept for the intervals.
+        shapley: Also compute exact modality Shapley values and pairwise interactions (``M ≤ 6``; ``2^M − 1`` more
+            copies of each batch), stored in ``shapley`` (:mod:`lightning_mc.shapley`), with ``all_occluded_raw``.
+        perf_metric: Label-aware view: a torchmetrics metric (e.g. ``BinaryAUROC()``) computed on the clean outputs
+            (``perf_clean``) and with each whole modality occluded; ``perf_drop[m]`` is ``perf_clean`` minus the
+            latter (:mod:`lightning_mc.perf_drop`). Needs ``target``. The metric instance itself is not updated.
+        target: Where the targets are in each batch: a dict key, a tuple index or ``batch -> Tensor``.
 
     Returns:
         A :class:`lightning_mc.ContributionResult`.
@@ -81,7 +115,11 @@ def modality_contribution(
     ):
         raise ValueError(f"limit_batches={limit_batches!r} must be a positive int or None.")
     check_normalization(normalization)
+    check_ci_arguments(ci, n_boot, max_ci_samples, normalization)
+    check_perf_arguments(perf_metric, target)
     resolved = resolve_modalities(modalities)
+    if shapley:
+        check_num_modalities(len(resolved))
     engine = OcclusionEngine(
         resolved,
         forward_fn=forward_fn,
@@ -96,15 +134,28 @@ def modality_contribution(
     metric: ModalityContribution | None = None
     all_occluded = AllOccludedMovement() if check_redundancy else None
     everything = [frozenset(range(len(resolved)))]
+    names = tuple(m.name for m in resolved)
+    per_sample = PerSampleRaw(max_ci_samples) if ci is not None else None
+    shapley_metric = ModalityShapley(names) if shapley else None
+    perf = PerformanceDrop(perf_metric, names) if perf_metric is not None else None
     for index, batch in enumerate(data):
         if limit_batches is not None and index >= limit_batches:
             break
         batch = move_data_to_device(batch, device)
         outputs = engine.run(model, batch)
-        if all_occluded is not None:
+        if shapley_metric is not None:  # its last coalition is "everything": no separate pass for check_redundancy
+            _, by_coalition = engine.run_coalitions(model, batch, coalitions(len(resolved)), include_clean=False)
+            shapley_metric = shapley_metric.to(outputs.clean.device)
+            shapley_metric.update(outputs.clean, by_coalition)
+        elif all_occluded is not None:
             _, occluded_all = engine.run_coalitions(model, batch, everything, include_clean=False)
             all_occluded = all_occluded.to(outputs.clean.device)
             all_occluded.update(outputs.clean, occluded_all[:, 0])
+        if per_sample is not None:
+            per_sample.update(outputs.clean, outputs.occluded)
+        if perf is not None and target is not None:
+            whole = whole_modality_outputs(engine, model, batch, outputs)
+            perf.to(outputs.clean.device).update(select_target(batch, target), outputs.clean, whole)
         if metric is None:
             metric = ModalityContribution(
                 outputs.attribute_names, num_outputs=outputs.clean.shape[1], normalization=normalization
@@ -113,9 +164,20 @@ def modality_contribution(
     if metric is None:
         raise ValueError("data held no batch; pass a non-empty iterable of batches.")
     result = ContributionResult.from_values(metric.compute(), metric.attribute_names, normalization)
-    if all_occluded is None:
+    if per_sample is not None and ci is not None:
+        low, high = share_intervals(per_sample, names, ci, n_boot, seed, normalization)
+        result = dataclasses.replace(result, ci=ci, share_low=low, share_high=high)
+    if perf is not None:
+        perf_clean, perf_drop = perf.compute()
+        result = dataclasses.replace(result, perf_clean=perf_clean, perf_drop=perf_drop)
+    if shapley_metric is not None:
+        shapley_result = ShapleyResult.from_values(shapley_metric.compute(), names)
+        v_all = shapley_result.coalition_values["+".join(names)]
+        result = dataclasses.replace(result, shapley=shapley_result, all_occluded_raw=v_all)
+    elif all_occluded is not None:
+        result = dataclasses.replace(result, all_occluded_raw=float(all_occluded.compute()))
+    if not check_redundancy:
         return result
-    result = dataclasses.replace(result, all_occluded_raw=float(all_occluded.compute()))
     message = redundancy_message(result.raw, result.all_occluded_raw)
     if message is not None:
         warnings.warn(message, UserWarning, stacklevel=2)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_mc.shapley import ShapleyResult
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,14 @@ class ContributionResult:
         num_skipped: Number of samples skipped because an output was NaN or inf.
         normalization: How the shares were normalised.
         all_occluded_raw: ``v(all)``, the mean summed absolute output change with every modality occluded at once;
-            measured only with ``check_redundancy=True``, else ``None``.
+            measured only with ``check_redundancy=True`` (or ``shapley=True``), else ``None``.
+        ci: Coverage of the share intervals (``ci=0.95``), or ``None`` when none were asked for.
+        share_low: ``name -> lower bound`` of the share's percentile bootstrap interval (``ci`` set), else ``None``.
+        share_high: ``name -> upper bound`` of that interval, else ``None``.
+        shapley: Exact modality Shapley values and interactions (``shapley=True``), else ``None``.
+        perf_clean: The label-aware metric on the clean outputs (``perf_metric`` set), else ``None``.
+        perf_drop: ``name -> perf_clean − metric with the modality occluded`` (``perf_metric`` set), else ``None``.
+            Label-aware, and separate from the label-free shares above.
     """
 
     shares: dict[str, float]
@@ -39,6 +50,12 @@ class ContributionResult:
     num_skipped: int
     normalization: str
     all_occluded_raw: float | None = None
+    ci: float | None = None
+    share_low: dict[str, float] | None = None
+    share_high: dict[str, float] | None = None
+    shapley: ShapleyResult | None = None
+    perf_clean: float | None = None
+    perf_drop: dict[str, float] | None = None
 
     @classmethod
     def from_values(

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_mc.bootstrap import bootstrap_share_interval, modality_share_intervals
+from lightning_mc.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order
 from lightning_mc.functional import modality_contribution
+
+AB = {"a": 0, "b": 1}
 
 
 class Linear2(nn.Module):
@@ -29,31 +31,54 @@ def test_interval_covers_the_known_share_in_at_least_90_percent_of_seeded_repeti
     covered = 0
     repetitions = 100
     for seed in range(repetitions):
-        result = modality_share_intervals(
-            Linear2(), _data(seed), {"a": 0, "b": 1}, occlusion="zeros", n_boot=400, seed=seed
-        )
-        covered += result.low["a"] <= 2 / 3 <= result.high["a"]
+        result = modality_contribution(Linear2(), _data(seed), AB, occlusion="zeros", ci=0.95, n_boot=400, seed=seed)
+        covered += result.share_low["a"] <= 2 / 3 <= result.share_high["a"]
     assert covered / repetitions >= 0.9, covered
 
 
-def test_shares_match_modality_contribution_and_bounds_are_ordered() -> None:
+def test_interval_brackets_the_share_and_is_off_by_default() -> None:
     data = _data(7)
-    result = modality_share_intervals(Linear2(), data, {"a": 0, "b": 1}, occlusion="zeros", n_boot=300)
-    reference = modality_contribution(Linear2(), data, {"a": 0, "b": 1}, occlusion="zeros")
-    assert result.shares == pytest.approx(reference.shares, rel=1e-6)
-    for name in ("a", "b"):
-        assert result.low[name] < result.shares[name] < result.high[name]
-    assert result.low["a"] == pytest.approx(1 - result.high["b"], abs=1e-9)  # two shares: mirror images
-    assert result.num_samples == 200
+    result = modality_contribution(Linear2(), data, AB, occlusion="zeros", ci=0.9, n_boot=300)
+    # the point share is the metric's own; per-sample d_a = 2|a|, d_b = |b| recomputed independently
+    a, b = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    assert result.shares["a"] == pytest.approx(float(2 * a.sum() / (2 * a.sum() + b.sum())), rel=1e-6)
+    assert result.ci == 0.9
+    for name in AB:
+        assert result.share_low[name] < result.shares[name] < result.share_high[name]
+    assert result.share_low["a"] == pytest.approx(1 - result.share_high["b"], abs=1e-9)  # two shares: mirror images
+    assert 0.02 < result.share_high["a"] - result.share_low["a"] < 0.2
+    plain = modality_contribution(Linear2(), data, AB, occlusion="zeros")
+    assert plain.ci is None and plain.share_low is None and plain.share_high is None
+    assert plain.shares == result.shares
 
 
-def test_seeded_and_capped() -> None:
+def test_seeded_order_free_and_capped() -> None:
     data = _data(3)
-    first = modality_share_intervals(Linear2(), data, {"a": 0, "b": 1}, occlusion="zeros", n_boot=100, seed=5)
-    again = modality_share_intervals(Linear2(), data, {"a": 0, "b": 1}, occlusion="zeros", n_boot=100, seed=5)
+    first = modality_contribution(Linear2(), data, AB, occlusion="zeros", ci=0.95, n_boot=100, seed=5)
+    again = modality_contribution(Linear2(), data, AB, occlusion="zeros", ci=0.95, n_boot=100, seed=5)
     assert first == again
-    capped = modality_share_intervals(Linear2(), data, {"a": 0, "b": 1}, occlusion="zeros", max_samples=150)
-    assert capped.num_samples == 150
+    reordered = modality_contribution(Linear2(), data[::-1], AB, occlusion="zeros", ci=0.95, n_boot=100, seed=5)
+    assert reordered.share_low == pytest.approx(first.share_low, abs=1e-12)
+    other_seed = modality_contribution(Linear2(), data, AB, occlusion="zeros", ci=0.95, n_boot=100, seed=6)
+    assert other_seed.share_low != first.share_low
+    metric = PerSampleRaw(max_samples=150)
+    for a, b in data:
+        metric.update(torch.zeros(a.shape[0], 1), {"a": 2 * a.unsqueeze(1), "b": b.unsqueeze(1)})
+    kept = metric.compute()
+    assert kept.shape == (150, 2) and int(metric.num_dropped) == 50
+    expected = torch.cat([2 * data[0][0], data[0][1]], dim=1).double()  # first batch whole, then 50 of the second
+    expected = torch.cat([expected, torch.cat([2 * data[1][0][:50], data[1][1][:50]], dim=1).double()])
+    assert torch.equal(kept, canonical_order(expected))
+
+
+def test_per_sample_normalization_interval_matches_its_point_share() -> None:
+    values = torch.tensor([[1.0, 1.0], [3.0, 1.0], [0.0, 0.0], [1.0, 3.0], [2.0, 0.0]])
+    shares, low, high = bootstrap_share_interval(values, n_boot=500, normalization="per_sample")
+    # mean over the 4 informative samples of d_a / (d_a + d_b): (0.5 + 0.75 + 0.25 + 1) / 4
+    assert shares.tolist() == pytest.approx([0.625, 0.375])
+    assert (low <= shares).all() and (shares <= high).all()
+    with pytest.raises(ValueError, match="normalization"):
+        modality_contribution(Linear2(), _data(0), AB, ci=0.95, normalization="per_sample_output")
 
 
 def test_wider_with_fewer_samples_and_higher_coverage() -> None:
@@ -73,5 +98,7 @@ def test_invalid_arguments() -> None:
         bootstrap_share_interval(torch.ones(3, 2), n_boot=0)
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_share_interval(torch.ones(0, 2))
-    with pytest.raises(ValueError, match="no batch"):
-        modality_share_intervals(Linear2(), [], {"a": 0, "b": 1})
+    with pytest.raises(ValueError, match="ci="):
+        modality_contribution(Linear2(), _data(0), AB, ci=95)
+    with pytest.raises(ValueError, match="max_ci_samples="):
+        modality_contribution(Linear2(), _data(0), AB, ci=0.95, max_ci_samples=0)

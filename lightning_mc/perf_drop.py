@@ -1,0 +1,148 @@
+"""Label-aware view: how much a chosen performance metric drops when each modality is occluded.
+
+The modality contribution shares are label-free: they measure how far the outputs move. Gapp et al. relate them to
+performance (single-modality models' AUCs); this module gives the occlusion counterpart on the same passes. For a
+torchmetrics metric ``P`` (e.g. ``BinaryAUROC()``, ``MulticlassAccuracy(num_classes=3)``) and targets ``y`` from the
+batch::
+
+    perf_clean  = P(p⁰, y)
+    perf_drop_m = P(p⁰, y) − P(p^m, y)      (p^m: outputs with the whole modality m occluded by its fill)
+
+A positive drop means the metric fell when the modality was removed (for a higher-is-better metric; for a loss the
+sign flips). Predictions are the outputs after the output transform, ``(N, C)``, squeezed to ``(N,)`` when ``C = 1``
+(the shape binary torchmetrics metrics take). Each metric is a clone of the one passed (the user's instance is never
+updated), so it reduces across processes under DDP exactly as that torchmetrics metric does.
+
+This is separate from the label-free metric by design: it needs targets, and a modality can move the outputs a lot
+(large share) without changing a thresholded metric like accuracy, or the reverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from lightning_mc.engine import OccludedOutputs, OcclusionEngine
+from lightning_mc.modality import Batch
+from lightning_mc.occlusion import WholeModality
+
+#: Where the targets are in a batch: a dict key, a tuple/list index, or ``batch -> Tensor``.
+TargetSpec = Union[str, int, Callable[[Batch], Tensor]]
+
+
+def check_perf_arguments(perf_metric: Metric | None, target: TargetSpec | None) -> None:
+    """Raise a clear error unless both ``perf_metric`` and ``target`` are set (or neither)."""
+    if perf_metric is None and target is None:
+        return
+    if perf_metric is None or target is None:
+        raise ValueError(
+            "perf_metric and target go together: pass a torchmetrics Metric as perf_metric and where the targets are "
+            f"in the batch as target (got perf_metric={perf_metric!r}, target={target!r})."
+        )
+    if not isinstance(perf_metric, Metric):
+        raise TypeError(f"perf_metric={perf_metric!r} must be a torchmetrics.Metric, e.g. BinaryAUROC().")
+    if isinstance(target, bool) or not (isinstance(target, (str, int)) or callable(target)):
+        raise TypeError(f"target={target!r} must be a dict key, a tuple index or a callable batch -> Tensor.")
+
+
+def select_target(batch: Batch, target: TargetSpec) -> Tensor:
+    """The targets of ``batch``.
+
+    Example:
+        >>> select_target((torch.zeros(2, 3), torch.tensor([0, 1])), 1)
+        tensor([0, 1])
+    """
+    try:
+        value = target(batch) if callable(target) else batch[target]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"target={target!r} found no targets in the batch ({type(err).__name__}: {err}).") from None
+    if not isinstance(value, Tensor):
+        raise TypeError(f"target={target!r} selected a {type(value).__name__}, expected a tensor of targets.")
+    return value
+
+
+def whole_modality_outputs(
+    engine: OcclusionEngine, model: nn.Module, batch: Batch, outputs: OccludedOutputs
+) -> dict[str, Tensor]:
+    """``name -> (N, C)``: the outputs with each whole modality occluded.
+
+    Reuses the engine's one-at-a-time outputs for modalities measured whole (the default); modalities measured per
+    attribute get one extra copy each (one ``run_coalitions`` call for all of them).
+    """
+    whole: dict[str, Tensor] = {}
+    missing: list[int] = []
+    for index, modality in enumerate(engine.modalities):
+        if isinstance(modality.attribute_masks, WholeModality):
+            whole[modality.name] = outputs.occluded[modality.name][:, 0]
+        else:
+            missing.append(index)
+    if missing:
+        _, extra = engine.run_coalitions(model, batch, [frozenset({i}) for i in missing], include_clean=False)
+        for column, index in enumerate(missing):
+            whole[engine.modalities[index].name] = extra[:, column]
+    return {modality.name: whole[modality.name] for modality in engine.modalities}
+
+
+def _preds(outputs: Tensor) -> Tensor:
+    return outputs.squeeze(-1) if outputs.ndim == 2 and outputs.shape[1] == 1 else outputs
+
+
+class PerformanceDrop:
+    """One clone of a torchmetrics metric on the clean outputs and one per occluded modality.
+
+    Args:
+        metric: The performance metric (not modified; it is cloned). Its ``compute()`` must return a scalar.
+        modality_names: The modalities, in order.
+
+    Example:
+        >>> from torchmetrics.classification import BinaryAccuracy
+        >>> drop = PerformanceDrop(BinaryAccuracy(), ["a", "b"])
+        >>> target = torch.tensor([1, 0, 1, 0])
+        >>> clean = torch.tensor([[0.9], [0.1], [0.8], [0.2]])
+        >>> drop.update(target, clean, {"a": torch.full((4, 1), 0.6), "b": clean})
+        >>> drop.compute()
+        (1.0, {'a': 0.5, 'b': 0.0})
+    """
+
+    def __init__(self, metric: Metric, modality_names: Sequence[str]) -> None:
+        self.modality_names = tuple(modality_names)
+        self.clean = metric.clone()
+        self.clean.reset()
+        self.occluded = {name: self.clean.clone() for name in self.modality_names}
+
+    def to(self, device: torch.device | str) -> PerformanceDrop:
+        """Moves every metric to ``device``; returns ``self``."""
+        self.clean = self.clean.to(device)
+        self.occluded = {name: metric.to(device) for name, metric in self.occluded.items()}
+        return self
+
+    def update(self, target: Tensor, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
+        """Add a batch: ``target`` ``(N, ...)``, ``clean`` ``(N, C)`` and ``name -> (N, C)`` whole-modality outputs."""
+        if target.shape[0] != clean.shape[0]:
+            raise ValueError(
+                f"The targets have {target.shape[0]} samples but the outputs {clean.shape[0]}; target must select "
+                "per-sample targets along dimension 0."
+            )
+        target = target.to(clean.device)
+        self.clean.update(_preds(clean), target)
+        for name in self.modality_names:
+            self.occluded[name].update(_preds(occluded[name]), target)
+
+    def compute(self) -> tuple[float, dict[str, float]]:
+        """``(perf_clean, {name: perf_clean − perf_occluded})``, reduced across processes by torchmetrics."""
+        clean = self._scalar(self.clean)
+        return clean, {name: clean - self._scalar(self.occluded[name]) for name in self.modality_names}
+
+    @staticmethod
+    def _scalar(metric: Metric) -> float:
+        value = metric.compute()
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(
+                f"perf_metric {type(metric).__name__} computed {value!r}; it must compute a scalar (e.g. "
+                "average='macro' for a multiclass metric)."
+            )
+        return float(value)
