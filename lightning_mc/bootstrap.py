@@ -67,12 +67,12 @@ def per_sample_values(clean: Tensor, occluded: Mapping[str, Tensor]) -> Tensor:
         >>> per_sample_values(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)}).tolist()
         [[1.0, 0.0], [1.0, 0.0]]
     """
-    clean = clean.double().reshape(clean.shape[0], -1)
+    clean = clean.double()
     finite = torch.isfinite(clean).all(-1)
     columns = []
     for value in occluded.values():
-        value = value.double().reshape(clean.shape[0], -1, clean.shape[1])
-        finite &= torch.isfinite(value).flatten(1).all(-1)
+        value = value.double()
+        finite &= torch.isfinite(value).all(-1).all(-1)
         columns.append((clean.unsqueeze(1) - value).abs().sum(dim=(1, 2)))
     return torch.stack(columns, dim=1)[finite]
 

@@ -12,13 +12,22 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DistributedSampler
+from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_mc.attribute_figures import MeanImages, attribute_figures
+from lightning_mc.bootstrap import DEFAULT_MAX_CI_SAMPLES, PerSampleRaw, check_ci_arguments, share_intervals
 from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
 from lightning_mc.metric import ModalityContribution, Normalization, check_normalization
 from lightning_mc.modality import ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
+from lightning_mc.perf_drop import (
+    PerformanceDrop,
+    TargetSpec,
+    check_perf_arguments,
+    select_target,
+    whole_modality_outputs,
+)
 from lightning_mc.result import ContributionResult
 from lightning_mc.shapley import (
     AllOccludedMovement,
@@ -104,6 +113,20 @@ class ModalityContributionMonitor(Callback):
             ``mc/shapley/<m>`` (values, summing to ``v(all)``), ``mc/shapley_share/<m>`` and
             ``mc/interaction/<a>/<b>`` (positive: redundant, negative: synergistic); kept in ``latest_shapley`` and
             in each history entry under ``"shapley"``. Sum states: exact under DDP.
+        ci: Coverage of percentile bootstrap intervals for the shares (e.g. ``0.95``; off by default). Logs
+            ``mc/share_low/<m>`` and ``mc/share_high/<m>`` (also in ``latest`` and each history entry). Keeps the
+            per-sample values (``N × M`` float64) of the first ``max_ci_samples`` measured samples per process and
+            resamples them ``n_boot`` times with a generator seeded by ``seed``. DDP: the per-sample values are
+            all-gathered (a torchmetrics ``"cat"`` state) and put in a canonical order, so every rank logs the same
+            interval as one process would on the whole set (:mod:`lightning_mc.bootstrap`).
+        n_boot: Number of bootstrap replicates (with ``ci``).
+        max_ci_samples: Most samples per process whose per-sample values are kept (with ``ci``).
+        perf_metric: Label-aware view (off by default): a torchmetrics metric (e.g. ``BinaryAUROC()``) computed on
+            the clean outputs and with each whole modality occluded. Logs ``mc/perf_clean`` and
+            ``mc/perf_drop/<m>`` (clean minus occluded: positive = the metric fell), apart from the label-free
+            ``mc/share/*`` (:mod:`lightning_mc.perf_drop`). Modalities measured per attribute cost one extra copy
+            each. Needs ``target``; the instance passed is cloned, never updated.
+        target: Where the targets are in each batch: a dict key, a tuple index or ``batch -> Tensor``.
 
     Raises:
         ValueError: If an argument is out of range (each message names the argument and what is valid).
@@ -139,6 +162,11 @@ class ModalityContributionMonitor(Callback):
         dashboard: bool = True,
         check_redundancy: bool = False,
         shapley: bool = False,
+        ci: float | None = None,
+        n_boot: int = 1000,
+        max_ci_samples: int = DEFAULT_MAX_CI_SAMPLES,
+        perf_metric: Metric | None = None,
+        target: TargetSpec | None = None,
     ) -> None:
         super().__init__()
         self.modalities = resolve_modalities(modalities)
@@ -168,6 +196,12 @@ class ModalityContributionMonitor(Callback):
         if shapley:
             check_num_modalities(len(self.modalities))
         self.shapley = shapley
+        check_ci_arguments(ci, n_boot, max_ci_samples, normalization)
+        self.ci, self.n_boot, self.max_ci_samples = ci, n_boot, max_ci_samples
+        self._per_sample: PerSampleRaw | None = None
+        check_perf_arguments(perf_metric, target)
+        self.perf_metric, self.target = perf_metric, target
+        self._perf: PerformanceDrop | None = None
         self._shapley: ModalityShapley | None = None
         #: The latest Shapley measurement (``shapley=True`` only).
         self.latest_shapley: ShapleyResult | None = None
@@ -240,6 +274,8 @@ class ModalityContributionMonitor(Callback):
         self._metric = None
         self._all_occluded = None
         self._shapley = None
+        self._per_sample = None
+        self._perf = None
         self._seen_samples = 0
         self._unpadded_samples = self._count_unpadded_samples(trainer) if self._measuring else None
         has_figures = self._measuring and self._dashboard is not None and trainer.is_global_zero
@@ -289,6 +325,18 @@ class ModalityContributionMonitor(Callback):
             if self._shapley is None:
                 self._shapley = ModalityShapley(self.modality_names).to(clean.device)
             self._shapley.update(clean, by_coalition[: clean.shape[0]])
+        if self.ci is not None:
+            if self._per_sample is None:
+                self._per_sample = PerSampleRaw(self.max_ci_samples).to(clean.device)
+            self._per_sample.update(clean, occluded)
+        if self.perf_metric is not None and self.target is not None:
+            with trainer.precision_plugin.val_step_context():
+                whole = whole_modality_outputs(self.engine, pl_module, batch, outputs)
+            if self._perf is None:
+                self._perf = PerformanceDrop(self.perf_metric, self.modality_names).to(clean.device)
+            keep = clean.shape[0]
+            target = select_target(batch, self.target)[:keep]
+            self._perf.update(target, clean, {name: value[:keep] for name, value in whole.items()})
         self._seen_samples += outputs.clean.shape[0]
         self._metric.update(clean, occluded)
         if self._mean_images is not None:
@@ -338,6 +386,8 @@ class ModalityContributionMonitor(Callback):
         self._metric = None
         self._all_occluded = None
         self._shapley = None
+        self._per_sample = None
+        self._perf = None
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -358,7 +408,24 @@ class ModalityContributionMonitor(Callback):
             if message is not None and not self._warned_redundant:
                 self._warned_redundant = True
                 rank_zero_warn(message, category=UserWarning)
+        extra: dict[str, float] = {}
+        if self._per_sample is not None and self.ci is not None:
+            per_sample, self._per_sample = self._per_sample, None
+            low, high = share_intervals(
+                per_sample, self.modality_names, self.ci, self.n_boot, self.engine.seed, self.normalization
+            )
+            result = dataclasses.replace(result, ci=self.ci, share_low=low, share_high=high)
+            extra.update({f"mc/share_low/{name}": value for name, value in low.items()})
+            extra.update({f"mc/share_high/{name}": value for name, value in high.items()})
+        if self._perf is not None:
+            perf, self._perf = self._perf, None
+            perf_clean, perf_drop = perf.compute()
+            result = dataclasses.replace(result, perf_clean=perf_clean, perf_drop=perf_drop)
+            extra["mc/perf_clean"] = perf_clean
+            extra.update({f"mc/perf_drop/{name}": value for name, value in perf_drop.items()})
         self._log(pl_module, result)
+        for key, value in extra.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
         self.latest = result
         self.history.append(
             {
@@ -370,10 +437,15 @@ class ModalityContributionMonitor(Callback):
                 "num_samples": result.num_samples,
             }
         )
+        if result.share_low is not None:
+            self.history[-1].update(share_low=dict(result.share_low), share_high=dict(result.share_high or {}))
+        if result.perf_drop is not None:
+            self.history[-1].update(perf_clean=result.perf_clean, perf_drop=dict(result.perf_drop))
         if self._shapley is not None:
             shapley_metric, self._shapley = self._shapley, None
             shapley = ShapleyResult.from_values(shapley_metric.compute(), self.modality_names)
             self.latest_shapley = shapley
+            self.latest = dataclasses.replace(result, shapley=shapley)
             self.history[-1]["shapley"] = dict(shapley.values)
             logged = {f"mc/shapley/{name}": value for name, value in shapley.values.items()}
             logged.update({f"mc/shapley_share/{name}": share for name, share in shapley.shares.items()})

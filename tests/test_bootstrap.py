@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch import Tensor, nn
 
+from lightning_mc import ModalityContributionMonitor
 from lightning_mc.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order
 from lightning_mc.functional import modality_contribution
+
+from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 
 AB = {"a": 0, "b": 1}
 
@@ -102,3 +106,38 @@ def test_invalid_arguments() -> None:
         modality_contribution(Linear2(), _data(0), AB, ci=95)
     with pytest.raises(ValueError, match="max_ci_samples="):
         modality_contribution(Linear2(), _data(0), AB, ci=0.95, max_ci_samples=0)
+
+
+def test_monitor_logs_the_functional_interval(tmp_path) -> None:
+    modalities = {"image": 0, "table": 1}
+    monitor = ModalityContributionMonitor(
+        modalities, output_transform="softmax", ci=0.9, n_boot=200, seed=3, dashboard=False
+    )
+    torch.manual_seed(0)
+    model = TwoModalityNet()
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(model, loader(two_modality_dataset(48)), loader(two_modality_dataset(40, seed=1)))
+    offline = modality_contribution(
+        model,
+        loader(two_modality_dataset(40, seed=1)),
+        modalities,
+        output_transform="softmax",
+        ci=0.9,
+        n_boot=200,
+        seed=3,
+    )
+    for name in modalities:
+        low = trainer.callback_metrics[f"mc/share_low/{name}"].item()
+        high = trainer.callback_metrics[f"mc/share_high/{name}"].item()
+        assert low == pytest.approx(offline.share_low[name], abs=1e-6)
+        assert high == pytest.approx(offline.share_high[name], abs=1e-6)
+        assert low < monitor.latest.shares[name] < high
+    assert monitor.history[-1]["share_low"] == monitor.latest.share_low
+    # off by default: no per-sample values kept, no interval keys
+    plain = ModalityContributionMonitor(modalities, output_transform="softmax", dashboard=False)
+    trainer = L.Trainer(callbacks=[plain], **trainer_kwargs(tmp_path / "plain", max_epochs=1))
+    trainer.fit(model, loader(two_modality_dataset(48)), loader(two_modality_dataset(40, seed=1)))
+    assert not any(key.startswith("mc/share_low") for key in trainer.callback_metrics)
+    assert plain.latest.share_low is None and "share_low" not in plain.history[-1]
+    with pytest.raises(ValueError, match="n_boot="):
+        ModalityContributionMonitor(modalities, ci=0.95, n_boot=0)

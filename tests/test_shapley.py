@@ -342,8 +342,11 @@ class RecordShapley(L.Callback):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_ddp_shapley_equals_single_process(tmp_path) -> None:
-    monitor = ModalityContributionMonitor(MODALITIES, output_transform="softmax", shapley=True, dashboard=False)
+def test_ddp_shapley_and_share_intervals_equal_single_process(tmp_path) -> None:
+    # Shapley: sum states; intervals: per-sample values all-gathered (cat state) and bootstrapped in canonical order
+    monitor = ModalityContributionMonitor(
+        MODALITIES, output_transform="softmax", shapley=True, ci=0.9, n_boot=300, dashboard=False
+    )
     torch.manual_seed(0)
     trainer = L.Trainer(
         callbacks=[monitor, RecordShapley(tmp_path)],
@@ -361,3 +364,12 @@ def test_ddp_shapley_equals_single_process(tmp_path) -> None:
     for name in MODALITIES:
         assert ranks[0][f"mc/shapley/{name}"] == pytest.approx(single.values[name], abs=1e-6)
     assert ranks[0]["mc/interaction/image/table"] == pytest.approx(single.interactions[("image", "table")], abs=1e-6)
+    offline = modality_contribution(
+        model, loader(two_modality_dataset(33, seed=1)), MODALITIES, output_transform="softmax", ci=0.9, n_boot=300
+    )
+    assert offline.num_samples == 33
+    for name in MODALITIES:
+        assert ranks[0][f"mc/share/{name}"] == pytest.approx(offline.shares[name], abs=1e-6)
+        assert ranks[0][f"mc/share_low/{name}"] == pytest.approx(offline.share_low[name], abs=1e-6)
+        assert ranks[0][f"mc/share_high/{name}"] == pytest.approx(offline.share_high[name], abs=1e-6)
+        assert offline.share_low[name] < offline.shares[name] < offline.share_high[name]
