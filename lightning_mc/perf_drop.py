@@ -10,8 +10,9 @@ batch::
 
 A positive drop means the metric fell when the modality was removed (for a higher-is-better metric; for a loss the
 sign flips). Predictions are the outputs after the output transform, ``(N, C)``, squeezed to ``(N,)`` when ``C = 1``
-(the shape binary torchmetrics metrics take). Each metric is a clone of the one passed (the user's instance is never
-updated), so it reduces across processes under DDP exactly as that torchmetrics metric does.
+and the targets are ``(N,)`` (the shapes binary torchmetrics metrics take). Each metric is a clone of the one passed
+(the user's instance is never updated), so it reduces across processes under DDP exactly as that torchmetrics metric
+does.
 
 This is separate from the label-free metric by design: it needs targets, and a modality can move the outputs a lot
 (large share) without changing a thresholded metric like accuracy, or the reverse.
@@ -87,8 +88,9 @@ def whole_modality_outputs(
     return {modality.name: whole[modality.name] for modality in engine.modalities}
 
 
-def _preds(outputs: Tensor) -> Tensor:
-    return outputs.squeeze(-1) if outputs.ndim == 2 and outputs.shape[1] == 1 else outputs
+def _preds(outputs: Tensor, target: Tensor) -> Tensor:
+    single = outputs.ndim == 2 and outputs.shape[1] == 1 and target.ndim == 1
+    return outputs.squeeze(-1) if single else outputs
 
 
 class PerformanceDrop:
@@ -128,9 +130,9 @@ class PerformanceDrop:
                 "per-sample targets along dimension 0."
             )
         target = target.to(clean.device)
-        self.clean.update(_preds(clean), target)
+        self.clean.update(_preds(clean, target), target)
         for name in self.modality_names:
-            self.occluded[name].update(_preds(occluded[name]), target)
+            self.occluded[name].update(_preds(occluded[name], target), target)
 
     def compute(self) -> tuple[float, dict[str, float]]:
         """``(perf_clean, {name: perf_clean − perf_occluded})``, reduced across processes by torchmetrics."""
