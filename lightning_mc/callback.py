@@ -261,7 +261,7 @@ class ModalityContributionMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._dashboard = ContributionDashboard.for_trainer(trainer) if self.dashboard and stage == "fit" else None
         if self._dashboard is not None:
-            self._dashboard.register_layout(trainer)
+            self._dashboard.register_layout(trainer, margins=self.modality_names if self.ci is not None else ())
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -27,19 +27,27 @@ SUMMARY_TAG = "mc/summary"
 LAYOUT_CATEGORY = "Modality contribution"
 
 
-def custom_scalar_layout() -> dict[str, dict[str, list[Any]]]:
+def custom_scalar_layout(margins: Sequence[str] = ()) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout: one multiline chart for the shares, one for the raw values, one for the balance.
+
+    Args:
+        margins: Modalities that also get a "Margin" chart: the share ``mc/share/<m>`` drawn inside its confidence
+            band ``mc/share_low/<m>``..``mc/share_high/<m>`` (the monitor's ``ci`` option).
 
     Returns:
         The layout in the format of :meth:`torch.utils.tensorboard.SummaryWriter.add_custom_scalars`.
     """
-    return {
-        LAYOUT_CATEGORY: {
-            "shares (mc/share/*)": ["Multiline", [r"mc/share/.*"]],
-            "raw output change (mc/raw/*)": ["Multiline", [r"mc/raw/.*"]],
-            "balance (mc/balance)": ["Multiline", [r"mc/balance"]],
-        }
+    charts: dict[str, list[Any]] = {
+        "shares (mc/share/*)": ["Multiline", [r"mc/share/.*"]],
+        "raw output change (mc/raw/*)": ["Multiline", [r"mc/raw/.*"]],
+        "balance (mc/balance)": ["Multiline", [r"mc/balance"]],
     }
+    for name in margins:
+        charts[f"share of {name} with its confidence interval"] = [
+            "Margin",
+            [f"mc/share/{name}", f"mc/share_low/{name}", f"mc/share_high/{name}"],
+        ]
+    return {LAYOUT_CATEGORY: charts}
 
 
 @dataclass(frozen=True)
@@ -222,14 +230,14 @@ class ContributionDashboard:
                 return cls(logger)
         return None
 
-    def register_layout(self, trainer: pl.Trainer) -> None:
-        """Registers the custom-scalars layout, once per writer, on global rank 0."""
+    def register_layout(self, trainer: pl.Trainer, margins: Sequence[str] = ()) -> None:
+        """Registers the custom-scalars layout (with `margins`, see `custom_scalar_layout`) once per writer, rank 0."""
         if not trainer.is_global_zero:
             return
         writer = self.logger.experiment
         if writer in self._registered:
             return
-        writer.add_custom_scalars(custom_scalar_layout())
+        writer.add_custom_scalars(custom_scalar_layout(margins))
         self._registered.add(writer)
 
     def update(

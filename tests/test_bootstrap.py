@@ -5,6 +5,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor, nn
 
 from lightning_mc import ModalityContributionMonitor
@@ -141,3 +144,27 @@ def test_monitor_logs_the_functional_interval(tmp_path) -> None:
     assert plain.latest.share_low is None and "share_low" not in plain.history[-1]
     with pytest.raises(ValueError, match="n_boot="):
         ModalityContributionMonitor(modalities, ci=0.95, n_boot=0)
+
+
+def test_tensorboard_margin_chart_draws_the_band(tmp_path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, ci=0.95, n_boot=100)
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=1, logger=logger))
+    trainer.fit(TwoModalityNet(), loader(two_modality_dataset(32)), loader(two_modality_dataset(32, seed=1)))
+    size = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0}
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance=size).Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    margins = {
+        chart.title: [(s.value, s.lower, s.upper) for s in chart.margin.series]
+        for category in layout.category
+        for chart in category.chart
+        if chart.HasField("margin")
+    }
+    assert margins == {
+        f"share of {m} with its confidence interval": [(f"mc/share/{m}", f"mc/share_low/{m}", f"mc/share_high/{m}")]
+        for m in ("image", "table")
+    }
+    for m in ("image", "table"):
+        low, high = events.Scalars(f"mc/share_low/{m}")[0].value, events.Scalars(f"mc/share_high/{m}")[0].value
+        assert low == pytest.approx(monitor.latest.share_low[m], abs=1e-6) and low < high
