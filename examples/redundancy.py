@@ -47,13 +47,17 @@ def main() -> None:
     modalities = {"scan": 0, "report": 1}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        single = modality_contribution(model, batches, modalities, occlusion="zeros", check_redundancy=True)
+        single = modality_contribution(
+            model, batches, modalities, occlusion="zeros", check_redundancy=True, ci=0.95, n_boot=1000
+        )
     shapley = modality_shapley(model, batches, modalities, occlusion="zeros")
 
     print(f"samples: {single.num_samples}, fill: zeros")
     print("one-at-a-time occlusion (modality_contribution):")
     for name in modalities:
-        print(f"  {name:7s} raw = {single.raw[name]:.4f}   share = {single.shares[name]:.3f}")
+        low, high = single.share_low[name], single.share_high[name]
+        share = f"share = {single.shares[name]:.3f}  95% CI [{low:.3f}, {high:.3f}]"
+        print(f"  {name:7s} raw = {single.raw[name]:.4f}   {share}")
     print(f"  all modalities occluded at once: v(all) = {single.all_occluded_raw:.4f}")
     for warning in caught:
         if "look redundant" in str(warning.message):
