@@ -101,7 +101,13 @@ def test_xor_synergy_has_negative_interaction() -> None:
     assert result.coalition_values["a"] == pytest.approx(a.mean().item())
     assert result.coalition_values["b"] == pytest.approx(b.mean().item())
     assert result.coalition_values["a+b"] == pytest.approx((a != b).float().mean().item())
-    assert result.interactions[("a", "b")] < -0.2
+    # I = v(ab) − v(a) − v(b) = E[a xor b] − E[a] − E[b] = −2 E[ab]: negative (synergy), ≈ −0.5 for fair coins
+    both = (a * b).mean().item()
+    assert result.interactions[("a", "b")] == pytest.approx(-2 * both)
+    assert -0.6 < result.interactions[("a", "b")] < -0.4
+    # φ_a = ½ [v(a) + v(ab) − v(b)] = E[a] − E[ab]
+    assert result.values["a"] == pytest.approx(a.mean().item() - both)
+    assert result.values["b"] == pytest.approx(b.mean().item() - both)
     assert sum(result.values.values()) == pytest.approx(result.coalition_values["a+b"])
 
 
@@ -279,6 +285,30 @@ def test_functional_redundancy_warning_fires_on_redundant_and_not_on_additive() 
     assert additive.all_occluded_raw == pytest.approx(sum(additive.raw.values()), rel=1e-5)
 
 
+def test_functional_shapley_option_equals_modality_shapley_and_feeds_the_redundancy_check() -> None:
+    data = _pair()
+    with pytest.warns(UserWarning, match="look redundant"):
+        result = modality_contribution(
+            RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros", shapley=True, check_redundancy=True
+        )
+    reference = modality_shapley(RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros")
+    assert result.shapley == reference
+    assert result.all_occluded_raw == reference.coalition_values["a+b"]  # v(all) from the Shapley pass, no extra copy
+    assert (
+        modality_contribution(
+            RedundantMax(), data, {"a": 0, "b": 1}, occlusion="zeros", check_redundancy=False, shapley=False
+        ).shapley
+        is None
+    )
+    with pytest.raises(ValueError, match="1 to 6 modalities"):
+        modality_contribution(
+            Additive((1,) * 7),
+            [tuple(torch.rand(2, 1) for _ in range(7))],
+            {f"m{i}": i for i in range(7)},
+            shapley=True,
+        )
+
+
 def test_redundancy_message_threshold() -> None:
     assert redundancy_message({"a": 0.01, "b": 0.02}, 1.0) is not None
     assert redundancy_message({"a": 0.5, "b": 0.5}, 1.0) is None  # additive: raw values sum to v(all)
@@ -321,6 +351,7 @@ def test_monitor_shapley_logs_values_equal_to_the_functional_api(tmp_path) -> No
     interaction = trainer.callback_metrics["mc/interaction/image/table"].item()
     assert interaction == pytest.approx(offline.interactions[("image", "table")], abs=1e-6)
     assert monitor.history[-1]["shapley"] == monitor.latest_shapley.values
+    assert monitor.latest.shapley == monitor.latest_shapley
     with pytest.raises(ValueError, match="1 to 6 modalities"):
         ModalityContributionMonitor({f"m{i}": i for i in range(7)}, shapley=True)
 
