@@ -38,14 +38,17 @@ class Monitor:
 
     def __init__(self, modalities: Sequence[Modality], max_batch_size: int | None = None) -> None:
         self.engine = OcclusionEngine(modalities, output_transform="softmax", max_batch_size=max_batch_size)
+        self.metric: ModalityContribution | None = None
 
     def __call__(self, model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
-        metric = None
+        metric = self.metric
+        if metric is not None:  # the monitor, too, resets and reuses the previous check's metric
+            metric.reset()
         for batch in batches:
             outputs = self.engine.run(model, batch)
             if metric is None:
                 metric = ModalityContribution(outputs.attribute_names, num_outputs=outputs.clean.shape[1])
-                metric = metric.to(outputs.clean.device)
+                self.metric = metric = metric.to(outputs.clean.device)
             metric.update(outputs.clean, outputs.occluded)
         assert metric is not None
         values = metric.compute()

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DistributedSampler
 from torchmetrics import Metric
 from typing_extensions import override
@@ -214,6 +215,7 @@ class ModalityContributionMonitor(Callback):
         #: The latest measurement, with attribute values and per-output shares.
         self.latest: ContributionResult | None = None
         self._metric: ModalityContribution | None = None
+        self._metric_cache: ModalityContribution | None = None
         self._measuring = False
         self._warned_empty = False
         #: Samples of the monitored loader this process holds before DistributedSampler's padding (None: no padding).
@@ -304,9 +306,7 @@ class ModalityContributionMonitor(Callback):
         with trainer.precision_plugin.val_step_context():
             outputs = self.engine.run(pl_module, batch)
         if self._metric is None:
-            self._metric = ModalityContribution(
-                outputs.attribute_names, num_outputs=outputs.clean.shape[1], normalization=self.normalization
-            ).to(outputs.clean.device)
+            self._metric = self._fresh_metric(outputs.attribute_names, outputs.clean)
         clean, occluded = outputs.clean, outputs.occluded
         if self._unpadded_samples is not None:  # drop the repeats DistributedSampler pads the last batches with
             keep = min(clean.shape[0], max(0, self._unpadded_samples - self._seen_samples))
@@ -341,6 +341,25 @@ class ModalityContributionMonitor(Callback):
         self._metric.update(clean, occluded)
         if self._mean_images is not None:
             self._mean_images.update(batch, clean.shape[0])
+
+    def _fresh_metric(self, attribute_names: dict[str, tuple[str, ...]], clean: Tensor) -> ModalityContribution:
+        """An empty metric for this check.
+
+        The last check's metric is reset and reused when it fits: building one costs as much as a small model's
+        forward pass.
+        """
+        cached = self._metric_cache
+        if (
+            cached is None
+            or cached.attribute_names != attribute_names
+            or cached.attribute_diff.shape[1] != clean.shape[1]
+            or cached.device != clean.device
+        ):
+            cached = ModalityContribution(attribute_names, num_outputs=clean.shape[1], normalization=self.normalization)
+            self._metric_cache = cached.to(clean.device)
+        else:
+            cached.reset()
+        return self._metric_cache
 
     def _count_unpadded_samples(self, trainer: pl.Trainer) -> int | None:
         # DistributedSampler(drop_last=False) gives rank r the samples at padded positions r, r + W, r + 2W, ... of

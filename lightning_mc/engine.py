@@ -224,7 +224,7 @@ class OcclusionEngine:
             (owner, attribute) for owner, m in enumerate(masks) for attribute in range(m.masks.shape[0])
         ]
         max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
-        outputs = []
+        outputs, labels = [], []
         for chunk in plan_chunks(len(copies), batch_size, max_rows):
             # the modality tensors are replaced below: only the other tensors of the batch are cut here
             chunk_batch = apply_to_collection(
@@ -235,7 +235,9 @@ class OcclusionEngine:
                 for piece in chunk:
                     rows = slice(piece.start, piece.stop)
                     copy_owner, attribute = copies[piece.copy]
-                    if copy_owner == owner:
+                    if copy_owner == owner and masks[owner].whole:
+                        parts.append(fills[owner][rows])
+                    elif copy_owner == owner:
                         mask = _rows_of(masks[owner].masks[attribute], rows)
                         parts.append(occlude(value[rows], fills[owner][rows], mask))
                     else:
@@ -243,18 +245,13 @@ class OcclusionEngine:
                 chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
             rows = sum(p.stop - p.start for p in chunk)
             occluded_here = [copies[p.copy] for p in chunk if p.copy > 0]
-            names = [self._copy_name(owner, attribute, masks) for owner, attribute in occluded_here]
+            names = list(dict.fromkeys(self._copy_name(owner, attribute, masks) for owner, attribute in occluded_here))
+            holds_clean = chunk[0].copy == 0
+            labels.append(_call_label(holds_clean, names))
             outputs.append(
-                self._forward(
-                    model,
-                    chunk_batch,
-                    rows,
-                    occluded=list(dict.fromkeys(names)),
-                    holds_clean=chunk[0].copy == 0,
-                    batch_size=batch_size,
-                )
+                self._forward(model, chunk_batch, rows, occluded=names, holds_clean=holds_clean, batch_size=batch_size)
             )
-        self._check_output_shapes(outputs)
+        self._check_output_shapes(outputs, labels)
         flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
         occluded, start = {}, 1
         for modality, attribute_masks in zip(self.modalities, masks):
@@ -323,7 +320,7 @@ class OcclusionEngine:
         ]
         copies: list[frozenset[int]] = [frozenset(), *coalitions] if include_clean else coalitions
         max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
-        outputs = []
+        outputs, labels = [], []
         for chunk in plan_chunks(len(copies), batch_size, max_rows):
             chunk_batch = apply_to_collection(
                 batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(value) for value in values}
@@ -336,17 +333,13 @@ class OcclusionEngine:
                 chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
             rows = sum(p.stop - p.start for p in chunk)
             names = ["+".join(self.modalities[i].name for i in sorted(copies[p.copy])) for p in chunk if copies[p.copy]]
+            names = list(dict.fromkeys(names))
+            holds_clean = include_clean and chunk[0].copy == 0
+            labels.append(_call_label(holds_clean, names))
             outputs.append(
-                self._forward(
-                    model,
-                    chunk_batch,
-                    rows,
-                    occluded=list(dict.fromkeys(names)),
-                    holds_clean=include_clean and chunk[0].copy == 0,
-                    batch_size=batch_size,
-                )
+                self._forward(model, chunk_batch, rows, occluded=names, holds_clean=holds_clean, batch_size=batch_size)
             )
-        self._check_output_shapes(outputs)
+        self._check_output_shapes(outputs, labels)
         flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
         if not include_clean:
             return None, flat.transpose(0, 1)
@@ -376,10 +369,9 @@ class OcclusionEngine:
             output = self.forward_fn(model, batch)
         except Exception as err:
             what = f"while occluding modality {', '.join(map(repr, occluded))}" if occluded else "on the clean batch"
-            held = (["the clean batch"] if holds_clean else []) + [f"{name!r} occluded" for name in occluded]
             raise RuntimeError(
                 f"The model's forward call raised {type(err).__name__} {what} (one call of {rows} stacked rows: "
-                f"{', '.join(held)}): {err}\n"
+                f"{_call_label(holds_clean, occluded)}): {err}\n"
                 "Reproduce it on this batch, one occluded copy per call, with the functional API: "
                 "lightning_mc.functional.modality_contribution(model, [batch], modalities, forward_fn=forward_fn, "
                 f"occlusion=occlusion, max_batch_size={batch_size or rows}), with the same modalities, forward_fn "
@@ -412,13 +404,21 @@ class OcclusionEngine:
         return transformed.reshape(rows, -1)
 
     @staticmethod
-    def _check_output_shapes(outputs: list[Tensor]) -> None:
-        widths = {output.shape[1] for output in outputs}
-        if len(widths) > 1:
-            raise ValueError(
-                f"The model returned {sorted(widths)} outputs per sample in different passes; the occluded passes "
-                "must give outputs of the same shape as the clean pass."
-            )
+    def _check_output_shapes(outputs: list[Tensor], labels: list[str]) -> None:
+        """Raise if the forward calls gave different numbers of outputs per sample, naming the first that differs."""
+        first_width = outputs[0].shape[1]
+        for output, label in zip(outputs, labels):
+            if output.shape[1] != first_width:
+                raise ValueError(
+                    f"The model returned {sorted({o.shape[1] for o in outputs})} outputs per sample in different "
+                    f"passes: {first_width} in the call holding {labels[0]} but {output.shape[1]} in the call holding "
+                    f"{label}. The occluded passes must give outputs of the same shape as the clean pass."
+                )
+
+
+def _call_label(holds_clean: bool, occluded: Sequence[str]) -> str:
+    """What one forward call holds, for error messages: ``the clean batch, 'b' occluded``."""
+    return ", ".join((["the clean batch"] if holds_clean else []) + [f"{name!r} occluded" for name in occluded])
 
 
 def _attribute_masks(modality: Modality, value: Tensor, batch: Batch) -> AttributeMasks:

@@ -43,6 +43,8 @@ def absolute_differences(clean: Tensor, occluded: Tensor) -> Tensor:
 
 def sum_per_modality(values: Tensor, attribute_counts: Sequence[int], dim: int) -> Tensor:
     """Sum ``values`` over the attributes of each modality along ``dim`` (``H`` entries → ``M`` entries)."""
+    if all(count == 1 for count in attribute_counts):
+        return values
     return torch.stack([part.sum(dim=dim) for part in values.split(list(attribute_counts), dim=dim)], dim=dim)
 
 
@@ -170,20 +172,31 @@ class ModalityContribution(Metric):
                 f"clean has {clean.shape[1]} outputs but earlier batches had {self.attribute_diff.shape[1]}; the "
                 "number of outputs must stay the same."
             )
-        finite = clean.isfinite().all(dim=1) & stacked.isfinite().all(dim=2).all(dim=1)
-        diffs = absolute_differences(clean[finite], stacked[finite]).to(self.attribute_diff.dtype)
+        finite = clean.isfinite().all(dim=1) & stacked.isfinite().flatten(1).all(dim=1)
+        # non-finite samples contribute 0 (torch.where, not boolean indexing: no host sync, no copy of the batch)
+        diffs = absolute_differences(clean, stacked).to(self.attribute_diff.dtype)
+        diffs = torch.where(finite[:, None, None], diffs, 0.0)
 
         self.attribute_diff += diffs.sum(dim=0)
-        self.num_samples += finite.sum()
-        self.num_skipped += (~finite).sum()
+        num_finite = finite.sum()
+        self.num_samples += num_finite
+        self.num_skipped += finite.shape[0] - num_finite
+        # only the chosen normalisation reads these states: the default skips the per-sample work entirely
+        if self.normalization == "per_sample":
+            self._update_sample_shares(diffs)
+        elif self.normalization == "per_sample_output":
+            self._update_output_shares(diffs)
 
-        per_modality = sum_per_modality(diffs, self.attribute_counts, dim=1)  # (N, M, C)
-        sample_totals = per_modality.sum(dim=2)  # (N, M)
+    def _update_sample_shares(self, diffs: Tensor) -> None:
+        sample_totals = sum_per_modality(diffs, self.attribute_counts, dim=1).sum(dim=2)  # (N, M)
         sample_denominator = sample_totals.sum(dim=1, keepdim=True)
-        informative = sample_denominator.squeeze(1) > 0
-        self.sample_share_sum += (sample_totals[informative] / sample_denominator[informative]).sum(dim=0)
+        informative = sample_denominator > 0  # samples that moved at all; skipped ones (all 0) never are
+        sample_shares = torch.where(informative, sample_totals / sample_denominator.clamp_min(1e-38), 0.0)
+        self.sample_share_sum += sample_shares.sum(dim=0)
         self.informative_samples += informative.sum()
 
+    def _update_output_shares(self, diffs: Tensor) -> None:
+        per_modality = sum_per_modality(diffs, self.attribute_counts, dim=1)  # (N, M, C)
         pair_denominator = per_modality.sum(dim=1, keepdim=True)  # (N, 1, C)
         informative_pair = pair_denominator > 0
         pair_shares = torch.where(informative_pair, per_modality / pair_denominator.clamp_min(1e-38), 0.0)

@@ -231,10 +231,12 @@ class AttributeMasks:
             ``(N, ...)``: ``(h, 1, F)`` for masks shared by all samples of a table with ``F`` columns, ``(h, N, L)``
             for per-sample token masks. ``True`` marks the elements that the fill replaces.
         names: One name per mask.
+        whole: ``True`` when the single mask covers the whole modality (the engine then takes the fill as is).
     """
 
     masks: Tensor
     names: tuple[str, ...]
+    whole: bool = False
 
     def __post_init__(self) -> None:
         if self.masks.dtype != torch.bool:
@@ -257,7 +259,7 @@ class WholeModality:
     def __call__(self, value: Tensor) -> AttributeMasks:
         """Return one all-true mask."""
         shape = (1,) * value.ndim
-        return AttributeMasks(torch.ones((1, *shape), dtype=torch.bool, device=value.device), ("all",))
+        return AttributeMasks(torch.ones((1, *shape), dtype=torch.bool, device=value.device), ("all",), whole=True)
 
     def __repr__(self) -> str:
         return "WholeModality()"

@@ -89,7 +89,11 @@ def test_an_output_shape_that_changes_under_occlusion_is_an_error() -> None:
         out = model(batch["a"], batch["b"])
         return out if (batch["b"] != 0).any() else torch.cat([out, out], dim=1)  # wider when b is zeroed
 
-    with pytest.raises(ValueError, match=re.escape("The model returned [2, 4] outputs per sample in different passes")):
+    expected = (
+        "The model returned [2, 4] outputs per sample in different passes: 2 in the call holding the clean batch "
+        "but 4 in the call holding 'b' occluded."
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
         modality_contribution(
             Sum(), _dict_batches(), {"a": "a", "b": "b"}, forward_fn=forward, occlusion="zeros", max_batch_size=6
         )

@@ -9,7 +9,7 @@ import torch
 from lightning_mc import ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import ScheduledContributionNet, TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 KEYS = {"mc/share/image", "mc/share/table", "mc/raw/image", "mc/raw/table", "mc/balance"}
@@ -64,6 +64,27 @@ def test_fit_logs_the_keys_and_they_equal_the_functional_api_on_the_final_weight
     assert [entry["epoch"] for entry in monitor.history] == [0, 1]
     assert monitor.history[-1]["shares"] == pytest.approx(offline.shares, abs=1e-6)
     assert monitor.history[-1]["num_samples"] == 32
+
+
+@pytest.mark.parametrize("normalization", ["ratio_of_sums", "per_sample", "per_sample_output"])
+def test_each_check_starts_from_zero_and_equals_the_functional_api_at_that_epoch(tmp_path, normalization) -> None:
+    # the monitor resets and reuses one metric across checks: no sum of an earlier epoch may leak into a later one
+    schedule = [(1.0, 1.0), (1.0, 0.25), (0.1, 1.0)]
+    monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros", normalization=normalization)
+    model = ScheduledContributionNet(schedule)
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=3))
+    trainer.fit(model, loader(two_modality_dataset(16, seed=0)), loader(two_modality_dataset(24, seed=1)))
+    assert [entry["epoch"] for entry in monitor.history] == [0, 1, 2]
+    for entry, (image_scale, table_scale) in zip(monitor.history, schedule, strict=True):
+        model.image_scale, model.table_scale = image_scale, table_scale
+        offline = modality_contribution(
+            model, loader(two_modality_dataset(24, seed=1)), MODALITIES, occlusion="zeros", normalization=normalization
+        )
+        assert entry["shares"] == pytest.approx(offline.shares, abs=1e-6)
+        assert entry["raw"] == pytest.approx(offline.raw, abs=1e-6)
+        assert entry["num_samples"] == 24
+    image_shares = [entry["shares"]["image"] for entry in monitor.history]
+    assert image_shares[1] > image_shares[0] > image_shares[2]  # the planted schedule, not a running mean
 
 
 def test_the_sanity_check_adds_nothing(tmp_path) -> None:
