@@ -17,7 +17,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -187,26 +188,9 @@ class OcclusionEngine:
             TypeError: If the model output is not a tensor.
             ValueError: If the outputs have a different shape in the occluded passes or a wrong batch dimension.
         """
-        values = [modality.select(batch) for modality in self.modalities]
-        batch_size = values[0].shape[0]
-        for modality, value in zip(self.modalities, values):
-            if value.shape[0] != batch_size:
-                raise ValueError(
-                    f"Modality {modality.name!r} has {value.shape[0]} samples but {self.modalities[0].name!r} has "
-                    f"{batch_size}; every modality needs the samples along dimension 0."
-                )
-        # a model already in eval mode (the monitor's case, inside validation) is left alone: no second module-tree walk
-        modes = [module.training for module in model.modules()]
-        needs_eval = any(modes)
-        if needs_eval:
-            model.eval()
-        try:
-            with torch.inference_mode():
-                return self._run(model, batch, values, batch_size)
-        finally:
-            if needs_eval:  # each submodule's own mode: a user's frozen submodule in eval stays in eval
-                for module, training in zip(model.modules(), modes):
-                    module.training = training
+        values, batch_size = self._modality_values(batch)
+        with _evaluating(model), torch.inference_mode():
+            return self._run(model, batch, values, batch_size)
 
     def _run(self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int) -> OccludedOutputs:
         masks = [_attribute_masks(modality, value, batch) for modality, value in zip(self.modalities, values)]
@@ -286,6 +270,12 @@ class OcclusionEngine:
                     f"Coalition {sorted(coalition)} must be a non-empty set of modality indices in "
                     f"range({len(self.modalities)})."
                 )
+        values, batch_size = self._modality_values(batch)
+        with _evaluating(model), torch.inference_mode():
+            return self._run_coalitions(model, batch, values, batch_size, coalitions, include_clean)
+
+    def _modality_values(self, batch: Batch) -> tuple[list[Tensor], int]:
+        """Each modality's tensor in ``batch`` and the common batch size; a clear error if the sizes differ."""
         values = [modality.select(batch) for modality in self.modalities]
         batch_size = values[0].shape[0]
         for modality, value in zip(self.modalities, values):
@@ -294,17 +284,7 @@ class OcclusionEngine:
                     f"Modality {modality.name!r} has {value.shape[0]} samples but {self.modalities[0].name!r} has "
                     f"{batch_size}; every modality needs the samples along dimension 0."
                 )
-        modes = [module.training for module in model.modules()]
-        needs_eval = any(modes)
-        if needs_eval:
-            model.eval()
-        try:
-            with torch.inference_mode():
-                return self._run_coalitions(model, batch, values, batch_size, coalitions, include_clean)
-        finally:
-            if needs_eval:
-                for module, training in zip(model.modules(), modes):
-                    module.training = training
+        return values, batch_size
 
     def _run_coalitions(
         self,
@@ -419,6 +399,25 @@ class OcclusionEngine:
 def _call_label(holds_clean: bool, occluded: Sequence[str]) -> str:
     """What one forward call holds, for error messages: ``the clean batch, 'b' occluded``."""
     return ", ".join((["the clean batch"] if holds_clean else []) + [f"{name!r} occluded" for name in occluded])
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and give each submodule its own mode back afterwards.
+
+    A model already in eval mode (the monitor's case, inside validation) is left alone: no second module-tree walk.
+    A user's frozen submodule that was in eval mode inside a training model stays in eval mode.
+    """
+    modes = [module.training for module in model.modules()]
+    needs_eval = any(modes)
+    if needs_eval:
+        model.eval()
+    try:
+        yield
+    finally:
+        if needs_eval:
+            for module, training in zip(model.modules(), modes):
+                module.training = training
 
 
 def _attribute_masks(modality: Modality, value: Tensor, batch: Batch) -> AttributeMasks:

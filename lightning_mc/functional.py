@@ -7,10 +7,10 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torchmetrics import Metric
 
+from lightning_mc.batches import batches_on_device
 from lightning_mc.bootstrap import DEFAULT_MAX_CI_SAMPLES, PerSampleRaw, check_ci_arguments, share_intervals
 from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
 from lightning_mc.metric import ModalityContribution, Normalization, check_normalization
@@ -110,10 +110,7 @@ def modality_contribution(
         >>> result.shares
         {'image': 1.0, 'table': 0.0}
     """
-    if limit_batches is not None and (
-        isinstance(limit_batches, bool) or not isinstance(limit_batches, int) or limit_batches < 1
-    ):
-        raise ValueError(f"limit_batches={limit_batches!r} must be a positive int or None.")
+    batches = batches_on_device(data, model, limit_batches, device)
     check_normalization(normalization)
     check_ci_arguments(ci, n_boot, max_ci_samples, normalization)
     check_perf_arguments(perf_metric, target)
@@ -128,9 +125,6 @@ def modality_contribution(
         max_batch_size=max_batch_size,
         seed=seed,
     )
-    if device is None:
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
     metric: ModalityContribution | None = None
     all_occluded = AllOccludedMovement() if check_redundancy else None
     everything = [frozenset(range(len(resolved)))]
@@ -138,10 +132,7 @@ def modality_contribution(
     per_sample = PerSampleRaw(max_ci_samples) if ci is not None else None
     shapley_metric = ModalityShapley(names) if shapley else None
     perf = PerformanceDrop(perf_metric, names) if perf_metric is not None else None
-    for index, batch in enumerate(data):
-        if limit_batches is not None and index >= limit_batches:
-            break
-        batch = move_data_to_device(batch, device)
+    for batch in batches:
         outputs = engine.run(model, batch)
         if shapley_metric is not None:  # its last coalition is "everything": no separate pass for check_redundancy
             _, by_coalition = engine.run_coalitions(model, batch, coalitions(len(resolved)), include_clean=False)

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_mc.batches import batches_on_device
 from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
 from lightning_mc.modality import Batch, ModalitiesSpec, resolve_modalities
 from lightning_mc.occlusion import FillSpec
@@ -335,10 +335,7 @@ def modality_shapley(
         >>> result.interactions[("a", "b")] > 0  # positive: redundant
         True
     """
-    if limit_batches is not None and (
-        isinstance(limit_batches, bool) or not isinstance(limit_batches, int) or limit_batches < 1
-    ):
-        raise ValueError(f"limit_batches={limit_batches!r} must be a positive int or None.")
+    batches = batches_on_device(data, model, limit_batches, device)
     resolved = resolve_modalities(modalities)
     check_num_modalities(len(resolved))
     engine = OcclusionEngine(
@@ -349,17 +346,12 @@ def modality_shapley(
         max_batch_size=max_batch_size,
         seed=seed,
     )
-    if device is None:
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
     names = tuple(m.name for m in resolved)
     metric = ModalityShapley(names)
     all_coalitions = coalitions(len(resolved))
     seen = False
-    for index, batch in enumerate(data):
-        if limit_batches is not None and index >= limit_batches:
-            break
-        clean, occluded = engine.run_coalitions(model, move_data_to_device(batch, device), all_coalitions)
+    for batch in batches:
+        clean, occluded = engine.run_coalitions(model, batch, all_coalitions)
         assert clean is not None  # include_clean=True
         metric = metric.to(clean.device)
         metric.update(clean, occluded)
