@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -128,6 +128,10 @@ class ModalityContributionMonitor(Callback):
             ``mc/share/*`` (:mod:`lightning_mc.perf_drop`). Modalities measured per attribute cost one extra copy
             each. Needs ``target``; the instance passed is cloned, never updated.
         target: Where the targets are in each batch: a dict key, a tuple index or ``batch -> Tensor``.
+        per_output: Also log each output's (class's) shares, ``mc/output_share/<output>/<m>`` (for every output the
+            shares sum to 1 over modalities): ``True`` names the outputs by index (``0``, ``1``, ...), a sequence of
+            names (e.g. class names, one per output) names them so. Off by default; at most 16 outputs are logged
+            (more: a warning, and the values stay in ``latest.per_output_shares``). No extra forward pass.
 
     Raises:
         ValueError: If an argument is out of range (each message names the argument and what is valid).
@@ -168,6 +172,7 @@ class ModalityContributionMonitor(Callback):
         max_ci_samples: int = DEFAULT_MAX_CI_SAMPLES,
         perf_metric: Metric | None = None,
         target: TargetSpec | None = None,
+        per_output: bool | Sequence[str] = False,
     ) -> None:
         super().__init__()
         self.modalities = resolve_modalities(modalities)
@@ -202,6 +207,8 @@ class ModalityContributionMonitor(Callback):
         self._per_sample: PerSampleRaw | None = None
         check_perf_arguments(perf_metric, target)
         self.perf_metric, self.target = perf_metric, target
+        self.per_output = _check_per_output(per_output)
+        self._warned_many_outputs = False
         self._perf: PerformanceDrop | None = None
         self._shapley: ModalityShapley | None = None
         #: The latest Shapley measurement (``shapley=True`` only).
@@ -492,8 +499,53 @@ class ModalityContributionMonitor(Callback):
         for name, attribute_shares in result.attribute_shares.items():
             if 1 < len(attribute_shares) <= MAX_LOGGED_ATTRIBUTES:
                 logged.update({f"mc/attr/{name}/{attr}": share for attr, share in attribute_shares.items()})
+        logged.update(self._per_output_scalars(result))
         for key, value in logged.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def _per_output_scalars(self, result: ContributionResult) -> dict[str, float]:
+        if self.per_output is False:
+            return {}
+        num_outputs = len(next(iter(result.per_output_shares.values())))
+        if self.per_output is True:
+            output_names: Sequence[str] = [str(index) for index in range(num_outputs)]
+        else:
+            output_names = self.per_output
+            if len(output_names) != num_outputs:
+                raise ValueError(
+                    f"per_output names {len(output_names)} outputs ({list(output_names)}) but the model has "
+                    f"{num_outputs}; give one name per output, or per_output=True to name them by index."
+                )
+        if num_outputs > MAX_LOGGED_ATTRIBUTES:
+            if not self._warned_many_outputs:
+                self._warned_many_outputs = True
+                rank_zero_warn(
+                    f"per_output: the model has {num_outputs} outputs; per-output shares are logged for at most "
+                    f"{MAX_LOGGED_ATTRIBUTES}. They are in monitor.latest.per_output_shares.",
+                    category=UserWarning,
+                )
+            return {}
+        return {
+            f"mc/output_share/{output}/{name}": shares[index]
+            for name, shares in result.per_output_shares.items()
+            for index, output in enumerate(output_names)
+        }
+
+
+def _check_per_output(per_output: bool | Sequence[str]) -> bool | tuple[str, ...]:
+    if isinstance(per_output, bool):
+        return per_output
+    if (
+        isinstance(per_output, str)
+        or not isinstance(per_output, Sequence)
+        or not per_output
+        or not all(isinstance(name, str) and name for name in per_output)
+        or len(set(per_output)) != len(per_output)
+    ):
+        raise ValueError(
+            f"per_output={per_output!r} must be a bool or a non-empty sequence of unique, non-empty output names."
+        )
+    return tuple(per_output)
 
 
 def _check_limit_batches(limit_batches: int | float | None) -> None:

@@ -3,6 +3,8 @@ read from the batch, attribute counts that stay fixed across batches, and Captum
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import numpy as np
 import pytest
@@ -125,21 +127,56 @@ def test_patch_share_map_places_partial_edge_patches_at_k_times_size() -> None:
     assert not np.isnan(values).any()
 
 
-def test_per_output_shares_through_the_monitor_follow_the_outputs(tmp_path) -> None:
-    class TwoHeads(ScheduledContributionNet):
-        def forward(self, image: Tensor, table: Tensor) -> Tensor:  # output 0 from the image only, 1 from the table
-            return torch.stack([image.flatten(1).sum(1), table.sum(1)], dim=1) + self.bias[:2]
+class TwoHeads(ScheduledContributionNet):
+    """Output 0 reads the image only, output 1 the table only."""
 
-        def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-            return self(batch[0], batch[1]).pow(2).mean()
+    def forward(self, image: Tensor, table: Tensor) -> Tensor:
+        return torch.stack([image.flatten(1).sum(1), table.sum(1)], dim=1) + self.bias[:2]
 
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0], batch[1]).pow(2).mean()
+
+
+@pytest.mark.parametrize(("per_output", "output_names"), [(True, ["0", "1"]), (["benign", "malignant"], None)])
+def test_per_output_shares_through_the_monitor_follow_the_outputs(tmp_path, per_output, output_names) -> None:
+    output_names = output_names or per_output
     monitor = ModalityContributionMonitor(
-        [Modality("image", key=0, attributes=Patches2d((4, 4))), Modality("table", key=1)], occlusion="zeros"
+        [Modality("image", key=0, attributes=Patches2d((4, 4))), Modality("table", key=1)],
+        occlusion="zeros",
+        per_output=per_output,
     )
     data = loader(two_modality_dataset(16))
-    L.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[monitor])).fit(TwoHeads([(1.0, 1.0)]), data, data)
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[monitor]))
+    trainer.fit(TwoHeads([(1.0, 1.0)]), data, data)
     assert monitor.latest is not None
     assert monitor.latest.per_output_shares == {"image": [1.0, 0.0], "table": [0.0, 1.0]}
+    logged = {key: value.item() for key, value in trainer.callback_metrics.items() if key.startswith("mc/output_")}
+    image_output, table_output = output_names
+    assert logged == {
+        f"mc/output_share/{image_output}/image": 1.0,
+        f"mc/output_share/{image_output}/table": 0.0,
+        f"mc/output_share/{table_output}/image": 0.0,
+        f"mc/output_share/{table_output}/table": 1.0,
+    }
+
+
+def test_per_output_names_must_match_the_outputs_and_many_outputs_warn(tmp_path) -> None:
+    data = loader(two_modality_dataset(16))
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, per_output=["only_one"])
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[monitor]))
+    with pytest.raises(ValueError, match=re.escape("per_output names 1 outputs (['only_one']) but the model has 2")):
+        trainer.fit(TwoHeads([(1.0, 1.0)]), data, data)
+
+    class ManyOutputs(TwoHeads):
+        def forward(self, image: Tensor, table: Tensor) -> Tensor:
+            return torch.cat([image.flatten(1)[:, :10], table.repeat(1, 2)], dim=1) + self.bias.sum()
+
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, occlusion="zeros", per_output=True)
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[monitor]))
+    with pytest.warns(UserWarning, match="the model has 20 outputs; per-output shares are logged for at most 16"):
+        trainer.fit(ManyOutputs([(1.0, 1.0)]), data, data)
+    assert not any(key.startswith("mc/output_share/") for key in trainer.callback_metrics)
+    assert monitor.latest is not None and len(monitor.latest.per_output_shares["image"]) == 20
 
 
 def _word_model(ids: Tensor, table: Tensor) -> Tensor:

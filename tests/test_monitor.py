@@ -143,6 +143,8 @@ def test_history_round_trips_through_state_dict() -> None:
         ({"occlusion": "blur"}, "occlusion='blur'"),
         ({"output_transform": "relu"}, "output_transform='relu'"),
         ({"max_batch_size": 0}, "max_batch_size=0"),
+        ({"per_output": "logits"}, "per_output='logits'"),
+        ({"per_output": ["cat", "cat"]}, "per_output=['cat', 'cat']"),
     ],
 )
 def test_invalid_arguments_fail_in_init_naming_the_argument(kwargs: dict[str, Any], message: str) -> None:
