@@ -145,12 +145,15 @@ class ModalityContribution(Metric):
         num_modalities, num_attributes = len(self.modality_names), sum(self.attribute_counts)
 
         self.add_state("attribute_diff", torch.zeros(num_attributes, num_outputs or 0), dist_reduce_fx="sum")
-        self.add_state("sample_share_sum", torch.zeros(num_modalities), dist_reduce_fx="sum")
-        self.add_state("informative_samples", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("output_share_sum", torch.zeros(num_modalities), dist_reduce_fx="sum")
-        self.add_state("informative_pairs", torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("num_samples", torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("num_skipped", torch.tensor(0.0), dist_reduce_fx="sum")
+        # the per-sample normalisations need their own sums; the default needs none (fewer states: cheaper reset/sync)
+        if normalization == "per_sample":
+            self.add_state("sample_share_sum", torch.zeros(num_modalities), dist_reduce_fx="sum")
+            self.add_state("informative_samples", torch.tensor(0.0), dist_reduce_fx="sum")
+        elif normalization == "per_sample_output":
+            self.add_state("output_share_sum", torch.zeros(num_modalities), dist_reduce_fx="sum")
+            self.add_state("informative_pairs", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
         """Accumulate one batch.
@@ -172,9 +175,10 @@ class ModalityContribution(Metric):
                 f"clean has {clean.shape[1]} outputs but earlier batches had {self.attribute_diff.shape[1]}; the "
                 "number of outputs must stay the same."
             )
-        finite = clean.isfinite().all(dim=1) & stacked.isfinite().flatten(1).all(dim=1)
-        # non-finite samples contribute 0 (torch.where, not boolean indexing: no host sync, no copy of the batch)
         diffs = absolute_differences(clean, stacked).to(self.attribute_diff.dtype)
+        # a difference is finite exactly when both outputs are (inf − inf is NaN), so one pass finds the bad samples;
+        # they contribute 0 (torch.where, not boolean indexing: no host sync, no copy of the batch)
+        finite = diffs.flatten(1).isfinite().all(dim=1)
         diffs = torch.where(finite[:, None, None], diffs, 0.0)
 
         self.attribute_diff += diffs.sum(dim=0)
