@@ -91,10 +91,17 @@ def test_per_sample_variants_skip_samples_that_nothing_moved() -> None:
     assert metric.compute()["shares"].tolist() == [1.0, 0.0]
 
 
-def test_non_finite_samples_are_skipped_counted_and_warned_about() -> None:
-    metric = ModalityContribution(["a", "b"])
-    clean = torch.tensor([[1.0], [float("nan")]])
-    metric.update(clean, {"a": torch.tensor([[[0.0]], [[0.0]]]), "b": torch.tensor([[[0.5]], [[0.0]]])})
+@pytest.mark.parametrize(
+    ("bad_clean", "bad_occluded"),
+    [(float("nan"), 0.0), (float("inf"), 0.0), (float("inf"), float("inf")), (0.0, float("-inf"))],
+    ids=["clean-nan", "clean-inf", "both-inf", "occluded-inf"],
+)
+@pytest.mark.parametrize("normalization", ["ratio_of_sums", "per_sample", "per_sample_output"])
+def test_non_finite_samples_are_skipped_counted_and_warned_about(bad_clean, bad_occluded, normalization) -> None:
+    metric = ModalityContribution(["a", "b"], normalization=normalization)
+    clean = torch.tensor([[1.0], [bad_clean]])
+    # sample 1 is the bad one: its non-finite output is in the clean pass, the occluded pass of "b", or both
+    metric.update(clean, {"a": torch.tensor([[[0.0]], [[0.0]]]), "b": torch.tensor([[[0.5]], [[bad_occluded]]])})
     with pytest.warns(UserWarning, match="skipped 1 sample"):
         values = metric.compute()
     assert int(values["num_skipped"]) == 1
