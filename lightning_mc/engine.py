@@ -207,36 +207,19 @@ class OcclusionEngine:
         copies: list[tuple[int, int]] = [(-1, -1)] + [
             (owner, attribute) for owner, m in enumerate(masks) for attribute in range(m.masks.shape[0])
         ]
-        max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
-        outputs, labels = [], []
-        for chunk in plan_chunks(len(copies), batch_size, max_rows):
-            # the modality tensors are replaced below: only the other tensors of the batch are cut here
-            chunk_batch = apply_to_collection(
-                batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(value) for value in values}
-            )
-            for owner, (modality, value) in enumerate(zip(self.modalities, values)):
-                parts = []
-                for piece in chunk:
-                    rows = slice(piece.start, piece.stop)
-                    copy_owner, attribute = copies[piece.copy]
-                    if copy_owner == owner and masks[owner].whole:
-                        parts.append(fills[owner][rows])
-                    elif copy_owner == owner:
-                        mask = _rows_of(masks[owner].masks[attribute], rows)
-                        parts.append(occlude(value[rows], fills[owner][rows], mask))
-                    else:
-                        parts.append(value[rows])
-                chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
-            rows = sum(p.stop - p.start for p in chunk)
-            occluded_here = [copies[p.copy] for p in chunk if p.copy > 0]
-            names = list(dict.fromkeys(self._copy_name(owner, attribute, masks) for owner, attribute in occluded_here))
-            holds_clean = chunk[0].copy == 0
-            labels.append(_call_label(holds_clean, names))
-            outputs.append(
-                self._forward(model, chunk_batch, rows, occluded=names, holds_clean=holds_clean, batch_size=batch_size)
-            )
-        self._check_output_shapes(outputs, labels)
-        flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
+
+        def part(owner: int, copy: int, rows: slice) -> Tensor:
+            copy_owner, attribute = copies[copy]
+            if copy_owner != owner:
+                return values[owner][rows]
+            if masks[owner].whole:
+                return fills[owner][rows]
+            return occlude(values[owner][rows], fills[owner][rows], _rows_of(masks[owner].masks[attribute], rows))
+
+        def copy_name(copy: int) -> str | None:
+            return None if copy == 0 else self._copy_name(*copies[copy], masks)
+
+        flat = self._run_copies(model, batch, values, batch_size, len(copies), part, copy_name)
         occluded, start = {}, 1
         for modality, attribute_masks in zip(self.modalities, masks):
             count = attribute_masks.masks.shape[0]
@@ -299,31 +282,62 @@ class OcclusionEngine:
             self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
         ]
         copies: list[frozenset[int]] = [frozenset(), *coalitions] if include_clean else coalitions
+
+        def part(owner: int, copy: int, rows: slice) -> Tensor:
+            return fills[owner][rows] if owner in copies[copy] else values[owner][rows]
+
+        def copy_name(copy: int) -> str | None:
+            return "+".join(self.modalities[i].name for i in sorted(copies[copy])) if copies[copy] else None
+
+        flat = self._run_copies(model, batch, values, batch_size, len(copies), part, copy_name)
+        if not include_clean:
+            return None, flat.transpose(0, 1)
+        return flat[0], flat[1:].transpose(0, 1)
+
+    def _run_copies(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        values: list[Tensor],
+        batch_size: int,
+        num_copies: int,
+        part: Callable[[int, int, slice], Tensor],
+        copy_name: Callable[[int], str | None],
+    ) -> Tensor:
+        """Run ``num_copies`` copies of ``batch`` laid out as one virtual batch, at most ``max_batch_size`` rows a call.
+
+        Args:
+            model: The model (already in eval mode, under inference mode).
+            batch: The user's batch; its non-modality tensors are cut along with the copies.
+            values: Each modality's tensor in ``batch``.
+            batch_size: ``N``.
+            num_copies: Copies in the virtual batch (the clean one included, if any).
+            part: ``(owner, copy, rows) -> Tensor``, rows ``rows`` of modality ``owner`` in copy ``copy``.
+            copy_name: What copy ``copy`` occludes, for error messages; ``None`` for the clean copy.
+
+        Returns:
+            The transformed outputs, ``(num_copies, N, C)``.
+        """
         max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
         outputs, labels = [], []
-        for chunk in plan_chunks(len(copies), batch_size, max_rows):
+        for chunk in plan_chunks(num_copies, batch_size, max_rows):
+            # the modality tensors are replaced below: only the other tensors of the batch are cut here
             chunk_batch = apply_to_collection(
                 batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(value) for value in values}
             )
-            for owner, (modality, value) in enumerate(zip(self.modalities, values)):
-                parts = [
-                    fills[owner][p.start : p.stop] if owner in copies[p.copy] else value[p.start : p.stop]
-                    for p in chunk
-                ]
+            for owner, modality in enumerate(self.modalities):
+                parts = [part(owner, piece.copy, slice(piece.start, piece.stop)) for piece in chunk]
                 chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
-            rows = sum(p.stop - p.start for p in chunk)
-            names = ["+".join(self.modalities[i].name for i in sorted(copies[p.copy])) for p in chunk if copies[p.copy]]
-            names = list(dict.fromkeys(names))
-            holds_clean = include_clean and chunk[0].copy == 0
+            rows = sum(piece.stop - piece.start for piece in chunk)
+            copy_names = [copy_name(piece.copy) for piece in chunk]
+            holds_clean = None in copy_names
+            names = list(dict.fromkeys(name for name in copy_names if name is not None))
             labels.append(_call_label(holds_clean, names))
             outputs.append(
                 self._forward(model, chunk_batch, rows, occluded=names, holds_clean=holds_clean, batch_size=batch_size)
             )
         self._check_output_shapes(outputs, labels)
-        flat = torch.cat(outputs).reshape(len(copies), batch_size, -1)
-        if not include_clean:
-            return None, flat.transpose(0, 1)
-        return flat[0], flat[1:].transpose(0, 1)
+        return torch.cat(outputs).reshape(num_copies, batch_size, -1)
 
     def _fill(self, modality: Modality, fill: Fill, value: Tensor) -> Tensor:
         try:
