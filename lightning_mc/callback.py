@@ -280,11 +280,7 @@ class ModalityContributionMonitor(Callback):
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measuring = self._should_measure(trainer)
-        self._metric = None
-        self._all_occluded = None
-        self._shapley = None
-        self._per_sample = None
-        self._perf = None
+        self._drop_accumulators()
         self._seen_samples = 0
         self._unpadded_samples = self._count_unpadded_samples(trainer) if self._measuring else None
         has_figures = self._measuring and self._dashboard is not None and trainer.is_global_zero
@@ -409,6 +405,10 @@ class ModalityContributionMonitor(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a failed check leaves no partial sums behind (the history only ever holds completed checks)
         self._measuring = False
+        self._drop_accumulators()
+
+    def _drop_accumulators(self) -> None:
+        """Forget every sum of the current check (a new check starts empty; a failed one leaves nothing behind)."""
         self._metric = None
         self._all_occluded = None
         self._shapley = None
