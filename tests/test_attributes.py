@@ -19,16 +19,7 @@ from lightning_mc.attribute_figures import MeanImages, attribute_figures, patch_
 from lightning_mc.functional import modality_contribution
 from lightning_mc.masks import ColumnGroups, Columns, Patches2d, Tokens, Words
 
-from helpers import ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
-
-
-class Lambda(nn.Module):
-    def __init__(self, function) -> None:
-        super().__init__()
-        self.function = function
-
-    def forward(self, *inputs: Tensor) -> Tensor:
-        return self.function(*inputs)
+from helpers import Lambda, ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
 
 
 def _fit_planted(tmp_path, patches: Patches2d, **trainer_overrides) -> tuple[ModalityContributionMonitor, L.Trainer]:

@@ -15,18 +15,11 @@ from lightning_mc import Modality, ModalityContribution
 from lightning_mc.functional import modality_contribution
 from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
 
+from helpers import Lambda
+
 GOLDEN_PATH = Path(__file__).resolve().parents[2] / "shared" / "golden" / "algorithm1_example.json"
 if not GOLDEN_PATH.exists():
     GOLDEN_PATH = Path(__file__).resolve().parents[1] / "shared" / "golden" / "algorithm1_example.json"
-
-
-class Lambda(nn.Module):
-    def __init__(self, function) -> None:
-        super().__init__()
-        self.function = function
-
-    def forward(self, *inputs: Tensor) -> Tensor:
-        return self.function(*inputs)
 
 
 def _measure(function, batch, modalities, **kwargs):
