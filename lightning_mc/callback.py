@@ -314,7 +314,7 @@ class ModalityContributionMonitor(Callback):
         if self._unpadded_samples is not None:  # drop the repeats DistributedSampler pads the last batches with
             keep = min(clean.shape[0], max(0, self._unpadded_samples - self._seen_samples))
             clean, occluded = clean[:keep], {name: value[:keep] for name, value in occluded.items()}
-        if self.check_redundancy:
+        if self.check_redundancy and not self.shapley:  # with Shapley, v(all) is its last coalition: no extra pass
             with trainer.precision_plugin.val_step_context():
                 everything = [frozenset(range(len(self.modalities)))]
                 _, occluded_all = self.engine.run_coalitions(pl_module, batch, everything, include_clean=False)
@@ -426,9 +426,18 @@ class ModalityContributionMonitor(Callback):
         metric, self._metric = self._metric, None
         values = metric.compute()  # reduced across processes: every rank logs the same numbers
         result = ContributionResult.from_values(values, metric.attribute_names, self.normalization)
-        if self._all_occluded is not None:
-            all_occluded, self._all_occluded = self._all_occluded, None
-            result = dataclasses.replace(result, all_occluded_raw=float(all_occluded.compute()))
+        shapley = None
+        if self._shapley is not None:
+            shapley_metric, self._shapley = self._shapley, None
+            shapley = ShapleyResult.from_values(shapley_metric.compute(), self.modality_names)
+        if self.check_redundancy:
+            if shapley is not None:
+                all_occluded_raw = shapley.coalition_values["+".join(self.modality_names)]
+            else:
+                all_occluded, self._all_occluded = self._all_occluded, None
+                assert all_occluded is not None  # updated with every batch the metric was
+                all_occluded_raw = float(all_occluded.compute())
+            result = dataclasses.replace(result, all_occluded_raw=all_occluded_raw)
             pl_module.log("mc/all_occluded_raw", result.all_occluded_raw, on_step=False, on_epoch=True, sync_dist=True)
             message = redundancy_message(result.raw, result.all_occluded_raw)
             if message is not None and not self._warned_redundant:
@@ -467,9 +476,7 @@ class ModalityContributionMonitor(Callback):
             self.history[-1].update(share_low=dict(result.share_low), share_high=dict(result.share_high or {}))
         if result.perf_drop is not None:
             self.history[-1].update(perf_clean=result.perf_clean, perf_drop=dict(result.perf_drop))
-        if self._shapley is not None:
-            shapley_metric, self._shapley = self._shapley, None
-            shapley = ShapleyResult.from_values(shapley_metric.compute(), self.modality_names)
+        if shapley is not None:
             self.latest_shapley = shapley
             self.latest = dataclasses.replace(result, shapley=shapley)
             self.history[-1]["shapley"] = dict(shapley.values)

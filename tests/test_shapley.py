@@ -338,6 +338,34 @@ def test_monitor_redundancy_warning_once_and_logs_v_all(tmp_path) -> None:
     assert "mc/all_occluded_raw" not in trainer.callback_metrics and plain.latest.all_occluded_raw is None
 
 
+def test_monitor_with_shapley_takes_v_all_from_its_last_coalition_without_a_second_all_occluded_pass(
+    tmp_path,
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 4, generator=generator)
+    dataset = TensorDataset(x, x.clone())
+    results = {}
+    for shapley in (False, True):
+        fully_occluded_rows = []
+
+        def forward(model: nn.Module, batch: Any, rows: list[int] = fully_occluded_rows) -> Tensor:
+            rows.append(int(((batch[0] == 0).all(1) & (batch[1] == 0).all(1)).sum()))
+            return model(batch[0], batch[1])
+
+        monitor = ModalityContributionMonitor(
+            {"a": 0, "b": 1}, forward_fn=forward, occlusion="zeros", check_redundancy=True, shapley=shapley
+        )
+        trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path / str(shapley), max_epochs=1))
+        with pytest.warns(UserWarning, match="look redundant"):
+            trainer.fit(RedundantModule(), DataLoader(dataset, batch_size=8), DataLoader(dataset, batch_size=8))
+        assert sum(fully_occluded_rows) == 32  # each validation sample occluded whole once, with or without Shapley
+        results[shapley] = trainer.callback_metrics["mc/all_occluded_raw"].item()
+        assert monitor.latest is not None and monitor.latest.all_occluded_raw == pytest.approx(results[shapley])
+    assert results[True] == pytest.approx(results[False], rel=1e-6)
+    assert monitor.latest_shapley is not None
+    assert results[True] == pytest.approx(monitor.latest_shapley.coalition_values["a+b"], rel=1e-6)
+
+
 def test_monitor_shapley_logs_values_equal_to_the_functional_api(tmp_path) -> None:
     monitor = ModalityContributionMonitor(MODALITIES, output_transform="softmax", shapley=True, dashboard=False)
     torch.manual_seed(0)
