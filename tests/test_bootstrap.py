@@ -8,39 +8,26 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
-from torch import Tensor, nn
 
 from lightning_mc import ModalityContributionMonitor
 from lightning_mc.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import TwoModalityNet, load_example, loader, trainer_kwargs, two_modality_dataset
 
 AB = {"a": 0, "b": 1}
 
 
-class Linear2(nn.Module):
-    """``2a + b`` on scalar inputs; with a zero fill, ``d_a = 2|a|`` and ``d_b = |b|``."""
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return 2 * a + b
-
-
-def _data(seed: int, n: int = 200) -> list[tuple[Tensor, Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    a = torch.empty(n, 1).exponential_(generator=generator)
-    b = torch.empty(n, 1).exponential_(generator=generator)
-    return [(a[: n // 2], b[: n // 2]), (a[n // 2 :], b[n // 2 :])]
+#: ``2a + b`` with ``a, b ~ Exp(1)``: the true share of ``a`` is 2/3 (examples/interval_coverage.py).
+COVERAGE = load_example("interval_coverage")
+Linear2 = COVERAGE.TwoAPlusB
+_data = COVERAGE.exponential_batches
 
 
 def test_interval_covers_the_known_share_in_at_least_90_percent_of_seeded_repetitions() -> None:
-    # a, b ~ Exp(1): E d_a = 2, E d_b = 1, so the true ratio-of-sums share of a is 2/3
-    covered = 0
-    repetitions = 100
-    for seed in range(repetitions):
-        result = modality_contribution(Linear2(), _data(seed), AB, occlusion="zeros", ci=0.95, n_boot=400, seed=seed)
-        covered += result.share_low["a"] <= 2 / 3 <= result.share_high["a"]
-    assert covered / repetitions >= 0.9, covered
+    # the computation examples/interval_coverage.py prints (93 of 100 there)
+    covered = COVERAGE.covered_repetitions(repetitions=100, ci=0.95, n_boot=400)
+    assert covered >= 90, covered
 
 
 def test_interval_brackets_the_share_and_is_off_by_default() -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
 
-from helpers import ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import ScheduledContributionNet, load_example, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 BALANCED = (1.0, 1.0)
@@ -206,17 +204,8 @@ def test_ddp_spawn_both_ranks_stop_at_the_same_epoch(tmp_path) -> None:
     assert ranks[0]["image_shares"][2] < 0.05 < ranks[0]["image_shares"][1]
 
 
-def _load_demo() -> Any:
-    path = Path(__file__).resolve().parents[1] / "examples" / "collapse_demo.py"
-    spec = importlib.util.spec_from_file_location("collapse_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["collapse_demo"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_demo_collapse_happens_during_training_and_is_stopped_and_the_control_is_not() -> None:
-    demo = _load_demo()
+    demo = load_example("collapse_demo")
     settings = {"min_share": 0.1, "patience": 2, "warmup_epochs": 2, "logdir": None, "verbose": False}
     monitor, stopper, _ = demo.run("collapse", demo.SHORTCUT, epochs=20, **settings)
     image = [entry["shares"]["image"] for entry in monitor.history]
