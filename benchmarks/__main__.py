@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from benchmarks import report, suites
+from benchmarks.breakdown import breakdown
 from benchmarks.timing import pick_device
 
-SUITES = ("P1", "P2", "P3", "P4", "P5", "scaling")
+SUITES = ("P1", "P2", "P3", "P4", "P5", "scaling", "breakdown")
 
 
 def machine(device: torch.device, command: str) -> dict[str, Any]:
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             tables += [by_budget, by_masks]
         elif name == "scaling":
             tables.append(suites.scaling(config))
+        elif name == "breakdown":
+            tables.append(breakdown(config))
         print(f"  {name} done in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     info["seconds"] = round(time.perf_counter() - started, 1)
 

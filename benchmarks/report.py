@@ -33,7 +33,7 @@ def markdown(table: Table) -> str:
 
 
 def text(table: Table) -> str:
-    widths = [max(len(c), *(len(row[i]) for row in table.rows)) for i, c in enumerate(table.columns)]
+    widths = [max([len(c), *(len(row[i]) for row in table.rows)]) for i, c in enumerate(table.columns)]
     line = "  ".join(c.ljust(w) for c, w in zip(table.columns, widths))
     out = [table.title, line, "-" * len(line)]
     out += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table.rows]

@@ -62,3 +62,21 @@ def test_quick_run_prints_and_writes_every_suite(tmp_path, capsys) -> None:
     assert {row["id"] for row in results["summary"]} == {"P1", "P5"}
     assert all(row["outputs_max_abs_diff"] < 1e-4 for row in results["summary"] if row["id"] == "P1")
     assert (tmp_path / "quick.md").read_text().startswith("Machine:")
+
+
+def test_breakdown_runs_alone_and_writes_its_table(tmp_path, capsys) -> None:
+    threads = str(torch.get_num_threads())
+    assert main(["--quick", "--only", "breakdown", "--threads", threads, "--out", str(tmp_path)]) == 0
+    assert "engine.run on a stub model" in capsys.readouterr().out
+    results = json.loads((tmp_path / "quick.json").read_text())
+    assert results["summary"] == []  # a run of detail tables only has an empty summary, not a crash
+    (table,) = results["tables"]
+    assert [row[0] for row in table["rows"]] == [
+        "forward call of the 192 stacked rows (floor)",
+        "engine.run (forward included)",
+        "engine.run on a stub model (the engine's own work)",
+        "metric.update, alone",
+        "metric.compute, alone (once per check)",
+        "metric.reset, alone (once per check)",
+        "metric.update, right after engine.run (as in a check)",
+    ]
