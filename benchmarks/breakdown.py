@@ -19,8 +19,8 @@ from benchmarks.models import ImageTableNet, image_table_batches, image_table_mo
 from benchmarks.peers import Floor
 from benchmarks.suites import Config, Table
 from benchmarks.timing import Stat, interleaved, synchronize
-from lightning_mc.engine import OcclusionEngine
-from lightning_mc.metric import ModalityContribution
+from lightning_mc.core.engine import OcclusionEngine
+from lightning_mc.core.metric import ModalityContribution
 
 
 class _Replay(nn.Module):

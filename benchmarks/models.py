@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mc import Modality
-from lightning_mc.occlusion import AttributeMasks
+from lightning_mc.core.occlusion import AttributeMasks
 
 NUM_OUTPUTS = 5
 COLUMNS = 32

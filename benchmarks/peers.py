@@ -12,10 +12,10 @@ import torch
 from captum.attr import FeatureAblation
 from torch import Tensor, nn
 
-from lightning_mc.engine import DEFAULT_COPIES_PER_CALL, OcclusionEngine
-from lightning_mc.metric import ModalityContribution
-from lightning_mc.modality import Modality
-from lightning_mc.occlusion import occlude
+from lightning_mc.core.engine import DEFAULT_COPIES_PER_CALL, OcclusionEngine
+from lightning_mc.core.metric import ModalityContribution
+from lightning_mc.core.modality import Modality
+from lightning_mc.core.occlusion import occlude
 
 Batch = Sequence[Tensor]
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.attribute_figures import top_attributes_bar
+from lightning_mc.views.attribute_figures import top_attributes_bar
 from lightning_mc.masks import ColumnGroups, Columns
 
 FIVE_YEARS_DAYS = 1826

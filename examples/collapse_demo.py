@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
-from lightning_mc.tensorboard import marks_from_stopper, save_shares_figure
+from lightning_mc.views.tensorboard import marks_from_stopper, save_shares_figure
 
 NUM_CLASSES = 10
 MODALITIES = {"image": 0, "table": 1}

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.attribute_figures import patch_heatmap, top_attributes_bar
+from lightning_mc.views.attribute_figures import patch_heatmap, top_attributes_bar
 from lightning_mc.masks import Columns, Patches2d
 
 TABLE_COLUMNS = ["parity_hint", "noise_a", "noise_b"]

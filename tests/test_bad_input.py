@@ -73,7 +73,7 @@ def test_a_model_output_that_is_not_a_tensor_asks_for_forward_fn(wrap) -> None:
         def forward(self, a: Tensor, b: Tensor):
             return wrap(super().forward(a, b))
 
-    with pytest.raises(TypeError, match=r"The model returned a (dict|tuple), not a tensor\. Pass `forward_fn`"):
+    with pytest.raises(TypeError, match=r"The model returned a (dict|tuple), not a tensor\. Name the prediction tensor with output_key"):
         modality_contribution(Wrapped(), _dict_batches(), {"a": "a", "b": "b"})
     selected = modality_contribution(
         Wrapped(),

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_mc import ModalityContributionMonitor
-from lightning_mc.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order
+from lightning_mc.analyses.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order
 from lightning_mc.functional import modality_contribution
 
 from helpers import TwoModalityNet, load_example, loader, trainer_kwargs, two_modality_dataset

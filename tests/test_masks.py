@@ -1,4 +1,4 @@
-"""Attribute masks (lightning_mc.masks) through the engine and the metric: planted models with known answers."""
+"""Attribute masks (lightning_mc.core.masks) through the engine and the metric: planted models with known answers."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from torch import Tensor, nn
 
 from lightning_mc import Modality, ModalityContribution
 from lightning_mc.functional import modality_contribution
-from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
+from lightning_mc.core.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
 
 from helpers import Lambda
 
-GOLDEN_PATH = Path(__file__).resolve().parents[2] / "shared" / "golden" / "algorithm1_example.json"
-if not GOLDEN_PATH.exists():
-    GOLDEN_PATH = Path(__file__).resolve().parents[1] / "shared" / "golden" / "algorithm1_example.json"
+#: The worked example of Gapp et al.'s Algorithm 1 with every expected number, kept inside the repository.
+GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "algorithm1_example.json"
 
 
 def _measure(function, batch, modalities, **kwargs):

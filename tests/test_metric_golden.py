@@ -1,4 +1,4 @@
-"""The worked example of DESIGN.md (shared/golden/algorithm1_example.json), every number through the Metric."""
+"""The worked example of Gapp et al.'s Algorithm 1 (tests/data/algorithm1_example.json), every number through the Metric."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,8 @@ import torch
 
 from lightning_mc import ModalityContribution
 
-GOLDEN_PATH = Path(__file__).resolve().parents[2] / "shared" / "golden" / "algorithm1_example.json"
-if not GOLDEN_PATH.exists():  # a checkout with shared/ inside the repository
-    GOLDEN_PATH = Path(__file__).resolve().parents[1] / "shared" / "golden" / "algorithm1_example.json"
+#: The worked example of Gapp et al.'s Algorithm 1 with every expected number, kept inside the repository.
+GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "algorithm1_example.json"
 
 GOLDEN = json.loads(GOLDEN_PATH.read_text())
 EXPECTED = GOLDEN["expected"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_mc.occlusion import resolve_fill
+from lightning_mc.core.occlusion import resolve_fill
 
 GENERATOR_SEED = 123
 

@@ -10,7 +10,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassA
 
 from lightning_mc import Modality, ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
-from lightning_mc.masks import Columns
+from lightning_mc.core.masks import Columns
 
 from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import ModalityContributionMonitor
-from lightning_mc.engine import OcclusionEngine
+from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.functional import modality_contribution
-from lightning_mc.modality import resolve_modalities
-from lightning_mc.shapley import (
+from lightning_mc.core.modality import resolve_modalities
+from lightning_mc.analyses.shapley import (
     ModalityShapley,
     coalitions,
     modality_shapley,

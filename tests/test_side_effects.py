@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.engine import OcclusionEngine
-from lightning_mc.modality import resolve_modalities
-from lightning_mc.occlusion import AttributeMasks
+from lightning_mc.core.engine import OcclusionEngine
+from lightning_mc.core.modality import resolve_modalities
+from lightning_mc.core.occlusion import AttributeMasks
 
 from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
-from lightning_mc.tensorboard import FIGURE_TAG, SUMMARY_TAG, save_shares_figure
+from lightning_mc.views.tensorboard import FIGURE_TAG, SUMMARY_TAG, save_shares_figure
 
 from helpers import ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
 

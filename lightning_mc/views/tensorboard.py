@@ -7,11 +7,12 @@ drawn on the Agg canvas, so no display is needed and the user's pyplot state is 
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -19,35 +20,43 @@ from lightning.pytorch.loggers import TensorBoardLogger
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: Tag of the stacked-area figure of the shares over the checks.
+#: Tag of the stacked-area figure of the shares over the checks (``<prefix>/shares_stacked``), default prefix.
 FIGURE_TAG = "mc/shares_stacked"
-#: Tag of the text summary written at the end of fit.
+#: Tag of the text summary written at the end of fit (``<prefix>/summary``), default prefix.
 SUMMARY_TAG = "mc/summary"
-#: Category title of the custom-scalars layout.
+#: Category title of the custom-scalars layout (a monitor with another prefix adds `` (<prefix>)``).
 LAYOUT_CATEGORY = "Modality contribution"
 
 
-def custom_scalar_layout(margins: Sequence[str] = ()) -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout: one multiline chart for the shares, one for the raw values, one for the balance.
+def custom_scalar_layout(margins: Sequence[str] = (), prefix: str = "mc") -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars category of one monitor: multiline charts of its shares, raw values and balance.
 
     Args:
-        margins: Modalities that also get a "Margin" chart: the share ``mc/share/<m>`` drawn inside its confidence
-            band ``mc/share_low/<m>``..``mc/share_high/<m>`` (the monitor's ``ci`` option).
+        margins: Modalities that also get a "Margin" chart: the share ``<prefix>/share/<m>`` drawn inside its
+            confidence band ``<prefix>/share_low/<m>``..``<prefix>/share_high/<m>`` (the monitor's ``ci`` option).
+        prefix: The monitor's prefix; each monitor of a trainer gets its own category.
 
     Returns:
-        The layout in the format of :meth:`torch.utils.tensorboard.SummaryWriter.add_custom_scalars`.
+        ``{category title: charts}``, a category in the format of
+        :meth:`torch.utils.tensorboard.SummaryWriter.add_custom_scalars`.
+
+    Example:
+        >>> list(custom_scalar_layout(prefix="mc_external"))
+        ['Modality contribution (mc_external)']
     """
+    escaped = re.escape(prefix)
     charts: dict[str, list[Any]] = {
-        "shares (mc/share/*)": ["Multiline", [r"mc/share/.*"]],
-        "raw output change (mc/raw/*)": ["Multiline", [r"mc/raw/.*"]],
-        "balance (mc/balance)": ["Multiline", [r"mc/balance"]],
+        f"shares ({prefix}/share/*)": ["Multiline", [rf"{escaped}/share/.*"]],
+        f"raw output change ({prefix}/raw/*)": ["Multiline", [rf"{escaped}/raw/.*"]],
+        f"balance ({prefix}/balance)": ["Multiline", [rf"{escaped}/balance"]],
     }
     for name in margins:
         charts[f"share of {name} with its confidence interval"] = [
             "Margin",
-            [f"mc/share/{name}", f"mc/share_low/{name}", f"mc/share_high/{name}"],
+            [f"{prefix}/share/{name}", f"{prefix}/share_low/{name}", f"{prefix}/share_high/{name}"],
         ]
-    return {LAYOUT_CATEGORY: charts}
+    title = LAYOUT_CATEGORY if prefix == "mc" else f"{LAYOUT_CATEGORY} ({prefix})"
+    return {title: charts}
 
 
 @dataclass(frozen=True)
@@ -73,14 +82,21 @@ class CollapseMarks:
     stopped: bool = False
 
 
-def collapse_marks(trainer: pl.Trainer, monitor: pl.Callback) -> CollapseMarks | None:
-    """The marks of the first :class:`~lightning_mc.CollapseEarlyStopping` in ``trainer`` that reads ``monitor``."""
-    # imported here: early_stopping imports callback, which imports this module
-    from lightning_mc.early_stopping import CollapseEarlyStopping
+@runtime_checkable
+class CollapseWatcher(Protocol):
+    """A callback that watches one monitor for a collapse (:class:`~lightning_mc.CollapseEarlyStopping`)."""
 
+    monitor: Any
+
+    def collapse_marks(self) -> CollapseMarks:
+        """What the watcher adds to the figure and the summary."""
+
+
+def collapse_marks(trainer: pl.Trainer, monitor: pl.Callback) -> CollapseMarks | None:
+    """The marks of the first collapse watcher in ``trainer`` that reads ``monitor``, or ``None``."""
     for callback in trainer.callbacks:
-        if isinstance(callback, CollapseEarlyStopping) and callback.monitor is monitor:
-            return marks_from_stopper(callback)
+        if isinstance(callback, CollapseWatcher) and callback.monitor is monitor:
+            return callback.collapse_marks()
     return None
 
 
@@ -206,38 +222,47 @@ def summary_markdown(
 
 
 class ContributionDashboard:
-    """Writes the dashboard into a trainer's :class:`~lightning.pytorch.loggers.TensorBoardLogger` (rank 0 only).
+    """Writes one monitor's part of the dashboard into a :class:`~lightning.pytorch.loggers.TensorBoardLogger`.
 
     :class:`~lightning_mc.ModalityContributionMonitor` creates one in ``setup`` when the trainer has a TensorBoard
     logger (:meth:`for_trainer`), updates the figure after every measured validation run and writes the summary at
-    the end of fit.
+    the end of fit, all on global rank 0. Several monitors (prefixes) share one writer: each has its own figure,
+    summary and custom-scalars category.
 
     Args:
         logger: The TensorBoard logger to write into.
+        prefix: The monitor's prefix: tags are ``<prefix>/shares_stacked`` and ``<prefix>/summary``.
     """
 
     #: Writers that already hold the layout (registered once per writer, even across several fits).
     _registered: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
 
-    def __init__(self, logger: TensorBoardLogger) -> None:
+    def __init__(self, logger: TensorBoardLogger, prefix: str = "mc") -> None:
         self.logger = logger
+        self.prefix = prefix
+        self.figure_tag = f"{prefix}/shares_stacked"
+        self.summary_tag = f"{prefix}/summary"
 
     @classmethod
-    def for_trainer(cls, trainer: pl.Trainer) -> ContributionDashboard | None:
+    def for_trainer(cls, trainer: pl.Trainer, prefix: str = "mc") -> ContributionDashboard | None:
         """A dashboard on the trainer's first TensorBoard logger, or ``None`` if it has none."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                return cls(logger)
+                return cls(logger, prefix)
         return None
 
-    def register_layout(self, trainer: pl.Trainer, margins: Sequence[str] = ()) -> None:
-        """Registers the custom-scalars layout (with `margins`, see `custom_scalar_layout`) once per writer, rank 0."""
+    def register_layout(self, trainer: pl.Trainer, categories: Mapping[str, Mapping[str, list[Any]]]) -> None:
+        """Registers the custom-scalars layout once per writer, on rank 0.
+
+        TensorBoard reads one layout per run, so the first monitor to set up registers the categories of every
+        monitor of the trainer (from :func:`custom_scalar_layout`); later calls on the same writer do nothing.
+        """
         if not trainer.is_global_zero:
             return
         writer = self.logger.experiment
         if writer in self._registered:
             return
-        writer.add_custom_scalars(custom_scalar_layout(margins))
+        writer.add_custom_scalars({title: dict(charts) for title, charts in categories.items()})
         self._registered.add(writer)
 
     def update(
@@ -247,7 +272,7 @@ class ContributionDashboard:
         if not trainer.is_global_zero or not history:
             return
         image = figure_to_array(shares_figure(history, modalities, collapse_marks(trainer, monitor)))
-        self.logger.experiment.add_image(FIGURE_TAG, image, global_step=trainer.global_step, dataformats="HWC")
+        self.logger.experiment.add_image(self.figure_tag, image, global_step=trainer.global_step, dataformats="HWC")
 
     def finish(
         self, trainer: pl.Trainer, history: Sequence[Mapping[str, Any]], modalities: Sequence[str], monitor: pl.Callback
@@ -259,6 +284,14 @@ class ContributionDashboard:
         writer = self.logger.experiment
         if history:
             image = figure_to_array(shares_figure(history, modalities, marks))
-            writer.add_image(FIGURE_TAG, image, global_step=trainer.global_step, dataformats="HWC")
-        writer.add_text(SUMMARY_TAG, summary_markdown(history, modalities, marks), global_step=trainer.global_step)
+            writer.add_image(self.figure_tag, image, global_step=trainer.global_step, dataformats="HWC")
+        summary = summary_markdown(history, modalities, marks)
+        writer.add_text(self.summary_tag, summary, global_step=trainer.global_step)
         writer.flush()
+
+    def add_figures(self, trainer: pl.Trainer, figures: Mapping[str, Figure]) -> None:
+        """Adds matplotlib figures (attribute maps), tag by tag (global rank 0)."""
+        if not trainer.is_global_zero:
+            return
+        for tag, figure in figures.items():
+            self.logger.experiment.add_figure(tag, figure, global_step=trainer.global_step)

@@ -7,7 +7,7 @@ attributes for scalars; :class:`~lightning_mc.ModalityContributionMonitor` logs 
 
 Example:
     >>> import numpy as np
-    >>> from lightning_mc.masks import Patches2d
+    >>> from lightning_mc.core.masks import Patches2d
     >>> shares = {"r0c0": 0.1, "r0c1": 0.2, "r1c0": 0.3, "r1c1": 0.4}
     >>> figure = patch_heatmap(shares, Patches2d((4, 4)), np.zeros((8, 8)))
     >>> figure.axes[0].get_title()
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from lightning_mc.masks import Patches2d, Tokens, Words
-from lightning_mc.modality import Batch, Modality
-from lightning_mc.result import ContributionResult
+from lightning_mc.core.masks import Patches2d, Tokens, Words
+from lightning_mc.core.modality import Batch, Modality
+from lightning_mc.core.result import ContributionResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,7 +43,7 @@ def patch_share_map(shares: Mapping[str, float], patches: Patches2d, shape: tupl
 
     Args:
         shares: ``patch name -> share`` (``ContributionResult.attribute_shares[modality]``), names as
-            :class:`~lightning_mc.masks.Patches2d` makes them (``"r0c1"``).
+            :class:`~lightning_mc.core.masks.Patches2d` makes them (``"r0c1"``).
         patches: The builder that made the attributes (its patch size places each patch).
         shape: ``(H, W)`` of the image.
 
@@ -80,7 +80,7 @@ def patch_heatmap(
 
     Args:
         shares: ``patch name -> share``, e.g. ``result.attribute_shares["image"]``.
-        patches: The :class:`~lightning_mc.masks.Patches2d` that made the attributes.
+        patches: The :class:`~lightning_mc.core.masks.Patches2d` that made the attributes.
         image: ``(H, W)`` array (or tensor) drawn in grey below the heat-map.
         title: Axes title.
         alpha: Opacity of the heat-map.
@@ -162,8 +162,8 @@ def top_tokens_figure(
     """Shares of token positions (or words) in sequence order, above a bar chart of the ``k`` largest.
 
     Args:
-        shares: ``attribute -> share`` in sequence order, as :class:`~lightning_mc.masks.Tokens` (``"t0"``, ``"t1"``,
-            ...) or :class:`~lightning_mc.masks.Words` (``"w0"``, ...) name them.
+        shares: ``attribute -> share`` in sequence order, as :class:`~lightning_mc.core.masks.Tokens` (``"t0"``, ``"t1"``,
+            ...) or :class:`~lightning_mc.core.masks.Words` (``"w0"``, ...) name them.
         k: How many of the largest to list.
         labels: Optional ``attribute -> text`` shown next to the name (e.g. the token at that position of a fixed
             prompt template).
@@ -201,7 +201,7 @@ def top_tokens_figure(
 
 
 class MeanImages:
-    """Running mean image ``(H, W)`` of each :class:`~lightning_mc.masks.Patches2d` modality: heat-map backgrounds.
+    """Running mean image ``(H, W)`` of each :class:`~lightning_mc.core.masks.Patches2d` modality: heat-map backgrounds.
 
     Leading dimensions (samples, channels) are averaged. Under DDP each process averages its own samples (a picture's
     background, not a number that is logged).
@@ -210,7 +210,7 @@ class MeanImages:
         modalities: The monitored modalities; those without a ``Patches2d`` builder are ignored.
 
     Example:
-        >>> from lightning_mc.masks import Patches2d
+        >>> from lightning_mc.core.masks import Patches2d
         >>> import torch
         >>> images = MeanImages([Modality("image", key=0, attributes=Patches2d((2, 2))), Modality("table", key=1)])
         >>> images.update((torch.ones(4, 3, 4, 4), torch.zeros(4, 2)))
@@ -249,11 +249,12 @@ def attribute_figures(
     *,
     min_attributes: int = 17,
     k: int = 10,
+    prefix: str = "mc",
 ) -> dict[str, Figure]:
-    """One figure per modality with at least ``min_attributes`` attributes, keyed ``"mc_attributes/<modality>"``.
+    """One figure per modality with at least ``min_attributes`` attributes, keyed ``"<prefix>_attributes/<modality>"``.
 
-    :class:`~lightning_mc.masks.Patches2d` modalities with a mean image get a :func:`patch_heatmap`,
-    :class:`~lightning_mc.masks.Tokens` / :class:`~lightning_mc.masks.Words` a :func:`top_tokens_figure`, every other
+    :class:`~lightning_mc.core.masks.Patches2d` modalities with a mean image get a :func:`patch_heatmap`,
+    :class:`~lightning_mc.core.masks.Tokens` / :class:`~lightning_mc.core.masks.Words` a :func:`top_tokens_figure`, every other
     modality (columns, groups, 3-D patches, custom masks) a :func:`top_attributes_bar` of its ``k`` largest.
 
     Args:
@@ -262,9 +263,10 @@ def attribute_figures(
         mean_images: ``name -> (H, W)`` background of the patch heat-maps (:class:`MeanImages`).
         min_attributes: Modalities with fewer attributes get no figure (the monitor logs them as scalars).
         k: Bars in the top-k charts.
+        prefix: The monitor's prefix (``"mc"``: tags ``mc_attributes/<modality>``).
 
     Example:
-        >>> from lightning_mc.masks import Columns
+        >>> from lightning_mc.core.masks import Columns
         >>> shares = {f"g{j}": j / 190 for j in range(20)}
         >>> result = ContributionResult(
         ...     {"genes": 1.0, "age": 0.0}, {"genes": 1.0, "age": 0.0}, 0.0, {}, {"genes": shares, "age": {"all": 0.0}},
@@ -278,7 +280,7 @@ def attribute_figures(
         shares = result.attribute_shares.get(modality.name, {})
         if len(shares) < min_attributes:
             continue
-        builder, tag = modality.attributes, f"mc_attributes/{modality.name}"
+        builder, tag = modality.attributes, f"{prefix}_attributes/{modality.name}"
         if isinstance(builder, Patches2d) and modality.name in mean_images:
             title = f"{modality.name}: share per patch (mean image below)"
             figures[tag] = patch_heatmap(shares, builder, mean_images[modality.name], title=title)

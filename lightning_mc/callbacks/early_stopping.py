@@ -11,7 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_mc.callback import ModalityContributionMonitor
+from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 
 CollapseAction = Literal["stop", "warn"]
 _ACTIONS = ("stop", "warn")

@@ -16,21 +16,21 @@ from torch.utils.data import DistributedSampler
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_mc.attribute_figures import MeanImages, attribute_figures
-from lightning_mc.bootstrap import DEFAULT_MAX_CI_SAMPLES, PerSampleRaw, check_ci_arguments, share_intervals
-from lightning_mc.engine import ForwardFn, OcclusionEngine, OutputTransform
-from lightning_mc.metric import ModalityContribution, Normalization, check_normalization
-from lightning_mc.modality import ModalitiesSpec, resolve_modalities
-from lightning_mc.occlusion import FillSpec
-from lightning_mc.perf_drop import (
+from lightning_mc.views.attribute_figures import MeanImages, attribute_figures
+from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES, PerSampleRaw, check_ci_arguments, share_intervals
+from lightning_mc.core.engine import ForwardFn, OcclusionEngine, OutputTransform
+from lightning_mc.core.metric import ModalityContribution, Normalization, check_normalization
+from lightning_mc.core.modality import ModalitiesSpec, resolve_modalities
+from lightning_mc.core.occlusion import FillSpec
+from lightning_mc.analyses.perf_drop import (
     PerformanceDrop,
     TargetSpec,
     check_perf_arguments,
     select_target,
     whole_modality_outputs,
 )
-from lightning_mc.result import ContributionResult
-from lightning_mc.shapley import (
+from lightning_mc.core.result import ContributionResult
+from lightning_mc.analyses.shapley import (
     AllOccludedMovement,
     ModalityShapley,
     ShapleyResult,
@@ -38,7 +38,7 @@ from lightning_mc.shapley import (
     coalitions,
     redundancy_message,
 )
-from lightning_mc.tensorboard import ContributionDashboard
+from lightning_mc.views.tensorboard import ContributionDashboard
 
 #: Modalities with at most this many attributes get one scalar per attribute (``mc/attr/<modality>/<attribute>``).
 MAX_LOGGED_ATTRIBUTES = 16
@@ -67,7 +67,7 @@ class ModalityContributionMonitor(Callback):
     - ``mc/attr/<modality>/<attribute>``: attribute shares, for modalities with 2 to 16 attributes. Modalities with
       more get a figure in TensorBoard instead (``mc_attributes/<modality>``, with ``dashboard=True`` and a
       ``TensorBoardLogger``): a patch heat-map over the mean image for ``Patches2d``, the shares per position for
-      ``Tokens``/``Words``, the top 10 attributes otherwise (:mod:`lightning_mc.attribute_figures`).
+      ``Tokens``/``Words``, the top 10 attributes otherwise (:mod:`lightning_mc.views.attribute_figures`).
 
     Which batches are measured: the batches of validation dataloader ``dataloader_idx`` (a single loader is 0; a
     list or dict of loaders is indexed in its order) that the trainer runs, so ``limit_val_batches`` applies first
@@ -108,7 +108,7 @@ class ModalityContributionMonitor(Callback):
         check_redundancy: Also run one extra copy of each measured batch with every modality occluded at once
             (``N`` more rows per batch; off by default so the default cost is unchanged), log ``mc/all_occluded_raw``
             and warn (once) when the one-at-a-time raw values sum to less than a quarter of it: the modalities then
-            look redundant and the shares are not meaningful (use :func:`lightning_mc.shapley.modality_shapley`).
+            look redundant and the shares are not meaningful (use :func:`lightning_mc.analyses.shapley.modality_shapley`).
         shapley: Also compute exact modality Shapley values (``M ≤ 6``): ``2^M − 1`` extra copies of each measured
             batch, one per coalition of whole modalities occluded at once (off by default). Logs
             ``mc/shapley/<m>`` (values, summing to ``v(all)``), ``mc/shapley_share/<m>`` and
@@ -119,13 +119,13 @@ class ModalityContributionMonitor(Callback):
             per-sample values (``N × M`` float64) of the first ``max_ci_samples`` measured samples per process and
             resamples them ``n_boot`` times with a generator seeded by ``seed``. DDP: the per-sample values are
             all-gathered (a torchmetrics ``"cat"`` state) and put in a canonical order, so every rank logs the same
-            interval as one process would on the whole set (:mod:`lightning_mc.bootstrap`).
+            interval as one process would on the whole set (:mod:`lightning_mc.analyses.bootstrap`).
         n_boot: Number of bootstrap replicates (with ``ci``).
         max_ci_samples: Most samples per process whose per-sample values are kept (with ``ci``).
         perf_metric: Label-aware view (off by default): a torchmetrics metric (e.g. ``BinaryAUROC()``) computed on
             the clean outputs and with each whole modality occluded. Logs ``mc/perf_clean`` and
             ``mc/perf_drop/<m>`` (clean minus occluded: positive = the metric fell), apart from the label-free
-            ``mc/share/*`` (:mod:`lightning_mc.perf_drop`). Modalities measured per attribute cost one extra copy
+            ``mc/share/*`` (:mod:`lightning_mc.analyses.perf_drop`). Modalities measured per attribute cost one extra copy
             each. Needs ``target``; the instance passed is cloned, never updated.
         target: Where the targets are in each batch: a dict key, a tuple index or ``batch -> Tensor``.
         per_output: Also log each output's (class's) shares, ``mc/output_share/<output>/<m>`` (for every output the

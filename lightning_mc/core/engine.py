@@ -7,7 +7,7 @@ each chunk in one forward call. Nothing here knows about Lightning.
 
 Example:
     >>> import torch
-    >>> from lightning_mc.modality import resolve_modalities
+    >>> from lightning_mc.core.modality import resolve_modalities
     >>> model = torch.nn.Bilinear(3, 2, 4)
     >>> engine = OcclusionEngine(resolve_modalities({"a": 0, "b": 1}), occlusion="zeros")
     >>> outputs = engine.run(model, (torch.randn(5, 3), torch.randn(5, 2)))
@@ -20,19 +20,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Union
-
+from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics.utilities import rank_zero_warn
 
-from lightning_mc.modality import Batch, Modality
-from lightning_mc.occlusion import AttributeMasks, Fill, FillSpec, occlude, resolve_fill
+from lightning_mc.core.modality import Batch, Modality
+from lightning_mc.core.occlusion import AttributeMasks, Fill, FillSpec, occlude, resolve_fill
+from lightning_mc.core.outputs import OutputTransform, check_output_key, resolve_output_transform, select_prediction
 
-ForwardFn = Callable[[nn.Module, Batch], Tensor]
-OutputTransform = Union[Literal["softmax", "sigmoid"], Callable[[Tensor], Tensor], None]
-OUTPUT_TRANSFORMS: tuple[str, ...] = ("softmax", "sigmoid")
+ForwardFn = Callable[[nn.Module, Batch], Any]
 
 #: With ``max_batch_size=None``, one forward call takes this many batch-sized copies at most.
 DEFAULT_COPIES_PER_CALL = 4
@@ -104,37 +102,14 @@ class _PositionalForward:
         return model(*(modality.select(batch) for modality in self.modalities))
 
 
-def _identity(outputs: Tensor) -> Tensor:
-    return outputs
-
-
-def _softmax(outputs: Tensor) -> Tensor:
-    return outputs.float().softmax(dim=-1)
-
-
-def _sigmoid(outputs: Tensor) -> Tensor:
-    return outputs.float().sigmoid()
-
-
-def resolve_output_transform(output_transform: OutputTransform) -> Callable[[Tensor], Tensor]:
-    """Turn ``output_transform`` (None, "softmax", "sigmoid" or a callable) into a function on ``(N, C)`` outputs."""
-    if output_transform is None:
-        return _identity
-    if output_transform == "softmax":
-        return _softmax
-    if output_transform == "sigmoid":
-        return _sigmoid
-    if callable(output_transform) and not isinstance(output_transform, str):
-        return output_transform
-    raise ValueError(f"output_transform={output_transform!r} must be None, one of {OUTPUT_TRANSFORMS} or a callable.")
-
-
 class OcclusionEngine:
     """Runs a model on a batch and on its occluded copies, batched.
 
     Args:
         modalities: The resolved modalities.
-        forward_fn: ``(model, batch) -> Tensor``; default :func:`default_forward`.
+        forward_fn: ``(model, batch) -> output``; default :func:`default_forward`.
+        output_key: Where the prediction is in the output (a dict key, ``ModelOutput`` field or attribute, e.g.
+            ``"logits"``); ``None``: the output is the prediction tensor. Applied after ``forward_fn``.
         output_transform: Output activation applied before differences are taken: ``None``, ``"softmax"``
             (over the last dimension), ``"sigmoid"`` or a callable.
         occlusion: Default fill for modalities that do not set their own.
@@ -155,6 +130,7 @@ class OcclusionEngine:
         occlusion: FillSpec = "mean",
         max_batch_size: int | None = None,
         seed: int = 0,
+        output_key: str | None = None,
     ) -> None:
         if max_batch_size is not None and (
             isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
@@ -162,6 +138,8 @@ class OcclusionEngine:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int or None.")
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"forward_fn={forward_fn!r} must be a callable (model, batch) -> Tensor.")
+        check_output_key(output_key)
+        self.output_key = output_key
         self.modalities = tuple(modalities)
         self.forward_fn = forward_fn if forward_fn is not None else default_forward(self.modalities)
         self.output_transform = output_transform
@@ -172,6 +150,8 @@ class OcclusionEngine:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._warned_single_output_softmax = False
+        #: Model input rows run so far (clean and occluded copies), for progress reports.
+        self.rows_forwarded = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -198,7 +178,7 @@ class OcclusionEngine:
             if not isinstance(attribute_masks, AttributeMasks):
                 raise TypeError(
                     f"Modality {modality.name!r}: attributes returned {type(attribute_masks).__name__}, expected "
-                    "lightning_mc.occlusion.AttributeMasks."
+                    "lightning_mc.core.occlusion.AttributeMasks."
                 )
         fills = [
             self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
@@ -359,6 +339,7 @@ class OcclusionEngine:
         holds_clean: bool = True,
         batch_size: int | None = None,
     ) -> Tensor:
+        self.rows_forwarded += rows
         try:
             output = self.forward_fn(model, batch)
         except Exception as err:
@@ -371,10 +352,12 @@ class OcclusionEngine:
                 f"occlusion=occlusion, max_batch_size={batch_size or rows}), with the same modalities, forward_fn "
                 "and occlusion as here."
             ) from err
+        output = select_prediction(output, self.output_key)
         if not isinstance(output, Tensor):
+            where = "The model returned" if self.output_key is None else f"output_key={self.output_key!r} selected"
             raise TypeError(
-                f"The model returned a {type(output).__name__}, not a tensor. Pass `forward_fn` to select the "
-                "prediction tensor, e.g. forward_fn=lambda model, batch: model(batch)['logits']."
+                f"{where} a {type(output).__name__}, not a tensor. Name the prediction tensor with output_key (e.g. "
+                "output_key='logits' for a dict or a Hugging Face ModelOutput) or pass a forward_fn that returns it."
             )
         if output.ndim == 0 or output.shape[0] != rows:
             raise ValueError(

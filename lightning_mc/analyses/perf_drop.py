@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_mc.engine import OccludedOutputs, OcclusionEngine
-from lightning_mc.modality import Batch
-from lightning_mc.occlusion import WholeModality
+from lightning_mc.core.engine import OccludedOutputs, OcclusionEngine
+from lightning_mc.core.modality import Batch
+from lightning_mc.core.occlusion import WholeModality
 
 #: Where the targets are in a batch: a dict key, a tuple/list index, or ``batch -> Tensor``.
 TargetSpec = Union[str, int, Callable[[Batch], Tensor]]
@@ -121,6 +121,12 @@ class PerformanceDrop:
         self.clean = self.clean.to(device)
         self.occluded = {name: metric.to(device) for name, metric in self.occluded.items()}
         return self
+
+    def reset(self) -> None:
+        """Forgets every batch added so far."""
+        self.clean.reset()
+        for metric in self.occluded.values():
+            metric.reset()
 
     def update(self, target: Tensor, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
         """Add a batch: ``target`` ``(N, ...)``, ``clean`` ``(N, C)`` and ``name -> (N, C)`` whole-modality outputs."""

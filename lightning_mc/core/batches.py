@@ -9,7 +9,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
-from lightning_mc.modality import Batch
+from lightning_mc.core.modality import Batch
 
 
 def batches_on_device(

@@ -218,7 +218,7 @@ def resolve_fill(spec: FillSpec, argument: str = "occlusion") -> Fill:
         return CallableFill(spec)
     raise TypeError(
         f"{argument}={spec!r} ({type(spec).__name__}) is not a fill; expected one of {FILL_NAMES}, a number, "
-        "a callable `tensor -> tensor` or a lightning_mc.occlusion.Fill."
+        "a callable `tensor -> tensor` or a lightning_mc.core.occlusion.Fill."
     )
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_mc.shapley import ShapleyResult
+    from lightning_mc.analyses.shapley import ShapleyResult
 
 
 @dataclass(frozen=True)

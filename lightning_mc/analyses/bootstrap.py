@@ -25,7 +25,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_mc.engine import OccludedOutputs
+from lightning_mc.core.engine import OccludedOutputs
 
 #: Bootstrap replicates drawn per block (bounds the ``block × N`` index tensor).
 _BLOCK = 64
@@ -78,7 +78,7 @@ def per_sample_values(clean: Tensor, occluded: Mapping[str, Tensor]) -> Tensor:
 
 
 def per_sample_raw(outputs: OccludedOutputs) -> Tensor:
-    """:func:`per_sample_values` of an :class:`~lightning_mc.engine.OccludedOutputs`."""
+    """:func:`per_sample_values` of an :class:`~lightning_mc.core.engine.OccludedOutputs`."""
     return per_sample_values(outputs.clean, outputs.occluded)
 
 

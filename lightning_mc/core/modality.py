@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 from torch import Tensor
 
-from lightning_mc.occlusion import Attributes, Fill, FillSpec, WholeModality, resolve_fill
+from lightning_mc.core.occlusion import Attributes, Fill, FillSpec, WholeModality, resolve_fill
 
 Batch = Any
 ModalityLocation = Union[str, int]
@@ -39,7 +39,7 @@ class Modality:
         getter: ``batch -> tensor`` for batches that ``key`` cannot address.
         setter: ``(batch, tensor) -> new batch`` with the modality replaced. It must return a new batch and leave the
             given one unchanged.
-        occlusion: This modality's fill (see :func:`lightning_mc.occlusion.resolve_fill`); ``None`` takes the
+        occlusion: This modality's fill (see :func:`lightning_mc.core.occlusion.resolve_fill`); ``None`` takes the
             default of the monitor or function it is passed to.
         attributes: Builds the attribute masks (``None``: the whole modality is one attribute).
 
@@ -89,6 +89,10 @@ class Modality:
     def fill(self) -> Fill | None:
         """The resolved fill, or ``None`` when the modality uses the default."""
         return None if self.occlusion is None else resolve_fill(self.occlusion)
+
+    def whole(self) -> Modality:
+        """This modality without attribute masks: occluded as a whole, with its fill."""
+        return self if self.attributes is None else replace(self, attributes=None)
 
     @property
     def attribute_masks(self) -> Attributes:
