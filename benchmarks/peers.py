@@ -12,8 +12,8 @@ import torch
 from captum.attr import FeatureAblation
 from torch import Tensor, nn
 
+from lightning_mc import ContributionMeasurement
 from lightning_mc.core.engine import DEFAULT_COPIES_PER_CALL, OcclusionEngine
-from lightning_mc.core.metric import ModalityContribution
 from lightning_mc.core.modality import Modality
 from lightning_mc.core.occlusion import occlude
 
@@ -30,29 +30,23 @@ def shares(raw: dict[str, float]) -> dict[str, float]:
 
 
 class Monitor:
-    """The monitor's work per check: ``engine.run`` and ``metric.update`` per batch, then ``metric.compute``.
+    """The monitor's work per check: a :class:`ContributionMeasurement` updated per batch, then computed.
 
-    This is exactly what ``ModalityContributionMonitor`` does on the validation batches it measures (less the
+    This is exactly what ``ModalityContributionMonitor`` runs on the validation batches it measures (less the
     ``pl_module.log`` calls, which do not depend on the model).
     """
 
     def __init__(self, modalities: Sequence[Modality], max_batch_size: int | None = None) -> None:
-        self.engine = OcclusionEngine(modalities, output_transform="softmax", max_batch_size=max_batch_size)
-        self.metric: ModalityContribution | None = None
+        self.measurement = ContributionMeasurement(
+            modalities, output_transform="softmax", max_batch_size=max_batch_size
+        )
+        self.engine = self.measurement.engine
 
     def __call__(self, model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
-        metric = self.metric
-        if metric is not None:  # the monitor, too, resets and reuses the previous check's metric
-            metric.reset()
+        self.measurement.reset()  # the monitor, too, resets and reuses the previous check's accumulators
         for batch in batches:
-            outputs = self.engine.run(model, batch)
-            if metric is None:
-                metric = ModalityContribution(outputs.attribute_names, num_outputs=outputs.clean.shape[1])
-                self.metric = metric = metric.to(outputs.clean.device)
-            metric.update(outputs.clean, outputs.occluded)
-        assert metric is not None
-        values = metric.compute()
-        return dict(zip(metric.attribute_names, values["raw"].tolist()))
+            self.measurement.update(model, batch)
+        return self.measurement.compute().raw
 
 
 class Floor:

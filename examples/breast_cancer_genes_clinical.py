@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.views.attribute_figures import top_attributes_bar
 from lightning_mc.masks import ColumnGroups, Columns
+from lightning_mc.views.attribute_figures import top_attributes_bar
 
 FIVE_YEARS_DAYS = 1826
 CLINICAL_GROUPS = {"age": [0], "er": [1], "grade": [2, 3, 4], "size": [5]}

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.views.attribute_figures import patch_heatmap, top_attributes_bar
 from lightning_mc.masks import Columns, Patches2d
+from lightning_mc.views.attribute_figures import patch_heatmap, top_attributes_bar
 
 TABLE_COLUMNS = ["parity_hint", "noise_a", "noise_b"]
 PATCHES = Patches2d((2, 2))

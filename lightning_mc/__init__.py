@@ -1,14 +1,28 @@
-"""lightning-mc: measure each input modality's contribution while a multimodal model trains."""
+"""lightning-mc: measure each input modality's contribution while a multimodal model trains.
 
-from lightning_mc.callbacks.monitor import ModalityContributionMonitor
+The package is layered; imports flow one way, from the top of this list to the bottom:
+
+- ``callbacks`` (Lightning glue: :class:`ModalityContributionMonitor`, :class:`CollapseEarlyStopping`) and
+  ``functional`` (offline: ``modality_contribution``, ``modality_shapley``): the entry points;
+- ``views``: logged keys, the TensorBoard dashboard and figures, drawn from results;
+- ``measurement``: :class:`ContributionMeasurement`, the one object every entry point drives;
+- ``analyses``: Shapley values, bootstrap intervals, the performance drop;
+- ``core``: modalities, fills, attribute masks, the occlusion engine, the metric and its result.
+
+``lightning_mc.masks`` (attribute mask builders) and ``lightning_mc.shapley`` are public import paths too.
+"""
+
+from lightning_mc.analyses.shapley import ModalityShapley, ShapleyResult
 from lightning_mc.callbacks.early_stopping import CollapseEarlyStopping
+from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.core.metric import ModalityContribution
 from lightning_mc.core.modality import Modality
 from lightning_mc.core.result import ContributionResult
-from lightning_mc.analyses.shapley import ModalityShapley, ShapleyResult
+from lightning_mc.measurement import ContributionMeasurement
 
 __all__ = [
     "CollapseEarlyStopping",
+    "ContributionMeasurement",
     "ContributionResult",
     "Modality",
     "ModalityContribution",

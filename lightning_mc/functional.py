@@ -6,6 +6,7 @@ Both functions are loops of :class:`lightning_mc.ContributionMeasurement` over t
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -177,7 +178,9 @@ def modality_shapley(
         seed=seed,
         shapley=True,
     )
-    result = _measure(measurement, model, data, limit_batches, device, show_progress)
+    with warnings.catch_warnings():  # the one-at-a-time shares, undefined for redundant modalities, are not asked for
+        warnings.filterwarnings("ignore", message="Occluding any single modality left every model output unchanged")
+        result = _measure(measurement, model, data, limit_batches, device, show_progress)
     assert result.shapley is not None  # shapley=True
     return result.shapley
 

@@ -10,6 +10,8 @@ training loop can call it the same way.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -297,22 +299,23 @@ class ContributionMeasurement:
             raise ValueError(
                 f"This batch has attributes {outputs.attribute_names} and {clean.shape[1]} outputs on {clean.device}; "
                 f"the earlier batches of this measurement had {contribution.attribute_names} and "
-                f"{contribution.attribute_diff.shape[1]} on {contribution.device}. Every batch of one measurement needs "
-                "the same attributes and outputs: call reset() between measurements."
+                f"{contribution.attribute_diff.shape[1]} on {contribution.device}. Every batch of one measurement "
+                "needs the same attributes and outputs: call reset() between measurements."
             )
-        metrics: dict[str, Any] = {
-            "contribution": ModalityContribution(
-                outputs.attribute_names, num_outputs=clean.shape[1], normalization=self.normalization
-            )
-        }
-        if self.shapley:
-            metrics["shapley"] = ModalityShapley(self.modality_names)
-        elif self.check_redundancy:
-            metrics["all_occluded"] = AllOccludedMovement()
-        if self.ci is not None:
-            metrics["per_sample"] = PerSampleRaw(self.max_ci_samples)
-        if self.perf_metric is not None:
-            metrics["perf"] = PerformanceDrop(self.perf_metric, self.modality_names)
+        with _float32_default():  # a bf16-true precision context sets a half default dtype: sums stay full
+            metrics: dict[str, Any] = {
+                "contribution": ModalityContribution(
+                    outputs.attribute_names, num_outputs=clean.shape[1], normalization=self.normalization
+                )
+            }
+            if self.shapley:
+                metrics["shapley"] = ModalityShapley(self.modality_names)
+            elif self.check_redundancy:
+                metrics["all_occluded"] = AllOccludedMovement()
+            if self.ci is not None:
+                metrics["per_sample"] = PerSampleRaw(self.max_ci_samples)
+            if self.perf_metric is not None:
+                metrics["perf"] = PerformanceDrop(self.perf_metric, self.modality_names)
         self._metrics = {name: metric.to(clean.device) for name, metric in metrics.items()}
         return self._metrics
 
@@ -322,6 +325,20 @@ class ContributionMeasurement:
         if message is not None and not self._warned_redundant:
             self._warned_redundant = True
             rank_zero_warn(message, category=UserWarning)
+
+
+@contextmanager
+def _float32_default() -> Iterator[None]:
+    """Float32 as the default dtype inside, unless it already is a full-precision one."""
+    dtype = torch.get_default_dtype()
+    if dtype in (torch.float32, torch.float64):
+        yield
+        return
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 __all__ = ["ContributionMeasurement"]

@@ -15,9 +15,9 @@ from tensorboard.backend.event_processing import event_accumulator
 from torch import Tensor, nn
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.views.attribute_figures import MeanImages, attribute_figures, patch_share_map
-from lightning_mc.functional import modality_contribution
 from lightning_mc.core.masks import ColumnGroups, Columns, Patches2d, Tokens, Words
+from lightning_mc.functional import modality_contribution
+from lightning_mc.views.attribute_figures import MeanImages, attribute_figures, patch_share_map
 
 from helpers import Lambda, ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
 

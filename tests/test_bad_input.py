@@ -73,7 +73,9 @@ def test_a_model_output_that_is_not_a_tensor_asks_for_forward_fn(wrap) -> None:
         def forward(self, a: Tensor, b: Tensor):
             return wrap(super().forward(a, b))
 
-    with pytest.raises(TypeError, match=r"The model returned a (dict|tuple), not a tensor\. Name the prediction tensor with output_key"):
+    with pytest.raises(
+        TypeError, match=r"The model returned a (dict|tuple), not a tensor\. Name the prediction tensor"
+    ):
         modality_contribution(Wrapped(), _dict_batches(), {"a": "a", "b": "b"})
     selected = modality_contribution(
         Wrapped(),
@@ -254,7 +256,7 @@ def test_a_failure_inside_the_monitor_leaves_no_half_written_state(tmp_path) -> 
     with pytest.raises(RuntimeError, match="raised ValueError while occluding modality 'table'"):
         trainer.fit(model, loader(two_modality_dataset(32)), loader(two_modality_dataset(32, seed=1)))
     assert [entry["epoch"] for entry in monitor.history] == [0]  # epoch 1's partial sums never became an entry
-    assert monitor._metric is None
+    assert monitor.measurement.num_updates == 0
     assert not monitor._measuring
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

@@ -12,8 +12,8 @@ from captum.attr import FeatureAblation
 from torch import Tensor, nn
 
 from lightning_mc import Modality, ModalityContribution
-from lightning_mc.functional import modality_contribution
 from lightning_mc.core.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
+from lightning_mc.functional import modality_contribution
 
 from helpers import Lambda
 

@@ -1,4 +1,4 @@
-"""The worked example of Gapp et al.'s Algorithm 1 (tests/data/algorithm1_example.json), every number through the Metric."""
+"""The worked example of Algorithm 1 (tests/data/algorithm1_example.json), every number through the Metric."""
 
 import json
 from pathlib import Path

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.functional import modality_contribution
 from lightning_mc.core.occlusion import resolve_fill
+from lightning_mc.functional import modality_contribution
 
 from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 

@@ -17,17 +17,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import ModalityContributionMonitor
-from lightning_mc.core.engine import OcclusionEngine
-from lightning_mc.functional import modality_contribution
-from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.analyses.shapley import (
     ModalityShapley,
     coalitions,
-    modality_shapley,
     redundancy_message,
     shapley_interactions,
     shapley_values,
 )
+from lightning_mc.core.engine import OcclusionEngine
+from lightning_mc.core.modality import resolve_modalities
+from lightning_mc.functional import modality_contribution
+from lightning_mc.shapley import modality_shapley
 
 from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 

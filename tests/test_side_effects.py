@@ -168,5 +168,5 @@ def test_nothing_the_check_computed_outlives_it(tmp_path) -> None:
     trainer.fit(TwoModalityNet(), loader(two_modality_dataset(32)), loader(two_modality_dataset(16, seed=1), 8))
     assert len(alive) == 2 * 2 * 3  # 2 epochs × 2 batches × (clean + 2 occluded copies of 8 rows)
     assert after.leftovers == [0, 0]
-    assert monitor._metric is None
+    assert monitor.measurement.num_updates == 0
     assert all(isinstance(value, float) for value in monitor.history[-1]["shares"].values())

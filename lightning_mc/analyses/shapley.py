@@ -42,7 +42,6 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-
 #: Most modalities for exact Shapley values: ``2^6 − 1 = 63`` occluded copies per batch.
 MAX_SHAPLEY_MODALITIES = 6
 

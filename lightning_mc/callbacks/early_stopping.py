@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
+from lightning_mc.views.tensorboard import CollapseMarks, marks_from_stopper
 
 CollapseAction = Literal["stop", "warn"]
 _ACTIONS = ("stop", "warn")
@@ -21,7 +22,8 @@ class CollapseEarlyStopping(Callback):
     r"""Stop training (or only flag it) when a modality's contribution share collapses.
 
     Reads the shares that a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer measured (the
-    values logged as ``mc/share/<modality>``, identical on every process) after each validation run that the monitor
+    values logged as ``<prefix>/share/<modality>``, identical on every process) after each validation run that the
+    monitor
     measured. A modality *collapses* when its share stays below ``min_share`` for ``patience`` consecutive checks
     after the warm-up. With ``action="stop"`` the trainer is told to stop at the end of that epoch; with
     ``action="warn"`` the collapse is only reported and recorded, and training goes on.
@@ -39,7 +41,8 @@ class CollapseEarlyStopping(Callback):
         modalities: Names of the modalities to watch; ``None`` watches every modality of the monitor.
         action: ``"stop"`` to stop the run at a collapse, ``"warn"`` to only report and record it.
         verbose: Also report every check that counts towards a collapse (rank 0 only).
-        monitor: The monitor whose shares are read. ``None`` finds the single
+        monitor: The monitor whose shares are read (with several monitors in the trainer, e.g. an internal and an
+            external validation set, the one to watch). ``None`` finds the single
             :class:`~lightning_mc.ModalityContributionMonitor` in ``trainer.callbacks``.
 
     Attributes:
@@ -116,9 +119,18 @@ class CollapseEarlyStopping(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            min_share=self.min_share, modalities=None if self.modalities is None else list(self.modalities)
-        )
+        modalities = None if self.modalities is None else list(self.modalities)
+        if self.monitor is None or self.monitor.prefix == "mc":  # the key of 0.1 checkpoints
+            return self._generate_state_key(min_share=self.min_share, modalities=modalities)
+        return self._generate_state_key(min_share=self.min_share, modalities=modalities, monitor=self.monitor.prefix)
+
+    @property
+    def _prefix(self) -> str:
+        return "mc" if self.monitor is None else self.monitor.prefix
+
+    def collapse_marks(self) -> CollapseMarks:
+        """The threshold and the flagged collapse, for the monitor's dashboard figure and summary."""
+        return marks_from_stopper(self)
 
     @property
     def watched_modalities(self) -> tuple[str, ...]:
@@ -156,8 +168,8 @@ class CollapseEarlyStopping(Callback):
             )
         if len(monitors) > 1:
             raise RuntimeError(
-                f"trainer.callbacks has {len(monitors)} ModalityContributionMonitor callbacks; pass the one to read "
-                "as CollapseEarlyStopping(monitor=...)."
+                f"trainer.callbacks has {len(monitors)} ModalityContributionMonitor callbacks "
+                f"({', '.join(repr(m) for m in monitors)}); pass the one to read as CollapseEarlyStopping(monitor=...)."
             )
         return monitors[0]
 
@@ -238,7 +250,8 @@ class CollapseEarlyStopping(Callback):
         if undefined:
             counts = ", ".join(f"{name}: {self.wait_count.get(name, 0)}" for name in undefined)
             rank_zero_warn(
-                f"CollapseEarlyStopping: {', '.join(f'mc/share/{name}' for name in undefined)} NaN at epoch {epoch} "
+                f"CollapseEarlyStopping: {', '.join(f'{self._prefix}/share/{name}' for name in undefined)} NaN at "
+                f"epoch {epoch} "
                 f"(no occlusion moved any output); this check neither counts towards patience={self.patience} nor "
                 f"resets the counts ({counts})."
             )
@@ -255,7 +268,8 @@ class CollapseEarlyStopping(Callback):
             self._below_since.setdefault(name, epoch)
             if self.verbose:
                 rank_zero_info(
-                    f"CollapseEarlyStopping: mc/share/{name} = {share:.4f} < min_share = {self.min_share} at epoch "
+                    f"CollapseEarlyStopping: {self._prefix}/share/{name} = {share:.4f} < min_share = {self.min_share} "
+                    f"at epoch "
                     f"{epoch} ({self.wait_count[name]}/{self.patience} checks)."
                 )
             if self.wait_count[name] >= self.patience and name not in self._flagged:
@@ -271,7 +285,7 @@ class CollapseEarlyStopping(Callback):
         consequence = "Signaling Trainer to stop." if self.action == "stop" else "Training continues (action='warn')."
         message = (
             f"Modality {name!r} collapsed: its share stayed below min_share={self.min_share} for {checks} consecutive "
-            f"checks (epochs {since}–{epoch}); mc/share/{name} = {share:.4f} at epoch {epoch}, "
+            f"checks (epochs {since}–{epoch}); {self._prefix}/share/{name} = {share:.4f} at epoch {epoch}, "
             f"{self.min_share - share:.4f} below the threshold. {consequence}"
         )
         if self.collapsed_modality is None:

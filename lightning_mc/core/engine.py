@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn

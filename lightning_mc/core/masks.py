@@ -1,7 +1,7 @@
 """Attribute mask builders: which parts of a modality are occluded together (tabular columns, patches, tokens).
 
 Each builder implements the :class:`lightning_mc.core.occlusion.Attributes` protocol: called with a modality tensor
-``(N, ...)`` it returns :class:`lightning_mc.core.occlusion.AttributeMasks`, one boolean mask per attribute. Pass a builder
+``(N, ...)`` it returns :class:`lightning_mc.masks.AttributeMasks`, one boolean mask per attribute. Pass a builder
 as ``Modality(name, key=..., attributes=builder)``; every mask of every modality then runs through the engine.
 Builders whose ``reads_batch`` is true (:class:`Tokens`/:class:`Words` reading an ``attention_mask`` or ``word_ids``
 entry of the batch) are called as ``builder(value, batch=batch)``.

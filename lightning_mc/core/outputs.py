@@ -25,7 +25,9 @@ OUTPUT_TRANSFORMS: tuple[str, ...] = ("softmax", "sigmoid")
 def check_output_key(output_key: str | None) -> None:
     """Raise a ``TypeError`` unless ``output_key`` is ``None`` or a non-empty string."""
     if output_key is not None and (not isinstance(output_key, str) or not output_key):
-        raise TypeError(f"output_key={output_key!r} must be None or the non-empty name of the prediction, e.g. 'logits'.")
+        raise TypeError(
+            f"output_key={output_key!r} must be None or the non-empty name of the prediction, e.g. 'logits'."
+        )
 
 
 def select_prediction(output: Any, output_key: str | None) -> Any:

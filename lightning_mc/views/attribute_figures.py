@@ -43,7 +43,7 @@ def patch_share_map(shares: Mapping[str, float], patches: Patches2d, shape: tupl
 
     Args:
         shares: ``patch name -> share`` (``ContributionResult.attribute_shares[modality]``), names as
-            :class:`~lightning_mc.core.masks.Patches2d` makes them (``"r0c1"``).
+            :class:`~lightning_mc.masks.Patches2d` makes them (``"r0c1"``).
         patches: The builder that made the attributes (its patch size places each patch).
         shape: ``(H, W)`` of the image.
 
@@ -80,7 +80,7 @@ def patch_heatmap(
 
     Args:
         shares: ``patch name -> share``, e.g. ``result.attribute_shares["image"]``.
-        patches: The :class:`~lightning_mc.core.masks.Patches2d` that made the attributes.
+        patches: The :class:`~lightning_mc.masks.Patches2d` that made the attributes.
         image: ``(H, W)`` array (or tensor) drawn in grey below the heat-map.
         title: Axes title.
         alpha: Opacity of the heat-map.
@@ -162,8 +162,8 @@ def top_tokens_figure(
     """Shares of token positions (or words) in sequence order, above a bar chart of the ``k`` largest.
 
     Args:
-        shares: ``attribute -> share`` in sequence order, as :class:`~lightning_mc.core.masks.Tokens` (``"t0"``, ``"t1"``,
-            ...) or :class:`~lightning_mc.core.masks.Words` (``"w0"``, ...) name them.
+        shares: ``attribute -> share`` in sequence order, as :class:`~lightning_mc.masks.Tokens` (``"t0"``, ``"t1"``,
+            ...) or :class:`~lightning_mc.masks.Words` (``"w0"``, ...) name them.
         k: How many of the largest to list.
         labels: Optional ``attribute -> text`` shown next to the name (e.g. the token at that position of a fixed
             prompt template).
@@ -201,7 +201,7 @@ def top_tokens_figure(
 
 
 class MeanImages:
-    """Running mean image ``(H, W)`` of each :class:`~lightning_mc.core.masks.Patches2d` modality: heat-map backgrounds.
+    """Running mean image ``(H, W)`` of each :class:`~lightning_mc.masks.Patches2d` modality: heat-map backgrounds.
 
     Leading dimensions (samples, channels) are averaged. Under DDP each process averages its own samples (a picture's
     background, not a number that is logged).
@@ -253,8 +253,8 @@ def attribute_figures(
 ) -> dict[str, Figure]:
     """One figure per modality with at least ``min_attributes`` attributes, keyed ``"<prefix>_attributes/<modality>"``.
 
-    :class:`~lightning_mc.core.masks.Patches2d` modalities with a mean image get a :func:`patch_heatmap`,
-    :class:`~lightning_mc.core.masks.Tokens` / :class:`~lightning_mc.core.masks.Words` a :func:`top_tokens_figure`, every other
+    :class:`~lightning_mc.masks.Patches2d` modalities with a mean image get a :func:`patch_heatmap`,
+    :class:`~lightning_mc.masks.Tokens` / :class:`~lightning_mc.masks.Words` a :func:`top_tokens_figure`, every other
     modality (columns, groups, 3-D patches, custom masks) a :func:`top_attributes_bar` of its ``k`` largest.
 
     Args:

@@ -7,8 +7,13 @@ Example:
     ...     attribute_raw={}, attribute_shares={}, per_output_shares={}, num_samples=8, num_skipped=0,
     ...     normalization="ratio_of_sums",
     ... )
-    >>> sorted(result_scalars(result, prefix="mc_external"))
-    ['mc_external/balance', 'mc_external/raw/image', 'mc_external/raw/table', 'mc_external/share/image', 'mc_external/share/table']
+    >>> for key, value in result_scalars(result, prefix="mc_external").items():
+    ...     print(key, value)
+    mc_external/share/image 0.75
+    mc_external/share/table 0.25
+    mc_external/raw/image 0.3
+    mc_external/raw/table 0.1
+    mc_external/balance 0.81
 """
 
 from __future__ import annotations
@@ -74,9 +79,11 @@ def history_entry(result: ContributionResult, epoch: int, global_step: int) -> d
 
     Example:
         >>> from lightning_mc.core.result import ContributionResult
-        >>> result = ContributionResult({"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 0.0}, 0.0, {}, {}, {}, 4, 0, "ratio_of_sums")
-        >>> history_entry(result, epoch=2, global_step=30)
-        {'epoch': 2, 'global_step': 30, 'shares': {'a': 1.0, 'b': 0.0}, 'raw': {'a': 0.5, 'b': 0.0}, 'balance': 0.0, 'num_samples': 4}
+        >>> shares, raw = {"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 0.0}
+        >>> result = ContributionResult(shares, raw, 0.0, {}, {}, {}, 4, 0, "ratio_of_sums")
+        >>> entry = history_entry(result, epoch=2, global_step=30)
+        >>> entry["epoch"], entry["shares"], entry["num_samples"]
+        (2, {'a': 1.0, 'b': 0.0}, 4)
     """
     entry: dict[str, Any] = {
         "epoch": epoch,
