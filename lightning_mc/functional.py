@@ -47,6 +47,7 @@ def modality_contribution(
     shapley: bool = False,
     perf_metric: Metric | None = None,
     target: TargetSpec | None = None,
+    tolerance: float | None = None,
     show_progress: bool = False,
 ) -> ContributionResult:
     """Measure how much each modality contributes to ``model``'s outputs on ``data``.
@@ -89,6 +90,10 @@ def modality_contribution(
             (``perf_clean``) and with each whole modality occluded; ``perf_drop[m]`` is ``perf_clean`` minus the
             latter (:mod:`lightning_mc.analyses.perf_drop`). Needs ``target``. The metric instance is not updated.
         target: Where the targets are in each batch: a dict key, a tuple index or ``batch -> Tensor``.
+        tolerance: Measure batches in order until every share's 95% half-width is at most ``tolerance`` (at most
+            ``limit_batches``), then stop: the result's ``num_samples`` says how many were needed and
+            ``share_half_width`` holds the half-widths (delta method, :mod:`lightning_mc.analyses.precision`).
+            ``None`` (default): every batch.
         show_progress: Show a progress bar over the batches, with the model rows run per second (tqdm).
 
     Returns:
@@ -123,6 +128,7 @@ def modality_contribution(
         shapley=shapley,
         perf_metric=perf_metric,
         target=target,
+        tolerance=tolerance,
     )
     return _measure(measurement, model, data, limit_batches, device, show_progress)
 
@@ -193,12 +199,14 @@ def _measure(
     device: torch.device | str | None,
     show_progress: bool,
 ) -> ContributionResult:
-    """Add every batch of ``data`` (the first ``limit_batches``) to ``measurement`` and compute it."""
+    """Add the batches of ``data`` (at most ``limit_batches``; fewer once converged) and compute the measurement."""
     batches = batches_on_device(data, model, limit_batches, device)
     if show_progress:
         batches = _with_progress(batches, measurement, _num_batches(data, limit_batches))
     for batch in batches:
         measurement.update(model, batch)
+        if measurement.converged:
+            break
     if not measurement.num_updates:
         raise ValueError("data held no batch; pass a non-empty iterable of batches.")
     return measurement.compute()

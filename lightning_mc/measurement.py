@@ -27,6 +27,7 @@ from lightning_mc.analyses.perf_drop import (
     select_target,
     whole_modality_outputs,
 )
+from lightning_mc.analyses.precision import ShareHalfWidth, check_tolerance
 from lightning_mc.analyses.shapley import (
     AllOccludedMovement,
     ModalityShapley,
@@ -108,6 +109,10 @@ class ContributionMeasurement:
         perf_metric: Label-aware view: a torchmetrics metric on the clean outputs and with each whole modality
             occluded (the instance is cloned, never updated). Needs ``target``.
         target: Where the targets are in each batch: a dict key, a tuple index or ``batch -> Tensor``.
+        tolerance: Precision asked for: the driving loop stops adding batches once every share's 95% half-width is
+            at most ``tolerance`` (:attr:`converged`; delta-method half-widths from sums, at least 50 samples,
+            :mod:`lightning_mc.analyses.precision`); the half-widths are in ``result.share_half_width``. ``None``
+            (default): no half-widths, every batch counts.
 
     Raises:
         ValueError: On an invalid argument (the message names it and what is valid).
@@ -148,9 +153,11 @@ class ContributionMeasurement:
         shapley: bool = False,
         perf_metric: Metric | None = None,
         target: TargetSpec | None = None,
+        tolerance: float | None = None,
     ) -> None:
         self.modalities = resolve_modalities(modalities)
         check_normalization(normalization)
+        check_tolerance(tolerance, normalization)
         check_ci_arguments(ci, n_boot, max_ci_samples, normalization)
         check_perf_arguments(perf_metric, target)
         if shapley:
@@ -170,6 +177,7 @@ class ContributionMeasurement:
         self.ci, self.n_boot, self.max_ci_samples = ci, n_boot, max_ci_samples
         self.shapley = shapley
         self.perf_metric, self.target = perf_metric, target
+        self.tolerance = tolerance
         self._metrics: dict[str, Any] = {}
         self._num_updates = 0
         self._warned_redundant = False
@@ -184,7 +192,19 @@ class ContributionMeasurement:
         """Batches added on this process since the last :meth:`reset`."""
         return self._num_updates
 
-    def update(self, model: nn.Module, batch: Batch, num_samples: int | None = None) -> None:
+    @property
+    def converged(self) -> bool:
+        """Whether every share's 95% half-width is at most ``tolerance`` (always ``False`` without a tolerance).
+
+        Reduced across processes (every rank gets the same answer, so every rank stops after the same batch).
+        """
+        if self.tolerance is None or not self._num_updates:
+            return False
+        return bool((self._metrics["precision"].compute() <= self.tolerance).all())
+
+    def update(
+        self, model: nn.Module, batch: Batch, num_samples: int | None = None, clean: Tensor | None = None
+    ) -> None:
         """Run ``model`` on ``batch`` and its occluded copies and add the outputs to every accumulator.
 
         Call it inside the precision context the model runs in (e.g. ``torch.autocast``) to measure what the model
@@ -195,8 +215,11 @@ class ContributionMeasurement:
             batch: A batch on the model's device.
             num_samples: Count only the first ``num_samples`` samples of this batch (the rest repeat samples counted
                 elsewhere, e.g. ``DistributedSampler``'s padding); ``None``: all.
+            clean: The model's prediction on ``batch`` if it is already known (the validation step's output), as
+                ``forward_fn`` and ``output_key`` would give it, before ``output_transform``: only the occluded copies
+                are then run. ``None``: the clean batch runs too.
         """
-        passes = self._run(model, batch)
+        passes = self._run(model, batch, clean)
         batch_size = passes.outputs.clean.shape[0]
         keep = batch_size if num_samples is None else max(0, min(batch_size, num_samples))
         if keep < batch_size:
@@ -210,6 +233,8 @@ class ContributionMeasurement:
             metrics["all_occluded"].update(outputs.clean, passes.coalitions[:, 0])
         if "per_sample" in metrics:
             metrics["per_sample"].update(outputs.clean, outputs.occluded)
+        if "precision" in metrics:
+            metrics["precision"].update(outputs.clean, outputs.occluded)
         if "perf" in metrics:
             targets = select_target(batch, self.target)[:keep]  # type: ignore[arg-type]
             metrics["perf"].update(targets, outputs.clean, passes.whole)
@@ -239,6 +264,9 @@ class ContributionMeasurement:
                 metrics["per_sample"], self.modality_names, self.ci, self.n_boot, self.seed, self.normalization
             )
             result = dataclasses.replace(result, ci=self.ci, share_low=low, share_high=high)
+        if "precision" in metrics:
+            half_width = dict(zip(self.modality_names, metrics["precision"].compute().tolist()))
+            result = dataclasses.replace(result, share_half_width=half_width)
         if "perf" in metrics:
             perf_clean, perf_drop = metrics["perf"].compute()
             result = dataclasses.replace(result, perf_clean=perf_clean, perf_drop=perf_drop)
@@ -252,26 +280,28 @@ class ContributionMeasurement:
             metric.reset()
         self._num_updates = 0
 
-    def _run(self, model: nn.Module, batch: Batch) -> _Passes:
+    def _run(self, model: nn.Module, batch: Batch, clean: Tensor | None) -> _Passes:
         """The forward passes the options need, as few copies as possible."""
         engine = self.engine
         if self.shapley:
             every = coalitions(len(self.modalities))
             singletons = [2**index - 1 for index in range(len(self.modalities))]  # coalition k - 1 is bitmask k
             if all(m.attributes is None for m in self.modalities):  # the singletons are the one-at-a-time copies
-                clean, by_coalition = engine.run_coalitions(model, batch, every)
-                assert clean is not None  # include_clean=True
+                clean_rows, by_coalition = engine.run_coalitions(model, batch, every, include_clean=clean is None)
+                if clean is not None:
+                    clean_rows = engine.given_clean(clean, by_coalition.shape[-1], by_coalition.shape[0])
+                assert clean_rows is not None
                 outputs = OccludedOutputs(
-                    clean,
+                    clean_rows,
                     {m.name: by_coalition[:, [i]] for m, i in zip(self.modalities, singletons)},
                     {m.name: ("all",) for m in self.modalities},
                 )
             else:
-                outputs = engine.run(model, batch)
+                outputs = engine.run(model, batch, clean)
                 _, by_coalition = engine.run_coalitions(model, batch, every, include_clean=False)
             whole = {m.name: by_coalition[:, i] for m, i in zip(self.modalities, singletons)}
             return _Passes(outputs, by_coalition, whole)
-        outputs = engine.run(model, batch)
+        outputs = engine.run(model, batch, clean)
         everything = None
         if self.check_redundancy:
             _, everything = engine.run_coalitions(
@@ -316,6 +346,8 @@ class ContributionMeasurement:
                 metrics["per_sample"] = PerSampleRaw(self.max_ci_samples)
             if self.perf_metric is not None:
                 metrics["perf"] = PerformanceDrop(self.perf_metric, self.modality_names)
+            if self.tolerance is not None:
+                metrics["precision"] = ShareHalfWidth(len(self.modalities), self.normalization)
         self._metrics = {name: metric.to(clean.device) for name, metric in metrics.items()}
         return self._metrics
 

@@ -39,6 +39,10 @@ DEFAULT_COPIES_PER_CALL = 4
 _SEED_SALT = 0x6C6D63
 
 
+class GivenCleanError(ValueError):
+    """The clean prediction handed to :meth:`OcclusionEngine.run` does not fit the batch or the model's outputs."""
+
+
 @dataclass(frozen=True)
 class OccludedOutputs:
     """Model outputs of one batch, clean and under each occlusion.
@@ -159,11 +163,18 @@ class OcclusionEngine:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + _SEED_SALT)
         return self._generators[device]
 
-    def run(self, model: nn.Module, batch: Batch) -> OccludedOutputs:
+    def run(self, model: nn.Module, batch: Batch, clean: Tensor | None = None) -> OccludedOutputs:
         """Return the outputs of ``model`` on ``batch`` and on every occluded copy.
 
         The model runs in eval mode under :func:`torch.inference_mode`; its previous mode is restored. ``batch`` is
         never modified.
+
+        Args:
+            model: The model.
+            batch: The batch.
+            clean: The model's prediction on ``batch`` if it was already computed (e.g. by the validation step), as
+                ``forward_fn`` and ``output_key`` would give it, before the output transform: then only the occluded
+                copies are run. ``None``: the clean batch runs too.
 
         Raises:
             TypeError: If the model output is not a tensor.
@@ -171,9 +182,11 @@ class OcclusionEngine:
         """
         values, batch_size = self._modality_values(batch)
         with _evaluating(model), torch.inference_mode():
-            return self._run(model, batch, values, batch_size)
+            return self._run(model, batch, values, batch_size, clean)
 
-    def _run(self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int) -> OccludedOutputs:
+    def _run(
+        self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int, clean: Tensor | None = None
+    ) -> OccludedOutputs:
         masks = [_attribute_masks(modality, value, batch) for modality, value in zip(self.modalities, values)]
         for modality, attribute_masks in zip(self.modalities, masks):
             if not isinstance(attribute_masks, AttributeMasks):
@@ -200,7 +213,19 @@ class OcclusionEngine:
         def copy_name(copy: int) -> str | None:
             return None if copy == 0 else self._copy_name(*copies[copy], masks)
 
-        flat = self._run_copies(model, batch, values, batch_size, len(copies), part, copy_name)
+        if clean is None:
+            flat = self._run_copies(model, batch, values, batch_size, len(copies), part, copy_name)
+        else:  # copy 0 is given: run copies 1, 2, ... only
+            occluded_only = self._run_copies(
+                model,
+                batch,
+                values,
+                batch_size,
+                len(copies) - 1,
+                lambda owner, copy, rows: part(owner, copy + 1, rows),
+                lambda copy: copy_name(copy + 1),
+            )
+            flat = torch.cat([self.given_clean(clean, occluded_only.shape[-1], batch_size).unsqueeze(0), occluded_only])
         occluded, start = {}, 1
         for modality, attribute_masks in zip(self.modalities, masks):
             count = attribute_masks.masks.shape[0]
@@ -320,6 +345,25 @@ class OcclusionEngine:
         self._check_output_shapes(outputs, labels)
         return torch.cat(outputs).reshape(num_copies, batch_size, -1)
 
+    def given_clean(self, clean: Tensor, num_outputs: int, batch_size: int) -> Tensor:
+        """A clean prediction computed elsewhere, transformed as the engine's own: ``(batch_size, num_outputs)``.
+
+        Raises:
+            GivenCleanError: If ``clean`` is not a tensor, has another batch size, or another number of outputs than
+                the occluded passes.
+        """
+        try:
+            rows = self.transform_outputs(clean, batch_size)
+        except (TypeError, ValueError) as err:
+            raise GivenCleanError(f"The clean outputs given for this batch are wrong: {err}") from None
+        if rows.shape[1] != num_outputs:
+            raise GivenCleanError(
+                f"The clean outputs given for this batch have shape {tuple(clean.shape)}: {rows.shape[1]} outputs per "
+                f"sample, but the model gives {num_outputs} on the occluded copies; they must be the model's "
+                "prediction on this batch (what forward_fn and output_key return), before the output transform."
+            )
+        return rows
+
     def _fill(self, modality: Modality, fill: Fill, value: Tensor) -> Tensor:
         try:
             return fill(value, self._generator(value.device))
@@ -353,7 +397,15 @@ class OcclusionEngine:
                 f"occlusion=occlusion, max_batch_size={batch_size or rows}), with the same modalities, forward_fn "
                 "and occlusion as here."
             ) from err
-        output = select_prediction(output, self.output_key)
+        return self.transform_outputs(select_prediction(output, self.output_key), rows)
+
+    def transform_outputs(self, output: object, rows: int) -> Tensor:
+        """Check one prediction of ``rows`` samples, flatten it per sample and apply the output transform.
+
+        Raises:
+            TypeError: If ``output`` is not a tensor.
+            ValueError: If ``output`` does not hold ``rows`` samples along dimension 0.
+        """
         if not isinstance(output, Tensor):
             where = "The model returned" if self.output_key is None else f"output_key={self.output_key!r} selected"
             raise TypeError(

@@ -38,6 +38,7 @@ class ContributionResult:
         perf_clean: The label-aware metric on the clean outputs (``perf_metric`` set), else ``None``.
         perf_drop: ``name -> perf_clean − metric with the modality occluded`` (``perf_metric`` set), else ``None``.
             Label-aware, and separate from the label-free shares above.
+        share_half_width: ``name -> 95% half-width`` of the share (delta method, ``tolerance`` set), else ``None``.
     """
 
     shares: dict[str, float]
@@ -56,6 +57,7 @@ class ContributionResult:
     shapley: ShapleyResult | None = None
     perf_clean: float | None = None
     perf_drop: dict[str, float] | None = None
+    share_half_width: dict[str, float] | None = None
 
     @classmethod
     def from_values(

@@ -42,7 +42,8 @@ def result_scalars(
     Returns:
         ``share/<m>``, ``raw/<m>``, ``balance``; ``attr/<m>/<a>`` for modalities with 2 to 16 attributes; and for
         what the result holds: ``all_occluded_raw``, ``share_low/<m>`` and ``share_high/<m>``, ``perf_clean`` and
-        ``perf_drop/<m>``, ``shapley/<m>``, ``shapley_share/<m>`` and ``interaction/<a>/<b>``.
+        ``perf_drop/<m>``, ``num_samples`` (with ``tolerance``), ``shapley/<m>``, ``shapley_share/<m>`` and
+        ``interaction/<a>/<b>``.
     """
     logged = {f"{prefix}/share/{name}": share for name, share in result.shares.items()}
     logged.update({f"{prefix}/raw/{name}": raw for name, raw in result.raw.items()})
@@ -66,6 +67,8 @@ def result_scalars(
     if result.perf_clean is not None and result.perf_drop is not None:
         logged[f"{prefix}/perf_clean"] = result.perf_clean
         logged.update({f"{prefix}/perf_drop/{name}": value for name, value in result.perf_drop.items()})
+    if result.share_half_width is not None:
+        logged[f"{prefix}/num_samples"] = float(result.num_samples)
     if result.shapley is not None:
         shapley = result.shapley
         logged.update({f"{prefix}/shapley/{name}": value for name, value in shapley.values.items()})
@@ -97,6 +100,8 @@ def history_entry(result: ContributionResult, epoch: int, global_step: int) -> d
         entry.update(share_low=dict(result.share_low), share_high=dict(result.share_high or {}))
     if result.perf_drop is not None:
         entry.update(perf_clean=result.perf_clean, perf_drop=dict(result.perf_drop))
+    if result.share_half_width is not None:
+        entry["share_half_width"] = dict(result.share_half_width)
     if result.shapley is not None:
         entry["shapley"] = dict(result.shapley.values)
     return entry

@@ -1,0 +1,128 @@
+"""How precisely the shares are known so far: delta-method 95% half-widths from sums, for ``tolerance=``.
+
+A measurement with ``tolerance`` stops adding batches once every share's half-width is at most ``tolerance``. The
+half-widths must be cheap (checked after every batch), exact under DDP and order-free, so they come from additive
+sums of the per-sample values ``d_nm = Σ_c |p⁰_nc − p^m_nc|`` (summed over the modality's attributes) and
+``t_n = Σ_m d_nm``:
+
+* ``"ratio_of_sums"``: the share ``s_m = Σ_n d_nm / Σ_n t_n`` is a ratio of means. Its first-order (delta-method)
+  expansion is ``s_m − s_m* ≈ mean_n(d_nm − s_m t_n) / mean_n(t_n)``, so
+  ``Var(s_m) ≈ Var_n(d_nm − s_m t_n) / (N · mean(t)²)``, where the variance of ``u_n = d_nm − s_m t_n`` is
+  ``(Σd² − 2 s Σ d t + s² Σ t²) / (N − 1)`` (the mean of ``u`` is 0 by construction). Sums kept: ``N``, ``Σ d_m``,
+  ``Σ d_m²``, ``Σ d_m t``, ``Σ t``, ``Σ t²``.
+* ``"per_sample"``: the share is the mean of each informative sample's ratio ``r_nm = d_nm / t_n`` (``t_n > 0``);
+  its standard error is the sample standard deviation of ``r_m`` over ``√N``. Sums kept: ``N``, ``Σ r_m``, ``Σ r_m²``.
+
+The half-width is ``z₀.₉₇₅ · standard error`` (``z = 1.96``). Below :data:`MIN_SAMPLES` samples it is ``inf``: the
+normal approximation (and the sample variance) are unreliable on a handful of samples, and stopping there would
+undercover. ``examples/interval_coverage.py`` and ``tests/test_tolerance.py`` check the coverage the rule gives.
+
+Example:
+    >>> import torch
+    >>> from lightning_mc.analyses.precision import ShareHalfWidth
+    >>> metric = ShareHalfWidth(num_modalities=2)
+    >>> d = torch.rand(400, 2, generator=torch.Generator().manual_seed(0))
+    >>> metric.update_values(d)
+    >>> half_width = metric.compute()
+    >>> bool((half_width > 0).all() and (half_width < 0.05).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_mc.analyses.bootstrap import per_sample_values
+
+#: ``z`` of a two-sided 95% normal interval.
+Z_95 = 1.959963984540054
+#: Fewer samples than this give an infinite half-width: no early stop on a handful of samples.
+MIN_SAMPLES = 50
+#: Normalizations a tolerance is available for.
+TOLERANCE_NORMALIZATIONS: tuple[str, ...] = ("ratio_of_sums", "per_sample")
+
+
+def check_tolerance(tolerance: float | None, normalization: str = "ratio_of_sums") -> None:
+    """Raise a ValueError unless ``tolerance`` is ``None`` or a number in ``(0, 1)`` for a supported normalization.
+
+    Example:
+        >>> check_tolerance(0.02)
+    """
+    if tolerance is None:
+        return
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance={tolerance!r} must be None or a half-width in (0, 1), e.g. 0.02.")
+    if normalization not in TOLERANCE_NORMALIZATIONS:
+        raise ValueError(
+            f"tolerance={tolerance!r} is available for normalization in {TOLERANCE_NORMALIZATIONS}; got "
+            f"normalization={normalization!r}."
+        )
+
+
+class ShareHalfWidth(Metric):
+    """Delta-method 95% half-widths of the shares, from sums (``dist_reduce_fx="sum"``: exact under DDP).
+
+    Args:
+        num_modalities: ``M``.
+        normalization: ``"ratio_of_sums"`` or ``"per_sample"`` (see the module docstring).
+        kwargs: Passed to :class:`torchmetrics.Metric`.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, num_modalities: int, normalization: str = "ratio_of_sums", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_tolerance(0.5, normalization)
+        self.normalization = normalization
+        zeros = torch.zeros(num_modalities, dtype=torch.float64)
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_d", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("sum_d2", default=zeros.clone(), dist_reduce_fx="sum")
+        if normalization == "ratio_of_sums":
+            self.add_state("sum_dt", default=zeros.clone(), dist_reduce_fx="sum")
+            self.add_state("sum_t", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("sum_t2", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
+        """Add a batch, as :meth:`lightning_mc.ModalityContribution.update` (non-finite samples are dropped)."""
+        self.update_values(per_sample_values(clean, occluded))
+
+    def update_values(self, values: Tensor) -> None:
+        """Add per-sample values ``d`` ``(N, M)``."""
+        values = values.double()
+        totals = values.sum(1)
+        if self.normalization == "per_sample":  # d is replaced by each informative sample's ratios
+            informative = totals > 0
+            values = values[informative] / totals[informative].unsqueeze(1)
+        else:
+            self.sum_dt += (values * totals.unsqueeze(1)).sum(0)
+            self.sum_t += totals.sum()
+            self.sum_t2 += (totals * totals).sum()
+        self.count += values.shape[0]
+        self.sum_d += values.sum(0)
+        self.sum_d2 += (values * values).sum(0)
+
+    def compute(self) -> Tensor:
+        """The half-widths ``(M,)`` float64; ``inf`` below :data:`MIN_SAMPLES` samples or when nothing moved."""
+        count = float(self.count)
+        if count < max(MIN_SAMPLES, 2):
+            return torch.full_like(self.sum_d, math.inf)
+        if self.normalization == "per_sample":
+            mean = self.sum_d / count
+            variance = (self.sum_d2 - count * mean * mean).clamp_min(0) / (count - 1)
+            return Z_95 * (variance / count).sqrt()
+        if self.sum_t <= 0:
+            return torch.full_like(self.sum_d, math.inf)
+        shares = self.sum_d / self.sum_t
+        residual = self.sum_d2 - 2 * shares * self.sum_dt + shares * shares * self.sum_t2
+        variance = residual.clamp_min(0) / (count - 1)
+        mean_total = self.sum_t / count
+        return Z_95 * (variance / count).sqrt() / mean_total
