@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES
 from lightning_mc.analyses.perf_drop import TargetSpec
+from lightning_mc.callbacks.options import (
+    ReuseOutputs,
+    check_per_output,
+    check_reuse_outputs,
+    per_output_names,
+    reused_prediction,
+)
 from lightning_mc.callbacks.validation_batches import PaddingTrim, batch_limit, check_limit_batches, unpadded_samples
 from lightning_mc.core.engine import ForwardFn, GivenCleanError, OcclusionEngine
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import ModalitiesSpec, Modality
 from lightning_mc.core.occlusion import FillSpec
-from lightning_mc.core.outputs import OutputTransform, select_prediction
+from lightning_mc.core.outputs import OutputTransform
 from lightning_mc.core.result import ContributionResult
 from lightning_mc.measurement import ContributionMeasurement
 from lightning_mc.views.attribute_figures import MeanImages, attribute_figures
@@ -149,7 +155,7 @@ class ModalityContributionMonitor(Callback):
         target: TargetSpec | None = None,
         per_output: bool | Sequence[str] = False,
         prefix: str = "mc",
-        reuse_outputs: bool | str | Callable[[Any], Tensor] = False,
+        reuse_outputs: ReuseOutputs = False,
         tolerance: float | None = None,
     ) -> None:
         super().__init__()
@@ -181,9 +187,9 @@ class ModalityContributionMonitor(Callback):
         self.every_n_epochs, self.limit_batches, self.dataloader_idx = every_n_epochs, limit_batches, dataloader_idx
         self.run_on_sanity_check, self.run_on_fast_dev_run = run_on_sanity_check, run_on_fast_dev_run
         self.run_on_validate, self.dashboard = run_on_validate, dashboard
-        self.per_output = _check_per_output(per_output)
+        self.per_output = check_per_output(per_output)
         self.prefix = prefix
-        self.reuse_outputs = _check_reuse_outputs(reuse_outputs)
+        self.reuse_outputs = check_reuse_outputs(reuse_outputs)
         #: One entry per measured validation run: epoch, global_step, shares, raw, balance, num_samples (and the
         #: options' values: share_low/share_high, perf_clean/perf_drop, shapley).
         self.history: list[dict[str, Any]] = []
@@ -298,7 +304,7 @@ class ModalityContributionMonitor(Callback):
             return
         if batch_idx >= batch_limit(self.limit_batches, trainer, self.dataloader_idx):
             return
-        clean = None if self.reuse_outputs is False else self._reused_prediction(outputs)
+        clean = None if self.reuse_outputs is False else reused_prediction(self.reuse_outputs, outputs)
         real = self._padding.remaining
         try:
             with trainer.precision_plugin.val_step_context():
@@ -309,27 +315,6 @@ class ModalityContributionMonitor(Callback):
         if self._mean_images is not None:
             self._mean_images.update(batch, real)
         self._converged = self.measurement.converged  # reduced: every rank stops after the same batch
-
-    def _reused_prediction(self, outputs: Any) -> Tensor:
-        """The model's prediction from what ``validation_step`` returned (``reuse_outputs``)."""
-        reuse = self.reuse_outputs
-        if reuse is True:
-            prediction = outputs
-        elif isinstance(reuse, str):
-            try:
-                prediction = select_prediction(outputs, reuse)
-            except KeyError as err:
-                raise ValueError(f"reuse_outputs={reuse!r}: {err.args[0]}") from None
-        else:
-            prediction = reuse(outputs)
-        if not isinstance(prediction, Tensor):
-            raise TypeError(
-                f"reuse_outputs={reuse!r} needs the model's output tensor from validation_step, but got "
-                f"{type(prediction).__name__} (validation_step returned {type(outputs).__name__}). Return the "
-                "prediction from validation_step (e.g. `return logits`, or a dict with it and reuse_outputs='<key>'), "
-                "or set reuse_outputs=False."
-            )
-        return prediction
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -356,7 +341,15 @@ class ModalityContributionMonitor(Callback):
         result = self.measurement.compute()  # reduced across processes: every rank logs the same numbers
         self.measurement.reset()
         # values are identical on every rank; sync_dist=True keeps Lightning's DDP bookkeeping consistent
-        for key, value in result_scalars(result, self.prefix, self._output_names(result)).items():
+        output_names = per_output_names(self.per_output, result)
+        if output_names is not None and len(output_names) > MAX_LOGGED_ATTRIBUTES:
+            self._warn_once(
+                "many_outputs",
+                f"per_output: the model has {len(output_names)} outputs; per-output shares are logged for at most "
+                f"{MAX_LOGGED_ATTRIBUTES}. They are in monitor.latest.per_output_shares.",
+            )
+            output_names = None
+        for key, value in result_scalars(result, self.prefix, output_names).items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
         self.latest = result
         self.history.append(history_entry(result, trainer.current_epoch, trainer.global_step))
@@ -373,24 +366,6 @@ class ModalityContributionMonitor(Callback):
         if self._dashboard is not None:
             self._dashboard.finish(trainer, self.history, self.modality_names, self)
 
-    def _output_names(self, result: ContributionResult) -> Sequence[str] | None:
-        if self.per_output is False:
-            return None
-        num_outputs = len(next(iter(result.per_output_shares.values())))
-        if self.per_output is not True and len(self.per_output) != num_outputs:
-            raise ValueError(
-                f"per_output names {len(self.per_output)} outputs ({list(self.per_output)}) but the model has "
-                f"{num_outputs}; give one name per output, or per_output=True to name them by index."
-            )
-        if num_outputs > MAX_LOGGED_ATTRIBUTES:
-            self._warn_once(
-                "many_outputs",
-                f"per_output: the model has {num_outputs} outputs; per-output shares are logged for at most "
-                f"{MAX_LOGGED_ATTRIBUTES}. They are in monitor.latest.per_output_shares.",
-            )
-            return None
-        return [str(index) for index in range(num_outputs)] if self.per_output is True else self.per_output
-
     def _empty_message(self) -> str:
         return (
             f"ModalityContributionMonitor measured no batch of validation dataloader {self.dataloader_idx} "
@@ -401,33 +376,6 @@ class ModalityContributionMonitor(Callback):
         if kind not in self._warned:
             self._warned.add(kind)
             rank_zero_warn(message, category=UserWarning)
-
-
-def _check_reuse_outputs(reuse_outputs: Any) -> bool | str | Callable[[Any], Tensor]:
-    if isinstance(reuse_outputs, bool) or (isinstance(reuse_outputs, str) and reuse_outputs):
-        return reuse_outputs
-    if callable(reuse_outputs) and not isinstance(reuse_outputs, str):
-        return reuse_outputs
-    raise TypeError(
-        f"reuse_outputs={reuse_outputs!r} must be False, True (validation_step returns the output tensor), the key "
-        "or attribute holding it in what validation_step returns (e.g. 'logits'), or a callable outputs -> Tensor."
-    )
-
-
-def _check_per_output(per_output: bool | Sequence[str]) -> bool | tuple[str, ...]:
-    if isinstance(per_output, bool):
-        return per_output
-    if (
-        isinstance(per_output, str)
-        or not isinstance(per_output, Sequence)
-        or not per_output
-        or not all(isinstance(name, str) and name for name in per_output)
-        or len(set(per_output)) != len(per_output)
-    ):
-        raise ValueError(
-            f"per_output={per_output!r} must be a bool or a non-empty sequence of unique, non-empty output names."
-        )
-    return tuple(per_output)
 
 
 __all__ = ["ModalityContributionMonitor"]

@@ -1,0 +1,103 @@
+"""The monitor's options that are about Lightning, not the measurement: ``reuse_outputs`` and ``per_output``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+from torch import Tensor
+
+from lightning_mc.core.outputs import select_prediction
+from lightning_mc.core.result import ContributionResult
+
+#: What ``validation_step`` returned → the model's prediction: ``True`` (the output itself), a key, or a callable.
+ReuseOutputs = Union[bool, str, Callable[[Any], Tensor]]
+
+
+def check_reuse_outputs(reuse_outputs: Any) -> ReuseOutputs:
+    """Return ``reuse_outputs`` if valid, else raise a ``TypeError`` saying what is.
+
+    Example:
+        >>> check_reuse_outputs("logits")
+        'logits'
+    """
+    if isinstance(reuse_outputs, bool) or (isinstance(reuse_outputs, str) and reuse_outputs):
+        return reuse_outputs
+    if callable(reuse_outputs) and not isinstance(reuse_outputs, str):
+        return reuse_outputs
+    raise TypeError(
+        f"reuse_outputs={reuse_outputs!r} must be False, True (validation_step returns the output tensor), the key "
+        "or attribute holding it in what validation_step returns (e.g. 'logits'), or a callable outputs -> Tensor."
+    )
+
+
+def reused_prediction(reuse_outputs: ReuseOutputs, outputs: Any) -> Tensor:
+    """The model's prediction in ``outputs``, what ``validation_step`` returned.
+
+    Raises:
+        ValueError: If ``reuse_outputs`` names a key that ``outputs`` does not have (the message lists those it has).
+        TypeError: If no tensor comes out.
+
+    Example:
+        >>> import torch
+        >>> reused_prediction("logits", {"logits": torch.zeros(2, 3), "loss": torch.tensor(0.5)}).shape
+        torch.Size([2, 3])
+    """
+    if reuse_outputs is True:
+        prediction = outputs
+    elif isinstance(reuse_outputs, str):
+        try:
+            prediction = select_prediction(outputs, reuse_outputs)
+        except KeyError as err:
+            raise ValueError(f"reuse_outputs={reuse_outputs!r}: {err.args[0]}") from None
+    else:
+        prediction = reuse_outputs(outputs)  # type: ignore[operator]
+    if not isinstance(prediction, Tensor):
+        raise TypeError(
+            f"reuse_outputs={reuse_outputs!r} needs the model's output tensor from validation_step, but got "
+            f"{type(prediction).__name__} (validation_step returned {type(outputs).__name__}). Return the "
+            "prediction from validation_step (e.g. `return logits`, or a dict with it and reuse_outputs='<key>'), "
+            "or set reuse_outputs=False."
+        )
+    return prediction
+
+
+def check_per_output(per_output: bool | Sequence[str]) -> bool | tuple[str, ...]:
+    """Return ``per_output`` (a bool or a tuple of output names) if valid, else raise a ``ValueError``.
+
+    Example:
+        >>> check_per_output(["benign", "malignant"])
+        ('benign', 'malignant')
+    """
+    if isinstance(per_output, bool):
+        return per_output
+    if (
+        isinstance(per_output, str)
+        or not isinstance(per_output, Sequence)
+        or not per_output
+        or not all(isinstance(name, str) and name for name in per_output)
+        or len(set(per_output)) != len(per_output)
+    ):
+        raise ValueError(
+            f"per_output={per_output!r} must be a bool or a non-empty sequence of unique, non-empty output names."
+        )
+    return tuple(per_output)
+
+
+def per_output_names(per_output: bool | tuple[str, ...], result: ContributionResult) -> Sequence[str] | None:
+    """The names of the model's outputs whose shares are logged (``None``: ``per_output=False``).
+
+    Raises:
+        ValueError: If ``per_output`` names another number of outputs than the model has.
+    """
+    if per_output is False:
+        return None
+    num_outputs = len(next(iter(result.per_output_shares.values())))
+    if per_output is True:
+        return [str(index) for index in range(num_outputs)]
+    if len(per_output) != num_outputs:
+        raise ValueError(
+            f"per_output names {len(per_output)} outputs ({list(per_output)}) but the model has {num_outputs}; give "
+            "one name per output, or per_output=True to name them by index."
+        )
+    return per_output
