@@ -186,7 +186,7 @@ def modality_shapley(
     )
     with warnings.catch_warnings():  # the one-at-a-time shares, undefined for redundant modalities, are not asked for
         warnings.filterwarnings("ignore", message="Occluding any single modality left every model output unchanged")
-        result = _measure(measurement, model, data, limit_batches, device, show_progress)
+        result = _measure(measurement, model, data, limit_batches, device, show_progress, "modality shapley")
     assert result.shapley is not None  # shapley=True
     return result.shapley
 
@@ -198,11 +198,14 @@ def _measure(
     limit_batches: int | None,
     device: torch.device | str | None,
     show_progress: bool,
+    description: str = "modality contribution",
 ) -> ContributionResult:
     """Add the batches of ``data`` (at most ``limit_batches``; fewer once converged) and compute the measurement."""
+    if not isinstance(show_progress, bool):
+        raise TypeError(f"show_progress={show_progress!r} ({type(show_progress).__name__}) must be True or False.")
     batches = batches_on_device(data, model, limit_batches, device)
     if show_progress:
-        batches = _with_progress(batches, measurement, _num_batches(data, limit_batches))
+        batches = _with_progress(batches, measurement, _num_batches(data, limit_batches), description)
     for batch in batches:
         measurement.update(model, batch)
         if measurement.converged:
@@ -221,14 +224,14 @@ def _num_batches(data: Iterable[Batch], limit_batches: int | None) -> int | None
 
 
 def _with_progress(
-    batches: Iterable[Batch], measurement: ContributionMeasurement, total: int | None
+    batches: Iterable[Batch], measurement: ContributionMeasurement, total: int | None, description: str
 ) -> Iterable[Batch]:
     """``batches``, with a tqdm bar that shows the model rows (clean and occluded copies) run per second."""
     from tqdm.auto import tqdm  # tqdm comes with Lightning; imported only when a bar is asked for
 
     engine = measurement.engine
     start_rows, start = engine.rows_forwarded, time.perf_counter()
-    with tqdm(batches, total=total, unit="batch", desc="modality contribution") as bar:
+    with tqdm(batches, total=total, unit="batch", desc=description) as bar:
         for batch in bar:
             yield batch
             elapsed = max(time.perf_counter() - start, 1e-9)

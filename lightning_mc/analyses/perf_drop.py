@@ -135,6 +135,8 @@ class PerformanceDrop:
                 f"The targets have {target.shape[0]} samples but the outputs {clean.shape[0]}; target must select "
                 "per-sample targets along dimension 0."
             )
+        if target.shape[0] == 0:  # e.g. a batch of DistributedSampler padding only: nothing to add
+            return
         target = target.to(clean.device)
         self.clean.update(_preds(clean, target), target)
         for name in self.modality_names:

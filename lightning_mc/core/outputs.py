@@ -46,6 +46,14 @@ def select_prediction(output: Any, output_key: str | None) -> Any:
         available = [str(key) for key in output]
     elif hasattr(output, output_key):
         return getattr(output, output_key)
+    elif isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        available = list(output._fields)
+    elif isinstance(output, (tuple, list)):
+        raise KeyError(
+            f"output_key={output_key!r} names a key, but the model's output is a {type(output).__name__} of "
+            f"{len(output)} items. Pass a forward_fn that returns the prediction tensor, e.g. "
+            "forward_fn=lambda model, batch: model(...)[0], and no output_key."
+        )
     else:
         available = [name for name in vars(output) if not name.startswith("_")] if hasattr(output, "__dict__") else []
     raise KeyError(

@@ -8,6 +8,7 @@ drawn on the Agg canvas, so no display is needed and the user's pyplot state is 
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -221,6 +222,16 @@ def summary_markdown(
     )
 
 
+def _tensorboard_logger_types() -> tuple[type, ...]:
+    """``lightning.pytorch``'s TensorBoardLogger, and ``pytorch_lightning``'s when the user's code has imported it.
+
+    The two packages define separate classes and a trainer of either namespace may hold either logger;
+    ``pytorch_lightning`` is never imported here.
+    """
+    legacy = sys.modules.get("pytorch_lightning.loggers.tensorboard")
+    return (TensorBoardLogger,) if legacy is None else (TensorBoardLogger, legacy.TensorBoardLogger)
+
+
 class ContributionDashboard:
     """Writes one monitor's part of the dashboard into a :class:`~lightning.pytorch.loggers.TensorBoardLogger`.
 
@@ -247,7 +258,7 @@ class ContributionDashboard:
     def for_trainer(cls, trainer: pl.Trainer, prefix: str = "mc") -> ContributionDashboard | None:
         """A dashboard on the trainer's first TensorBoard logger, or ``None`` if it has none."""
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, _tensorboard_logger_types()):
                 return cls(logger, prefix)
         return None
 
