@@ -7,7 +7,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
-from lightning_mc.core.outputs import select_prediction
+from lightning_mc.core.outputs import available_keys, select_prediction
 from lightning_mc.core.result import ContributionResult
 
 #: What ``validation_step`` returned → the model's prediction: ``True`` (the output itself), a key, or a callable.
@@ -48,8 +48,12 @@ def reused_prediction(reuse_outputs: ReuseOutputs, outputs: Any) -> Tensor:
     elif isinstance(reuse_outputs, str):
         try:
             prediction = select_prediction(outputs, reuse_outputs)
-        except KeyError as err:
-            raise ValueError(f"reuse_outputs={reuse_outputs!r}: {err.args[0]}") from None
+        except KeyError:
+            raise ValueError(
+                f"reuse_outputs={reuse_outputs!r}: validation_step returned a {type(outputs).__name__} without "
+                f"{reuse_outputs!r}; it has {available_keys(outputs) or 'no keys or attributes'}. Return the "
+                "prediction under that key, or set reuse_outputs to the key that holds it."
+            ) from None
     else:
         prediction = reuse_outputs(outputs)  # type: ignore[operator]
     if not isinstance(prediction, Tensor):

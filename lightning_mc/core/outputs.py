@@ -30,6 +30,22 @@ def check_output_key(output_key: str | None) -> None:
         )
 
 
+def available_keys(output: Any) -> list[str]:
+    """The keys (mapping), fields (namedtuple) or public attributes of ``output``, for error messages.
+
+    Example:
+        >>> available_keys({"logits": 1, "loss": 2})
+        ['logits', 'loss']
+    """
+    if isinstance(output, Mapping):  # a dict, or a Hugging Face ModelOutput (an OrderedDict)
+        return [str(key) for key in output]
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return list(output._fields)
+    if isinstance(output, (tuple, list)) or not hasattr(output, "__dict__"):
+        return []
+    return [name for name in vars(output) if not name.startswith("_")]
+
+
 def select_prediction(output: Any, output_key: str | None) -> Any:
     """The prediction in ``output``: ``output[output_key]`` for a mapping, else ``getattr(output, output_key)``.
 
@@ -40,26 +56,21 @@ def select_prediction(output: Any, output_key: str | None) -> Any:
     """
     if output_key is None:
         return output
-    if isinstance(output, Mapping):  # a dict, or a Hugging Face ModelOutput (an OrderedDict)
+    if isinstance(output, Mapping):
         if output_key in output:
             return output[output_key]
-        available = [str(key) for key in output]
-    elif hasattr(output, output_key):
-        return getattr(output, output_key)
-    elif isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
-        available = list(output._fields)
-    elif isinstance(output, (tuple, list)):
+    elif isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
         raise KeyError(
             f"output_key={output_key!r} names a key, but the model's output is a {type(output).__name__} of "
             f"{len(output)} items. Pass a forward_fn that returns the prediction tensor, e.g. "
             "forward_fn=lambda model, batch: model(...)[0], and no output_key."
         )
-    else:
-        available = [name for name in vars(output) if not name.startswith("_")] if hasattr(output, "__dict__") else []
+    elif hasattr(output, output_key):
+        return getattr(output, output_key)
     raise KeyError(
         f"output_key={output_key!r} is not in the model's output ({type(output).__name__}); it has "
-        f"{available or 'no keys or attributes'}. Pass one of those as output_key, or a forward_fn that returns the "
-        "prediction tensor."
+        f"{available_keys(output) or 'no keys or attributes'}. Pass one of those as output_key, or a forward_fn that "
+        "returns the prediction tensor."
     )
 
 
