@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from torchmetrics.utilities import rank_zero_warn
 
 from lightning_mc.core.modality import Batch, Modality
-from lightning_mc.core.occlusion import AttributeMasks, Fill, FillSpec, occlude, resolve_fill
+from lightning_mc.core.occlusion import (
+    AttributeMasks,
+    Fill,
+    FillSpec,
+    occlude,
+    plain_tensor,
+    resolve_fill,
+    rows_like,
+)
 from lightning_mc.core.outputs import OutputTransform, check_output_key, resolve_output_transform, select_prediction
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -265,7 +273,8 @@ class OcclusionEngine:
 
     def _modality_values(self, batch: Batch) -> tuple[list[Tensor], int]:
         """Each modality's tensor in ``batch`` and the common batch size; a clear error if the sizes differ."""
-        values = [modality.select(batch) for modality in self.modalities]
+        # plain views: the engine's rows, fills and masks never go through a subclass (MetaTensor); see rows_like
+        values = [plain_tensor(modality.select(batch)) for modality in self.modalities]
         batch_size = values[0].shape[0]
         for modality, value in zip(self.modalities, values):
             if value.shape[0] != batch_size:
@@ -326,14 +335,16 @@ class OcclusionEngine:
         """
         max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
         outputs, labels = [], []
+        originals = [modality.select(batch) for modality in self.modalities]  # the batch's own (sub)class
         for chunk in plan_chunks(num_copies, batch_size, max_rows):
             # the modality tensors are replaced below: only the other tensors of the batch are cut here
             chunk_batch = apply_to_collection(
-                batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(value) for value in values}
+                batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(o) for o in originals}
             )
+            ranges = [(piece.start, piece.stop) for piece in chunk]
             for owner, modality in enumerate(self.modalities):
                 parts = [part(owner, piece.copy, slice(piece.start, piece.stop)) for piece in chunk]
-                chunk_batch = modality.replace(chunk_batch, torch.cat(parts))
+                chunk_batch = modality.replace(chunk_batch, rows_like(originals[owner], torch.cat(parts), ranges))
             rows = sum(piece.stop - piece.start for piece in chunk)
             copy_names = [copy_name(piece.copy) for piece in chunk]
             holds_clean = None in copy_names
@@ -417,7 +428,7 @@ class OcclusionEngine:
                 f"The model output has shape {tuple(output.shape)} for an input of {rows} samples; expected the "
                 "samples along dimension 0. Use `forward_fn` to return per-sample outputs."
             )
-        output = output.reshape(rows, -1)
+        output = plain_tensor(output).reshape(rows, -1)  # a MetaTensor output would slice by sample metadata
         if self.output_transform == "softmax" and output.shape[1] == 1 and not self._warned_single_output_softmax:
             self._warned_single_output_softmax = True
             rank_zero_warn(
@@ -487,4 +498,5 @@ def _concat_rows(
     """Rows of a batch tensor for one chunk; tensors without the batch dimension or in ``skip`` (ids) pass unchanged."""
     if id(tensor) in skip or tensor.ndim == 0 or tensor.shape[0] != batch_size:
         return tensor
-    return torch.cat([tensor[piece.start : piece.stop] for piece in pieces])
+    rows = torch.cat([plain_tensor(tensor)[piece.start : piece.stop] for piece in pieces])
+    return rows_like(tensor, rows, [(piece.start, piece.stop) for piece in pieces])

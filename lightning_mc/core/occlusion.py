@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, Union, runtime_checkable
 
@@ -239,6 +241,9 @@ class AttributeMasks:
     whole: bool = False
 
     def __post_init__(self) -> None:
+        # a mask built from a MetaTensor (a padding mask from a MONAI batch) would carry per-sample metadata along a
+        # first dimension that counts attributes: MONAI would split it wrongly when the engine takes its rows
+        object.__setattr__(self, "masks", plain_tensor(self.masks))
         if self.masks.dtype != torch.bool:
             raise TypeError(f"masks must be a boolean tensor, got dtype {self.masks.dtype}.")
         if self.masks.shape[0] != len(self.names):
@@ -274,3 +279,93 @@ def occlude(value: Tensor, fill: Tensor, mask: Tensor) -> Tensor:
         mask: Boolean mask broadcasting against ``value``.
     """
     return torch.where(mask, fill, value)
+
+
+# Tensor subclasses (MONAI's MetaTensor and others) ------------------------------------------------------------------
+#
+# The engine cuts, fills, masks and stacks rows on plain views of the modality tensors, and hands each forward call
+# its rows back in the batch's own type. Why: a batched MetaTensor carries one metadata entry per sample and MONAI
+# applies them to dimension 0 of every result, but the engine's results are laid out differently (``(copies · N,
+# ...)`` rows, ``(h, N, L)`` masks, ``(copies, N, C)`` outputs). Slicing those raises MONAI's "Inconsistent batched
+# metadata dicts when slicing a batch of MetaTensors" or, worse, pairs rows with another sample's metadata; a slice
+# of a MetaTensor also decollates and re-stacks the whole batch (a copy of the data per slice). A plain view shares
+# the storage (no copy) and gives bit-identical numbers; the model still receives a MetaTensor, with each row's own
+# metadata, for the cost of collating a few small metadata dicts per forward call. Fills and attribute builders get
+# the plain view too (a builder reading a batch entry, e.g. an ``attention_mask``, still gets the batch as it is, and
+# :class:`AttributeMasks` keeps its masks plain); what the model returns is read as a plain tensor.
+
+
+def plain_tensor(tensor: Tensor) -> Tensor:
+    """``tensor`` as a plain :class:`torch.Tensor` view of the same storage (no copy); plain tensors pass unchanged.
+
+    Example:
+        >>> class Tagged(torch.Tensor):
+        ...     pass
+        >>> tagged = torch.zeros(2).as_subclass(Tagged)
+        >>> type(plain_tensor(tagged)).__name__, plain_tensor(tagged).data_ptr() == tagged.data_ptr()
+        ('Tensor', True)
+    """
+    if type(tensor) is Tensor or not isinstance(tensor, Tensor) or tensor.is_nested:
+        return tensor
+    return tensor.as_subclass(Tensor)
+
+
+def rows_like(source: Tensor, rows: Tensor, row_ranges: Sequence[tuple[int, int]]) -> Tensor:
+    """Rows built from ``source``'s samples, handed back in ``source``'s type.
+
+    ``rows`` is a plain tensor whose rows came from samples ``start .. stop - 1`` of ``source`` for each
+    ``(start, stop)`` in ``row_ranges`` in turn (an occluded copy of sample ``k`` counts as sample ``k``).
+
+    - ``source`` a plain tensor: ``rows`` as it is.
+    - ``source`` a MONAI ``MetaTensor``: a ``MetaTensor`` whose metadata (``meta``, ``applied_operations``) are the
+      rows' samples' metadata, batched as MONAI's ``DataLoader`` batches them, so a model or ``forward_fn`` that reads
+      them sees consistent metadata; a ``MetaTensor`` that is not a batch (one metadata for every row) gives each
+      row a copy of it. When the batched metadata do not split into the samples, the rows stay a plain tensor
+      (with a warning): a MONAI network takes plain tensors, and no metadata is better than another sample's.
+    - another subclass: ``rows.as_subclass(type(source))``, what torch's own operations return, when the subclass
+      keeps torch's ``__torch_function__``; a plain tensor when it overrides it (its state cannot be rebuilt here).
+
+    Example:
+        >>> source = torch.arange(6.0).view(3, 2)
+        >>> rows_like(source, torch.cat([source[1:3], source[0:1]]), [(1, 3), (0, 1)]).tolist()
+        [[2.0, 3.0], [4.0, 5.0], [0.0, 1.0]]
+    """
+    kind = type(source)
+    if kind is Tensor or not isinstance(source, Tensor):
+        return rows
+    meta_tensor = getattr(sys.modules.get("monai.data.meta_tensor"), "MetaTensor", None)
+    if meta_tensor is not None and isinstance(source, meta_tensor):
+        return _meta_tensor_rows(meta_tensor, source, rows, row_ranges)
+    if getattr(kind.__torch_function__, "__func__", None) is Tensor.__torch_function__.__func__:
+        return rows.as_subclass(kind)
+    return rows
+
+
+def _meta_tensor_rows(meta_tensor: type, source: Tensor, rows: Tensor, row_ranges: Sequence[tuple[int, int]]) -> Tensor:
+    """A ``MetaTensor`` of ``rows`` with the metadata of the samples they came from (see :func:`rows_like`)."""
+    from monai.data.utils import decollate_batch
+
+    result = meta_tensor(rows)
+    result.copy_meta_from(source)  # MONAI's own copy: meta, applied_operations, is_batch, spatial_ndim
+    size = source.shape[0]
+    if not source.is_batch or list(row_ranges) == [(0, size)]:  # one metadata for all rows, or the batch itself
+        return result
+    operations = source.applied_operations
+    try:
+        metas = decollate_batch(source.meta, detach=False)
+        if len(metas) != size or len(operations) not in (0, size):  # none recorded (a hand-built batch) is fine
+            raise ValueError(f"{len(metas)} metadata dicts and {len(operations)} applied_operations entries")
+        index = [sample for start, stop in row_ranges for sample in range(start, stop)]
+        # as MONAI's DataLoader collates them (monai.data.utils.collate_meta_tensor_fn)
+        result.meta = torch.utils.data.default_collate([metas[sample] for sample in index])
+    except Exception as err:  # MONAI and default_collate raise many types on metadata they cannot split
+        warnings.warn(
+            f"A batched MetaTensor of shape {tuple(source.shape)} has metadata that do not split into its {size} "
+            f"samples ({type(err).__name__}: {err}): the rows built from it reach the model as plain tensors, without "
+            "metadata. Batch MetaTensors with monai.data.DataLoader (or monai.data.list_data_collate) to keep them.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return rows
+    result.applied_operations = [operations[sample] for sample in index] if operations else []
+    return result
