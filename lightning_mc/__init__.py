@@ -13,6 +13,7 @@ The package is layered; imports flow one way, from the top of this list to the b
 """
 
 from lightning_mc.analyses.shapley import ModalityShapley, ShapleyResult
+from lightning_mc.callbacks.balancer import ModalityBalancer
 from lightning_mc.callbacks.early_stopping import CollapseEarlyStopping
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.core.metric import ModalityContribution
@@ -25,6 +26,7 @@ __all__ = [
     "ContributionMeasurement",
     "ContributionResult",
     "Modality",
+    "ModalityBalancer",
     "ModalityContribution",
     "ModalityContributionMonitor",
     "ModalityShapley",

@@ -48,6 +48,9 @@ class CollapseEarlyStopping(Callback):
     Attributes:
         collapsed_modality: Name of the modality whose collapse was flagged first, ``None`` while there is none.
         collapse_epoch: Epoch of the check that flagged the collapse (with either action), or ``None``.
+        collapse_start_epoch: Epoch where that collapse began: the first counted check of the run of consecutive
+            checks below ``min_share`` that flagged it, or ``None``. The last checkpoint saved before this epoch holds
+            the pre-collapse model (``docs/how-to/collapse.md``).
         collapse_share: The modality's share at that check.
         stopped_epoch: Epoch at which training was told to stop, ``None`` if it was not (always ``None`` with
             ``action="warn"``).
@@ -106,6 +109,7 @@ class CollapseEarlyStopping(Callback):
         self.monitor = monitor
         self.collapsed_modality: str | None = None
         self.collapse_epoch: int | None = None
+        self.collapse_start_epoch: int | None = None
         self.collapse_share: float | None = None
         self.stopped_epoch: int | None = None
         self.collapse_message: str | None = None
@@ -182,6 +186,7 @@ class CollapseEarlyStopping(Callback):
             "last_check": None if self._last_check is None else list(self._last_check),
             "collapsed_modality": self.collapsed_modality,
             "collapse_epoch": self.collapse_epoch,
+            "collapse_start_epoch": self.collapse_start_epoch,
             "collapse_share": self.collapse_share,
             "stopped_epoch": self.stopped_epoch,
             "collapse_message": self.collapse_message,
@@ -201,6 +206,21 @@ class CollapseEarlyStopping(Callback):
         self.stopped_epoch = state_dict.get("stopped_epoch")
         self.collapse_message = state_dict.get("collapse_message")
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
+        self.collapse_start_epoch = state_dict.get("collapse_start_epoch", self._start_from_history())
+
+    def _start_from_history(self) -> int | None:
+        """The collapse's first epoch read from the history (checkpoints written before ``collapse_start_epoch``)."""
+        if self.collapsed_modality is None or self.collapse_epoch is None:
+            return None
+        start = None
+        for entry in self.history:
+            if not entry.get("counted") or entry["epoch"] > self.collapse_epoch:
+                continue
+            share = entry["shares"].get(self.collapsed_modality, math.nan)
+            if math.isnan(share):  # neither counts nor resets
+                continue
+            start = None if share >= self.min_share else (entry["epoch"] if start is None else start)
+        return start
 
     def _should_skip_check(self, trainer: pl.Trainer) -> bool:
         return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
@@ -291,6 +311,7 @@ class CollapseEarlyStopping(Callback):
         if self.collapsed_modality is None:
             self.collapsed_modality = name
             self.collapse_epoch = epoch
+            self.collapse_start_epoch = since
             self.collapse_share = share
             self.collapse_message = message
         if self.action == "stop":
