@@ -19,14 +19,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
+from lightning_mc.callbacks.monitor_reader import MonitorReader
 
 EncoderSpec = Mapping[str, "str | Sequence[str]"]
 
@@ -80,7 +79,7 @@ def balance_coefficients(shares: Mapping[str, float], alpha: float, floor: float
     return coefficients
 
 
-class ModalityBalancer(Callback):
+class ModalityBalancer(MonitorReader):
     r"""Slow down the modality that dominates a multimodal model, from the monitor's label-free contribution shares.
 
     After each check of a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer the balancer sets one
@@ -238,27 +237,6 @@ class ModalityBalancer(Callback):
         self._handles = []
         self._masks = {}
 
-    def _find_monitor(self, trainer: pl.Trainer) -> ModalityContributionMonitor:
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, ModalityContributionMonitor)]
-        if self.monitor is not None:
-            if not any(cb is self.monitor for cb in monitors):
-                raise RuntimeError(
-                    "ModalityBalancer(monitor=...) was given a ModalityContributionMonitor that is not in "
-                    "trainer.callbacks; add it to the Trainer's callbacks too."
-                )
-            return self.monitor
-        if not monitors:
-            raise RuntimeError(
-                "ModalityBalancer reads the shares of a ModalityContributionMonitor, but trainer.callbacks has none. "
-                "Add one: Trainer(callbacks=[ModalityContributionMonitor(...), ModalityBalancer(...)])."
-            )
-        if len(monitors) > 1:
-            raise RuntimeError(
-                f"trainer.callbacks has {len(monitors)} ModalityContributionMonitor callbacks "
-                f"({', '.join(repr(m) for m in monitors)}); pass the one to read as ModalityBalancer(monitor=...)."
-            )
-        return monitors[0]
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -275,18 +253,8 @@ class ModalityBalancer(Callback):
         self._last_check = None if last_check is None else (int(last_check[0]), int(last_check[1]))
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
 
-    def _should_skip_check(self, trainer: pl.Trainer) -> bool:
-        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
-
     @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip_check(trainer) or self.monitor is None or not self.monitor.history:
-            return
-        entry = self.monitor.history[-1]
-        check = (int(entry["epoch"]), int(entry["global_step"]))
-        if check == self._last_check:  # the monitor did not measure this validation run
-            return
-        self._last_check = check
+    def _on_monitor_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
         self._update_coefficients(entry)
 
     def _update_coefficients(self, entry: dict[str, Any]) -> None:

@@ -6,19 +6,18 @@ import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
+from lightning_mc.callbacks.monitor_reader import MonitorReader
 from lightning_mc.views.tensorboard import CollapseMarks, marks_from_stopper
 
 CollapseAction = Literal["stop", "warn"]
 _ACTIONS = ("stop", "warn")
 
 
-class CollapseEarlyStopping(Callback):
+class CollapseEarlyStopping(MonitorReader):
     r"""Stop training (or only flag it) when a modality's contribution share collapses.
 
     Reads the shares that a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer measured (the
@@ -156,27 +155,6 @@ class CollapseEarlyStopping(Callback):
             )
         self._watched = self.modalities
 
-    def _find_monitor(self, trainer: pl.Trainer) -> ModalityContributionMonitor:
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, ModalityContributionMonitor)]
-        if self.monitor is not None:
-            if not any(cb is self.monitor for cb in monitors):
-                raise RuntimeError(
-                    "CollapseEarlyStopping(monitor=...) was given a ModalityContributionMonitor that is not in "
-                    "trainer.callbacks; add it to the Trainer's callbacks too."
-                )
-            return self.monitor
-        if not monitors:
-            raise RuntimeError(
-                "CollapseEarlyStopping reads the shares of a ModalityContributionMonitor, but trainer.callbacks has "
-                "none. Add one: Trainer(callbacks=[ModalityContributionMonitor(...), CollapseEarlyStopping(...)])."
-            )
-        if len(monitors) > 1:
-            raise RuntimeError(
-                f"trainer.callbacks has {len(monitors)} ModalityContributionMonitor callbacks "
-                f"({', '.join(repr(m) for m in monitors)}); pass the one to read as CollapseEarlyStopping(monitor=...)."
-            )
-        return monitors[0]
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -222,18 +200,8 @@ class CollapseEarlyStopping(Callback):
             start = None if share >= self.min_share else (entry["epoch"] if start is None else start)
         return start
 
-    def _should_skip_check(self, trainer: pl.Trainer) -> bool:
-        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
-
     @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip_check(trainer) or self.monitor is None or not self.monitor.history:
-            return
-        entry = self.monitor.history[-1]
-        check = (int(entry["epoch"]), int(entry["global_step"]))
-        if check == self._last_check:  # the monitor did not measure this validation run
-            return
-        self._last_check = check
+    def _on_monitor_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
         self._run_collapse_check(trainer, entry)
 
     def _run_collapse_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:

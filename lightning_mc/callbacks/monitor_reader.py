@@ -1,0 +1,62 @@
+"""The base of the callbacks that act on a monitor's checks: find the monitor, see each new check once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
+
+from lightning_mc.callbacks.monitor import ModalityContributionMonitor
+
+
+class MonitorReader(Callback):
+    """Reads the checks of one :class:`~lightning_mc.ModalityContributionMonitor` of the trainer.
+
+    Subclasses set ``self.monitor`` (the ``monitor=`` argument, or ``None``), call :meth:`_find_monitor` in ``setup``
+    and implement :meth:`_on_monitor_check`, which runs once per measured validation run of a fit (not during the
+    sanity check or ``fast_dev_run``), on every process, with the monitor's new history entry.
+    """
+
+    monitor: ModalityContributionMonitor | None
+    _last_check: tuple[int, int] | None = None
+
+    def _find_monitor(self, trainer: pl.Trainer) -> ModalityContributionMonitor:
+        """``self.monitor`` if it is in the trainer, else the trainer's single monitor; a clear error otherwise."""
+        name = type(self).__name__
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, ModalityContributionMonitor)]
+        if self.monitor is not None:
+            if not any(cb is self.monitor for cb in monitors):
+                raise RuntimeError(
+                    f"{name}(monitor=...) was given a ModalityContributionMonitor that is not in trainer.callbacks; "
+                    "add it to the Trainer's callbacks too."
+                )
+            return self.monitor
+        if not monitors:
+            raise RuntimeError(
+                f"{name} reads the shares of a ModalityContributionMonitor, but trainer.callbacks has none. Add one: "
+                f"Trainer(callbacks=[ModalityContributionMonitor(...), {name}(...)])."
+            )
+        if len(monitors) > 1:
+            raise RuntimeError(
+                f"trainer.callbacks has {len(monitors)} ModalityContributionMonitor callbacks "
+                f"({', '.join(repr(m) for m in monitors)}); pass the one to read as {name}(monitor=...)."
+            )
+        return monitors[0]
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skip = trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+        if skip or self.monitor is None or not self.monitor.history:
+            return
+        entry = self.monitor.history[-1]
+        check = (int(entry["epoch"]), int(entry["global_step"]))
+        if check == self._last_check:  # the monitor did not measure this validation run
+            return
+        self._last_check = check
+        self._on_monitor_check(trainer, entry)
+
+    def _on_monitor_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
+        raise NotImplementedError
