@@ -16,8 +16,8 @@ clinical variables per variable (``ColumnGroups``: the three grade indicators ar
 trained alone give the single-modality AUCs, as in Gapp et al.
 
 Pictures: the top genes and the clinical variables (mean attribute share over folds) are saved as PNG under ``--out``
-and written to TensorBoard there (``tensorboard --logdir runs/breast_cancer``), next to fold 0's share curves and the
-monitor's own top-genes figure (``mc_attributes/genes``: 76 genes are too many for scalars).
+and written to TensorBoard there (``.venv/bin/tensorboard --logdir runs/breast_cancer``), next to fold 0's share
+curves and the monitor's own top-genes figure (``mc_attributes/genes``: 76 genes are too many for scalars).
 
 Run:  python examples/breast_cancer_genes_clinical.py   (about 30 s on CPU)
 """

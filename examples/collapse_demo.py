@@ -268,7 +268,7 @@ def main() -> None:
     print(
         f"\nDone in {time.perf_counter() - start:.0f} s. Watch both runs in TensorBoard (CUSTOM SCALARS, IMAGES, TEXT):"
     )
-    print(f"  tensorboard --logdir {args.logdir}")
+    print(f"  .venv/bin/tensorboard --logdir {args.logdir}")
 
 
 if __name__ == "__main__":

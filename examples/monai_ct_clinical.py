@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     experiment.add_scalar("lesion_overlap/top3", top, trainer.global_step)
     experiment.add_scalar("lesion_overlap/chance", chance, trainer.global_step)
     experiment.flush()
-    print(f"\nDone in {time.perf_counter() - start:.0f} s. TensorBoard: tensorboard --logdir {args.log_dir}")
+    print(f"\nDone in {time.perf_counter() - start:.0f} s. TensorBoard: .venv/bin/tensorboard --logdir {args.log_dir}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def main() -> None:
         log_every_n_steps=8,
     )
     trainer.fit(ImageTableNet(), train, val)
-    print(f"\nTensorBoard logs: {logger.log_dir}\nOpen them with:   tensorboard --logdir {logger.log_dir}")
+    print(f"\nTensorBoard logs: {logger.log_dir}\nOpen them with:   .venv/bin/tensorboard --logdir {logger.log_dir}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from lightning_mc.core.engine import OccludedOutputs, OcclusionEngine
 from lightning_mc.core.modality import Batch
 from lightning_mc.core.occlusion import WholeModality
 
-#: Where the targets are in a batch: a dict key, a tuple/list index, or ``batch -> Tensor``.
+#: Where the targets are in a batch (a dict key, a tuple/list index, or ``batch -> Tensor``).
 TargetSpec = Union[str, int, Callable[[Batch], Tensor]]
 
 

@@ -3,7 +3,7 @@
 One-at-a-time occlusion (:class:`lightning_mc.ModalityContribution`) cannot tell "this modality is useless" from
 "these modalities are redundant": if either of two modalities alone suffices, occluding one of them moves nothing and
 both get a raw value of ~0. Here every coalition ``S`` of whole modalities is occluded at once and the cooperative
-game
+game::
 
     v(S) = mean over samples of Σ_c |p⁰_c − p^S_c|,   v(∅) = 0,
 
@@ -11,11 +11,11 @@ game
 ``M`` modalities this costs ``2^M − 1`` occluded copies of each batch (plus the clean one), run batched by
 :meth:`lightning_mc.core.engine.OcclusionEngine.run_coalitions`; ``M ≤ 6`` (63 copies).
 
-Shapley value of modality ``i``:
+Shapley value of modality ``i``::
 
     φ_i = Σ_{S ⊆ M∖{i}} |S|! (M − |S| − 1)! / M! · [v(S ∪ {i}) − v(S)],
 
-so ``Σ_i φ_i = v(M)`` (efficiency) and the shares ``φ_i / Σ φ`` sum to 1. Pairwise Shapley interaction index:
+so ``Σ_i φ_i = v(M)`` (efficiency) and the shares ``φ_i / Σ φ`` sum to 1. Pairwise Shapley interaction index::
 
     I_ij = Σ_{S ⊆ M∖{i,j}} |S|! (M − |S| − 2)! / (M − 1)! · [v(S ∪ {i,j}) − v(S ∪ {i}) − v(S ∪ {j}) + v(S)].
 

@@ -190,8 +190,8 @@ class ModalityContributionMonitor(Callback):
         self.per_output = check_per_output(per_output)
         self.prefix = prefix
         self.reuse_outputs = check_reuse_outputs(reuse_outputs)
-        #: One entry per measured validation run: epoch, global_step, shares, raw, balance, num_samples (and the
-        #: options' values: share_low/share_high, perf_clean/perf_drop, shapley).
+        #: One entry per measured validation run, with epoch, global_step, shares, raw, balance, num_samples (and
+        #: the options' values: share_low/share_high, perf_clean/perf_drop, shapley).
         self.history: list[dict[str, Any]] = []
         #: The latest measurement, with attribute values and per-output shares.
         self.latest: ContributionResult | None = None

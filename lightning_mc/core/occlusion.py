@@ -36,7 +36,7 @@ def _is_integer_like(dtype: torch.dtype) -> bool:
 class Fill:
     """Base class of fills: the value that replaces an occluded modality (or the occluded part of it).
 
-    Subclasses implement :meth:`_fill`; :meth:`__call__` checks that the result can replace the input.
+    Subclasses implement ``_fill``; :meth:`__call__` checks that the result can replace the input.
     """
 
     #: Whether the fill is defined for integer tensors such as token ids.
