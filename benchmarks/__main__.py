@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only P1,P3] [--out DIR]``: run the benchmarks, print and save the tables."""
+"""``python -m benchmarks [--quick] [--only P1,P6] [--device cuda] [--out DIR]``: run, print and save the tables."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import report, suites
+from benchmarks import report, savings, suites
 from benchmarks.breakdown import breakdown
-from benchmarks.timing import pick_device
+from benchmarks.timing import CLOCKS, DEVICES, choose_clock, pick_device, set_clock
 
-SUITES = ("P1", "P2", "P3", "P4", "P5", "scaling", "breakdown")
+SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "scaling", "breakdown")
 
 
 def machine(device: torch.device, command: str) -> dict[str, Any]:
@@ -62,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch intra-op threads on CPU; 0 (default): the cores left free by the 1-minute load average, at least 1",
     )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where models and batches live; auto (default): cuda when available, else cpu. CUDA timings synchronise "
+        "the device around every timed call",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="auto",
+        help="what a timing reads; auto (default): the thread's CPU time on CPU with 1 thread (robust on a shared "
+        "machine), else the wall clock",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where JSON/MD go")
     args = parser.parse_args(argv)
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -73,15 +87,30 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    device = pick_device()
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        parser.error(f"--device {args.device}: {err}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = args.threads if args.threads > 0 else free_cores(load)
     torch.set_num_threads(threads)
+    try:
+        clock = choose_clock(args.clock, device, threads)
+    except ValueError as err:
+        parser.error(f"--clock {args.clock}: {err}")
+    set_clock(clock)
     config = suites.Config(quick=args.quick, device=device)
-    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (f" --threads {threads}")
+    command = "python -m benchmarks" + (" --quick" if args.quick else "") + f" --threads {threads}"
+    if args.device != "auto":
+        command += f" --device {args.device}"
+    if args.clock != "auto":
+        command += f" --clock {args.clock}"
+    if selected != list(SUITES):
+        command += f" --only {','.join(selected)}"
     info = machine(device, command)
+    info["clock"] = {"thread": "thread CPU time (time.thread_time)", "wall": "wall clock (time.perf_counter)"}[clock]
     info["load_average_at_start"] = round(load, 2)
-    print(f"lightning-mc benchmarks on {info['description']} ({device})", flush=True)
+    print(f"lightning-mc benchmarks on {info['description']} ({device}; {info['clock']})", flush=True)
 
     rows: list[suites.Row] = []
     tables: list[suites.Table] = []
@@ -102,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             found, by_budget, by_masks = suites.p5_memory(config)
             rows += found
             tables += [by_budget, by_masks]
+        elif name == "P6":
+            found, table = savings.p6_reuse(config)
+            rows += found
+            tables.append(table)
+        elif name == "P7":
+            found, table = savings.p7_tolerance(config)
+            rows += found
+            tables.append(table)
         elif name == "scaling":
             tables.append(suites.scaling(config))
         elif name == "breakdown":
@@ -112,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for table in [report.summary_table(rows), *tables]:
         print(report.text(table))
-    stem = "quick" if args.quick else "results"
+    # a partial run writes beside the full run's files, never over them
+    stem = ("quick" if args.quick else "results") + ("" if selected == list(SUITES) else "-" + "-".join(selected))
     paths = report.write(args.out, stem, info, rows, tables)
     print(f"total {info['seconds']} s; wrote " + ", ".join(str(p) for p in paths))
     return 0

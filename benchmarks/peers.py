@@ -42,22 +42,38 @@ class Monitor:
         )
         self.engine = self.measurement.engine
 
-    def __call__(self, model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+    def __call__(
+        self, model: nn.Module, batches: Sequence[Batch], cleans: Sequence[Tensor] | None = None
+    ) -> dict[str, float]:
+        """One check; ``cleans`` (the validation step's predictions, one per batch) is ``reuse_outputs=True``."""
         self.measurement.reset()  # the monitor, too, resets and reuses the previous check's accumulators
-        for batch in batches:
-            self.measurement.update(model, batch)
+        for index, batch in enumerate(batches):
+            self.measurement.update(model, batch, clean=None if cleans is None else cleans[index])
         return self.measurement.compute().raw
+
+
+def clean_predictions(model: nn.Module, batches: Sequence[Batch], modalities: Sequence[Modality]) -> list[Tensor]:
+    """What ``validation_step`` returns for each batch (the default ``forward_fn``'s logits), for ``reuse_outputs``."""
+    with torch.inference_mode():
+        return [model(*(m.select(batch) for m in modalities)) for batch in batches]
 
 
 class Floor:
     """The forward passes the monitor cannot avoid: 1 clean + Σ masks copies of every sample, batched the same.
 
     The occluded inputs are built once, outside the timed call, and cut into the chunks the engine uses (the virtual
-    batch of ``(1 + H) · N`` rows split every ``max_batch_size`` rows), so a call runs only ``model(*chunk)``.
+    batch of ``(1 + H) · N`` rows split every ``max_batch_size`` rows), so a call runs only ``model(*chunk)``. With
+    ``include_clean=False`` the clean copy is left out (``H · N`` rows): the floor of ``reuse_outputs``, where the
+    validation step's outputs stand in for it.
     """
 
     def __init__(
-        self, model: nn.Module, batches: Sequence[Batch], modalities: Sequence[Modality], max_batch_size: int | None
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        modalities: Sequence[Modality],
+        max_batch_size: int | None,
+        include_clean: bool = True,
     ) -> None:
         self.model = model
         engine = OcclusionEngine(modalities, output_transform="softmax")
@@ -68,7 +84,7 @@ class Floor:
                 values = [m.select(batch) for m in modalities]
                 fills = [fill(value, torch.Generator(value.device)) for fill, value in zip(engine.fills, values)]
                 masks = [m.attribute_masks(value).masks for m, value in zip(modalities, values)]
-                copies = [list(values)]
+                copies = [list(values)] if include_clean else []
                 for owner, owner_masks in enumerate(masks):
                     for mask in owner_masks:
                         copy = list(values)

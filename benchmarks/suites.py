@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +26,7 @@ from benchmarks.models import (
     text_table_modalities,
 )
 from benchmarks.peers import CaptumAblation, Floor, Monitor, max_abs_difference, reference_loop, shares
-from benchmarks.timing import Stat, interleaved, ratio
+from benchmarks.timing import Stat, interleaved, now, ratio
 from lightning_mc import ModalityContributionMonitor
 
 SHARE_TOLERANCE = 1e-5
@@ -309,9 +308,9 @@ class _TimedMonitor(ModalityContributionMonitor):
     seconds = 0.0
 
     def _timed(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        start = time.perf_counter()
+        start = now()
         getattr(super(), hook)(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
+        self.seconds += now() - start
 
     def on_validation_epoch_start(self, *args: Any, **kwargs: Any) -> None:
         self._timed("on_validation_epoch_start", *args, **kwargs)
@@ -347,11 +346,11 @@ def _fit_seconds(
             callbacks=callbacks,
         )
         model = LitImageTable(num_tables=1, image_size=8)
-        start = time.perf_counter()
+        start = now()
         trainer.fit(model, *loaders)
         if config.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds = now() - start
     if monitored and len(callbacks[0].history) != epochs:
         raise AssertionError(f"the monitor measured {len(callbacks[0].history)} of {epochs} epochs")
     return seconds, callbacks[0].seconds if monitored else 0.0

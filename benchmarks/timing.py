@@ -11,10 +11,64 @@ from typing import Any
 
 import torch
 
+DEVICES = ("auto", "cpu", "cuda")
 
-def pick_device() -> torch.device:
-    """CUDA when present, else CPU: the benchmarks run unchanged on both."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when present, else CPU (the benchmarks run unchanged on both); or the device asked for.
+
+    Raises:
+        ValueError: If ``requested`` is not one of :data:`DEVICES`, or is ``"cuda"`` without a CUDA device.
+    """
+    if requested not in DEVICES:
+        raise ValueError(f"device={requested!r} is not one of {DEVICES}.")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device='cuda' was asked for but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}); use 'cpu' or 'auto'."
+        )
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+CLOCKS = ("auto", "wall", "thread")
+_clock: Callable[[], float] = time.perf_counter
+
+
+def choose_clock(requested: str, device: torch.device, threads: int) -> str:
+    """The clock the timings use: ``"wall"`` (``time.perf_counter``) or ``"thread"`` (``time.thread_time``).
+
+    ``"auto"`` takes the calling thread's CPU time on CPU with one intra-op thread, where every op of the timed code
+    runs in that thread: on a shared machine it leaves out the time the process waited for a core, which a wall clock
+    adds to whichever side of a ratio was descheduled. Anywhere else (CUDA, several threads) work happens outside the
+    thread, so it takes the wall clock.
+
+    Raises:
+        ValueError: If ``requested`` is not one of :data:`CLOCKS`, or is ``"thread"`` where it would miss work.
+    """
+    if requested not in CLOCKS:
+        raise ValueError(f"clock={requested!r} is not one of {CLOCKS}.")
+    single_thread_cpu = device.type == "cpu" and threads == 1
+    if requested == "thread" and not single_thread_cpu:
+        raise ValueError(
+            f"clock='thread' needs a CPU run with 1 intra-op thread (got device {device}, {threads} threads): the "
+            "work of other threads or of a GPU is not in the calling thread's CPU time."
+        )
+    if requested == "auto":
+        requested = "thread" if single_thread_cpu else "wall"
+    return requested
+
+
+def set_clock(name: str) -> None:
+    """Make :func:`now` read the wall clock (``"wall"``) or the calling thread's CPU time (``"thread"``)."""
+    global _clock
+    _clock = time.thread_time if name == "thread" else time.perf_counter
+
+
+def now() -> float:
+    """Seconds on the clock chosen with :func:`set_clock` (the wall clock unless told otherwise)."""
+    return _clock()
 
 
 def synchronize(device: torch.device) -> None:
@@ -25,7 +79,8 @@ def synchronize(device: torch.device) -> None:
 def interleaved(
     fns: Mapping[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1, inner: int = 1
 ) -> dict[str, list[float]]:
-    """Wall-clock seconds of each function, run in turn ``repeats`` times (order reversed every other round).
+    """Seconds (on the clock of :func:`now`) of each function, run in turn ``repeats`` times (order reversed every other
+    round).
 
     Interleaving puts the things compared under the same load at the same moment, so a ratio of the times of one
     round is far steadier on a shared machine than a ratio of separately taken medians. With ``inner > 1`` a round
@@ -43,10 +98,10 @@ def interleaved(
             best = float("inf")
             for _ in range(inner):
                 synchronize(device)
-                start = time.perf_counter()
+                start = now()
                 fns[name]()
                 synchronize(device)
-                best = min(best, time.perf_counter() - start)
+                best = min(best, now() - start)
             times[name].append(best)
     return times
 
