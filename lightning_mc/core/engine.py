@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from lightning_mc.core.occlusion import (
     AttributeMasks,
     Fill,
     FillSpec,
+    WholeModality,
     occlude,
     plain_tensor,
     resolve_fill,
@@ -213,9 +215,9 @@ class OcclusionEngine:
         def part(owner: int, copy: int, rows: slice) -> Tensor:
             copy_owner, attribute = copies[copy]
             if copy_owner != owner:
-                return values[owner][rows]
+                return _take(values[owner], rows, batch_size)
             if masks[owner].whole:
-                return fills[owner][rows]
+                return _take(fills[owner], rows, batch_size)
             return occlude(values[owner][rows], fills[owner][rows], _rows_of(masks[owner].masks[attribute], rows))
 
         def copy_name(copy: int) -> str | None:
@@ -299,7 +301,7 @@ class OcclusionEngine:
         copies: list[frozenset[int]] = [frozenset(), *coalitions] if include_clean else coalitions
 
         def part(owner: int, copy: int, rows: slice) -> Tensor:
-            return fills[owner][rows] if owner in copies[copy] else values[owner][rows]
+            return _take(fills[owner] if owner in copies[copy] else values[owner], rows, batch_size)
 
         def copy_name(copy: int) -> str | None:
             return "+".join(self.modalities[i].name for i in sorted(copies[copy])) if copies[copy] else None
@@ -483,8 +485,21 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 
 def _attribute_masks(modality: Modality, value: Tensor, batch: Batch) -> AttributeMasks:
     """The modality's attribute masks; builders with ``reads_batch`` (a padding mask in the batch) get the batch too."""
+    if modality.attributes is None:  # the whole modality: the same single mask every batch
+        return _whole_modality_masks(value.ndim, value.device)
     builder = modality.attribute_masks
     return builder(value, batch=batch) if getattr(builder, "reads_batch", False) else builder(value)
+
+
+@functools.cache
+def _whole_modality_masks(ndim: int, device: torch.device) -> AttributeMasks:
+    """One all-true mask for a modality of ``ndim`` dimensions (built once: the engine only reads its count)."""
+    return WholeModality()(torch.empty((0,) * ndim, device=device))
+
+
+def _take(tensor: Tensor, rows: slice, batch_size: int) -> Tensor:
+    """``tensor[rows]``; the tensor itself when ``rows`` are all of its ``batch_size`` rows (no view op per copy)."""
+    return tensor if rows.start == 0 and rows.stop == batch_size else tensor[rows]
 
 
 def _rows_of(mask: Tensor, rows: slice) -> Tensor:

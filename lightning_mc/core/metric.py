@@ -59,9 +59,8 @@ def share_balance(shares: Tensor) -> Tensor:
         >>> share_balance(torch.tensor([1.0, 0.0]))
         tensor(0.)
     """
-    entropy = torch.where(shares > 0, -shares * shares.log(), torch.zeros_like(shares)).sum()  # 0, never -0
-    balance = entropy / math.log(shares.numel())
-    return torch.where(shares.isnan().any(), torch.full_like(balance, float("nan")), balance)
+    # entr(s) = −s·log s, 0 at s = 0 (never −0) and NaN at NaN: undefined shares give a NaN balance
+    return torch.special.entr(shares).sum() / math.log(shares.numel())
 
 
 def check_normalization(normalization: str) -> None:
@@ -177,14 +176,20 @@ class ModalityContribution(Metric):
             )
         diffs = absolute_differences(clean, stacked).to(self.attribute_diff.dtype)
         # a difference is finite exactly when both outputs are (inf − inf is NaN), so one pass finds the bad samples;
-        # they contribute 0 (torch.where, not boolean indexing: no host sync, no copy of the batch)
+        # they contribute 0 (torch.where, not boolean indexing: no copy of the batch). On CPU reading the flag is
+        # free and spares the masking when every sample is finite; on a GPU it would sync, so mask there always.
         finite = diffs.flatten(1).isfinite().all(dim=1)
-        diffs = torch.where(finite[:, None, None], diffs, 0.0)
+        every_finite = diffs.device.type == "cpu" and bool(finite.all())
+        if not every_finite:
+            diffs = torch.where(finite[:, None, None], diffs, 0.0)
 
         self.attribute_diff += diffs.sum(dim=0)
-        num_finite = finite.sum()
-        self.num_samples += num_finite
-        self.num_skipped += finite.shape[0] - num_finite
+        if every_finite:
+            self.num_samples += finite.shape[0]
+        else:
+            num_finite = finite.sum()
+            self.num_samples += num_finite
+            self.num_skipped += finite.shape[0] - num_finite
         # only the chosen normalisation reads these states: the default skips the per-sample work entirely
         if self.normalization == "per_sample":
             self._update_sample_shares(diffs)
@@ -234,28 +239,26 @@ class ModalityContribution(Metric):
             ``attribute_shares`` (H,), ``per_output_shares`` (M, C), ``num_samples`` and ``num_skipped``
             (scalars). ``H`` runs over the attributes of all modalities in order.
         """
-        num_samples = self.num_samples
-        if self.num_skipped > 0:
+        num_samples, num_skipped = torch.stack([self.num_samples, self.num_skipped]).tolist()  # one host read
+        if num_skipped > 0:
             rank_zero_warn(
-                f"ModalityContribution skipped {int(self.num_skipped)} sample(s) whose model outputs were NaN or inf "
+                f"ModalityContribution skipped {int(num_skipped)} sample(s) whose model outputs were NaN or inf "
                 f"(clean or occluded); the values use the {int(num_samples)} finite sample(s).",
                 UserWarning,
             )
-        nan = torch.tensor(float("nan"), device=self.device)
-        attribute_raw = (
-            self.attribute_diff.sum(dim=1) / num_samples
-            if num_samples > 0
-            else nan.expand(self.attribute_diff.shape[0]).clone()
-        )
+        if num_samples > 0:
+            attribute_raw = self.attribute_diff.sum(dim=1) / num_samples
+        else:
+            attribute_raw = torch.full((self.attribute_diff.shape[0],), float("nan"), device=self.device)
         raw = sum_per_modality(attribute_raw, self.attribute_counts, dim=0)
-        shares = self._shares(raw)
-        within_modality = attribute_raw / torch.repeat_interleave(
-            raw, torch.tensor(self.attribute_counts, device=raw.device)
-        )
-        within_modality = torch.where(attribute_raw == 0, torch.zeros_like(within_modality), within_modality)
-        attribute_shares = within_modality * torch.repeat_interleave(
-            shares, torch.tensor(self.attribute_counts, device=raw.device)
-        )
+        shares = self._shares(raw, num_samples)
+        if all(count == 1 for count in self.attribute_counts):  # whole modalities: each attribute is its modality
+            modality_raw, modality_shares = raw, shares
+        else:  # each attribute next to its modality's values
+            repeats = torch.tensor(self.attribute_counts, device=raw.device)
+            modality_raw, modality_shares = raw.repeat_interleave(repeats), shares.repeat_interleave(repeats)
+        within_modality = torch.where(attribute_raw == 0, 0.0, attribute_raw / modality_raw)
+        attribute_shares = within_modality * modality_shares
         per_modality_output = sum_per_modality(self.attribute_diff, self.attribute_counts, dim=0)  # (M, C)
         per_output_shares = per_modality_output / per_modality_output.sum(dim=0, keepdim=True)
         return {
@@ -265,13 +268,13 @@ class ModalityContribution(Metric):
             "attribute_raw": attribute_raw,
             "attribute_shares": attribute_shares,
             "per_output_shares": per_output_shares,
-            "num_samples": num_samples.clone(),
+            "num_samples": self.num_samples.clone(),
             "num_skipped": self.num_skipped.clone(),
         }
 
-    def _shares(self, raw: Tensor) -> Tensor:
+    def _shares(self, raw: Tensor, num_samples: float) -> Tensor:
         nan = torch.full_like(raw, float("nan"))
-        if self.num_samples == 0:
+        if num_samples == 0:
             rank_zero_warn("ModalityContribution.compute() was called without any finite sample: shares are NaN.")
             return nan
         if self.normalization == "ratio_of_sums":

@@ -96,6 +96,8 @@ class MeanFill(Fill):
     """Replace by the per-sample mean of the modality tensor: the paper's fill for images."""
 
     def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        if value.ndim > 1 and value.dtype in (torch.float32, torch.float64):  # full precision: one reduction
+            return value.mean(dim=tuple(range(1, value.ndim)), keepdim=True).expand(value.shape)
         per_sample = value.reshape(value.shape[0], -1).float().mean(dim=1).to(value.dtype)
         return per_sample.view(-1, *([1] * (value.ndim - 1))).expand(value.shape)
 
