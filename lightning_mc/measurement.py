@@ -19,7 +19,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES, PerSampleRaw, check_ci_arguments, share_intervals
+from lightning_mc.analyses.bootstrap import (
+    DEFAULT_MAX_CI_SAMPLES,
+    PerSampleRaw,
+    check_ci_arguments,
+    per_sample_values,
+    share_intervals,
+)
 from lightning_mc.analyses.perf_drop import (
     PerformanceDrop,
     TargetSpec,
@@ -231,10 +237,11 @@ class ContributionMeasurement:
             metrics["shapley"].update(outputs.clean, passes.coalitions)
         elif "all_occluded" in metrics:
             metrics["all_occluded"].update(outputs.clean, passes.coalitions[:, 0])
-        if "per_sample" in metrics:
-            metrics["per_sample"].update(outputs.clean, outputs.occluded)
-        if "precision" in metrics:
-            metrics["precision"].update(outputs.clean, outputs.occluded)
+        per_sample = [metrics[name] for name in ("per_sample", "precision") if name in metrics]
+        if per_sample:  # the bootstrap and the tolerance read the same per-sample values: computed once
+            values = per_sample_values(outputs.clean, outputs.occluded)
+            for metric in per_sample:
+                metric.update(values)
         if "perf" in metrics:
             targets = select_target(batch, self.target)[:keep]  # type: ignore[arg-type]
             metrics["perf"].update(targets, outputs.clean, passes.whole)

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_mc import ModalityContributionMonitor
-from lightning_mc.analyses.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order
+from lightning_mc.analyses.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order, per_sample_values
 from lightning_mc.functional import modality_contribution
 
 from helpers import TwoModalityNet, load_example, loader, trainer_kwargs, two_modality_dataset
@@ -57,7 +57,7 @@ def test_seeded_order_free_and_capped() -> None:
     assert other_seed.share_low != first.share_low
     metric = PerSampleRaw(max_samples=150)
     for a, b in data:
-        metric.update(torch.zeros(a.shape[0], 1), {"a": 2 * a.unsqueeze(1), "b": b.unsqueeze(1)})
+        metric.update(per_sample_values(torch.zeros(a.shape[0], 1), {"a": 2 * a.unsqueeze(1), "b": b.unsqueeze(1)}))
     kept = metric.compute()
     assert kept.shape == (150, 2) and int(metric.num_dropped) == 50
     expected = torch.cat([2 * data[0][0], data[0][1]], dim=1).double()  # first batch whole, then 50 of the second

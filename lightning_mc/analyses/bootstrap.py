@@ -170,8 +170,8 @@ class PerSampleRaw(Metric):
 
     Example:
         >>> metric = PerSampleRaw(max_samples=3)
-        >>> metric.update(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)})
-        >>> metric.update(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.ones(2, 1, 1)})
+        >>> metric.update(per_sample_values(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)}))
+        >>> metric.update(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
         >>> metric.compute().tolist(), int(metric.num_dropped)
         ([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]], 1)
     """
@@ -187,9 +187,8 @@ class PerSampleRaw(Metric):
         self.add_state("values", default=[], dist_reduce_fx="cat")
         self.add_state("num_dropped", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
-        """Add a batch (as :meth:`lightning_mc.ModalityContribution.update`); rows past the cap are dropped."""
-        values = per_sample_values(clean, occluded)
+    def update(self, values: Tensor) -> None:
+        """Add per-sample values ``d`` ``(N, M)`` (:func:`per_sample_values`); rows past the cap are dropped."""
         room = max(0, self.max_samples - sum(kept.shape[0] for kept in self.values))
         self.values.append(values[:room])
         self.num_dropped += values.shape[0] - min(room, values.shape[0])

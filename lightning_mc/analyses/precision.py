@@ -22,7 +22,7 @@ Example:
     >>> from lightning_mc.analyses.precision import ShareHalfWidth
     >>> metric = ShareHalfWidth(num_modalities=2)
     >>> d = torch.rand(400, 2, generator=torch.Generator().manual_seed(0))
-    >>> metric.update_values(d)
+    >>> metric.update(d)
     >>> half_width = metric.compute()
     >>> bool((half_width > 0).all() and (half_width < 0.05).all())
     True
@@ -31,14 +31,11 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-
-from lightning_mc.analyses.bootstrap import per_sample_values
 
 #: ``z`` of a two-sided 95% normal interval.
 Z_95 = 1.959963984540054
@@ -91,12 +88,8 @@ class ShareHalfWidth(Metric):
             self.add_state("sum_t", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state("sum_t2", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, clean: Tensor, occluded: Mapping[str, Tensor]) -> None:
-        """Add a batch, as :meth:`lightning_mc.ModalityContribution.update` (non-finite samples are dropped)."""
-        self.update_values(per_sample_values(clean, occluded))
-
-    def update_values(self, values: Tensor) -> None:
-        """Add per-sample values ``d`` ``(N, M)``."""
+    def update(self, values: Tensor) -> None:
+        """Add per-sample values ``d`` ``(N, M)`` (:func:`~lightning_mc.analyses.bootstrap.per_sample_values`)."""
         values = values.double()
         totals = values.sum(1)
         if self.normalization == "per_sample":  # d is replaced by each informative sample's ratios
