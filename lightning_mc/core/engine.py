@@ -190,19 +190,25 @@ class OcclusionEngine:
             TypeError: If the model output is not a tensor.
             ValueError: If the outputs have a different shape in the occluded passes or a wrong batch dimension.
         """
-        values, batch_size = self._modality_values(batch)
+        originals, values, batch_size = self._modality_values(batch)
         with _evaluating(model), torch.inference_mode():
-            return self._run(model, batch, values, batch_size, clean)
+            return self._run(model, batch, originals, values, batch_size, clean)
 
     def _run(
-        self, model: nn.Module, batch: Batch, values: list[Tensor], batch_size: int, clean: Tensor | None = None
+        self,
+        model: nn.Module,
+        batch: Batch,
+        originals: list[Tensor],
+        values: list[Tensor],
+        batch_size: int,
+        clean: Tensor | None = None,
     ) -> OccludedOutputs:
         masks = [_attribute_masks(modality, value, batch) for modality, value in zip(self.modalities, values)]
         for modality, attribute_masks in zip(self.modalities, masks):
             if not isinstance(attribute_masks, AttributeMasks):
                 raise TypeError(
                     f"Modality {modality.name!r}: attributes returned {type(attribute_masks).__name__}, expected "
-                    "lightning_mc.core.occlusion.AttributeMasks."
+                    "lightning_mc.masks.AttributeMasks."
                 )
         fills = [
             self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
@@ -224,25 +230,28 @@ class OcclusionEngine:
             return None if copy == 0 else self._copy_name(*copies[copy], masks)
 
         if clean is None:
-            flat = self._run_copies(model, batch, values, batch_size, len(copies), part, copy_name)
+            flat = self._run_copies(model, batch, originals, batch_size, len(copies), part, copy_name)
+            clean_rows, occluded_flat = flat[0], flat[1:]
         else:  # copy 0 is given: run copies 1, 2, ... only
-            occluded_only = self._run_copies(
+            occluded_flat = self._run_copies(
                 model,
                 batch,
-                values,
+                originals,
                 batch_size,
                 len(copies) - 1,
                 lambda owner, copy, rows: part(owner, copy + 1, rows),
                 lambda copy: copy_name(copy + 1),
             )
-            flat = torch.cat([self.given_clean(clean, occluded_only.shape[-1], batch_size).unsqueeze(0), occluded_only])
-        occluded, start = {}, 1
+            clean_rows = self.given_clean(clean, occluded_flat.shape[-1], batch_size)
+        occluded, start = {}, 0
         for modality, attribute_masks in zip(self.modalities, masks):
             count = attribute_masks.masks.shape[0]
-            occluded[modality.name] = flat[start : start + count].transpose(0, 1)
+            occluded[modality.name] = occluded_flat[start : start + count].transpose(0, 1)
             start += count
         return OccludedOutputs(
-            clean=flat[0], occluded=occluded, attribute_names={m.name: a.names for m, a in zip(self.modalities, masks)}
+            clean=clean_rows,
+            occluded=occluded,
+            attribute_names={m.name: a.names for m, a in zip(self.modalities, masks)},
         )
 
     def run_coalitions(
@@ -269,27 +278,34 @@ class OcclusionEngine:
                     f"Coalition {sorted(coalition)} must be a non-empty set of modality indices in "
                     f"range({len(self.modalities)})."
                 )
-        values, batch_size = self._modality_values(batch)
+        originals, values, batch_size = self._modality_values(batch)
         with _evaluating(model), torch.inference_mode():
-            return self._run_coalitions(model, batch, values, batch_size, coalitions, include_clean)
+            return self._run_coalitions(model, batch, originals, values, batch_size, coalitions, include_clean)
 
-    def _modality_values(self, batch: Batch) -> tuple[list[Tensor], int]:
-        """Each modality's tensor in ``batch`` and the common batch size; a clear error if the sizes differ."""
-        # plain views: the engine's rows, fills and masks never go through a subclass (MetaTensor); see rows_like
-        values = [plain_tensor(modality.select(batch)) for modality in self.modalities]
-        batch_size = values[0].shape[0]
-        for modality, value in zip(self.modalities, values):
+    def _modality_values(self, batch: Batch) -> tuple[list[Tensor], list[Tensor], int]:
+        """Each modality's tensor in ``batch``, as it is and as a plain view, and the common batch size.
+
+        The engine's rows, fills and masks are computed on the plain views, never through a tensor subclass
+        (MetaTensor); :func:`~lightning_mc.core.occlusion.rows_like` gives the model rows of the batch's own class.
+
+        Raises:
+            ValueError: If the modalities have different numbers of samples.
+        """
+        originals = [modality.select(batch) for modality in self.modalities]
+        batch_size = originals[0].shape[0]
+        for modality, value in zip(self.modalities, originals):
             if value.shape[0] != batch_size:
                 raise ValueError(
                     f"Modality {modality.name!r} has {value.shape[0]} samples but {self.modalities[0].name!r} has "
                     f"{batch_size}; every modality needs the samples along dimension 0."
                 )
-        return values, batch_size
+        return originals, [plain_tensor(value) for value in originals], batch_size
 
     def _run_coalitions(
         self,
         model: nn.Module,
         batch: Batch,
+        originals: list[Tensor],
         values: list[Tensor],
         batch_size: int,
         coalitions: list[frozenset[int]],
@@ -306,7 +322,7 @@ class OcclusionEngine:
         def copy_name(copy: int) -> str | None:
             return "+".join(self.modalities[i].name for i in sorted(copies[copy])) if copies[copy] else None
 
-        flat = self._run_copies(model, batch, values, batch_size, len(copies), part, copy_name)
+        flat = self._run_copies(model, batch, originals, batch_size, len(copies), part, copy_name)
         if not include_clean:
             return None, flat.transpose(0, 1)
         return flat[0], flat[1:].transpose(0, 1)
@@ -315,7 +331,7 @@ class OcclusionEngine:
         self,
         model: nn.Module,
         batch: Batch,
-        values: list[Tensor],
+        originals: list[Tensor],
         batch_size: int,
         num_copies: int,
         part: Callable[[int, int, slice], Tensor],
@@ -326,7 +342,7 @@ class OcclusionEngine:
         Args:
             model: The model (already in eval mode, under inference mode).
             batch: The user's batch; its non-modality tensors are cut along with the copies.
-            values: Each modality's tensor in ``batch``.
+            originals: Each modality's tensor in ``batch``, of the batch's own (sub)class.
             batch_size: ``N``.
             num_copies: Copies in the virtual batch (the clean one included, if any).
             part: ``(owner, copy, rows) -> Tensor``, rows ``rows`` of modality ``owner`` in copy ``copy``.
@@ -337,7 +353,6 @@ class OcclusionEngine:
         """
         max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
         outputs, labels = [], []
-        originals = [modality.select(batch) for modality in self.modalities]  # the batch's own (sub)class
         for chunk in plan_chunks(num_copies, batch_size, max_rows):
             # the modality tensors are replaced below: only the other tensors of the batch are cut here
             chunk_batch = apply_to_collection(
