@@ -156,12 +156,10 @@ class ModalityBalancer(MonitorReader):
         warmup_epochs: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(monitor)
         self.encoders = _check_encoders(encoders)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha={alpha!r} must be a positive, finite number.")
-        if monitor is not None and not isinstance(monitor, ModalityContributionMonitor):
-            raise TypeError(f"monitor={monitor!r} must be a ModalityContributionMonitor or None.")
         if floor is not None and (
             isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 < floor < 1.0
         ):
@@ -173,14 +171,12 @@ class ModalityBalancer(MonitorReader):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} must be an int.")
         self.alpha = float(alpha)
-        self.monitor = monitor
         self.floor = None if floor is None else float(floor)
         self.dropout = float(dropout)
         self.warmup_epochs = warmup_epochs
         self.seed = seed
         self.coefficients: dict[str, float] = dict.fromkeys(self.encoders, 1.0)
         self.history: list[dict[str, Any]] = []
-        self._last_check: tuple[int, int] | None = None
         self._parameters: dict[str, list[nn.Parameter]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, Tensor] = {}
@@ -196,14 +192,7 @@ class ModalityBalancer(MonitorReader):
     @property
     @override
     def state_key(self) -> str:
-        encoders = {name: list(modules) for name, modules in self.encoders.items()}
-        if self.monitor is None or self.monitor.prefix == "mc":
-            return self._generate_state_key(encoders=encoders)
-        return self._generate_state_key(encoders=encoders, monitor=self.monitor.prefix)
-
-    @property
-    def _prefix(self) -> str:
-        return "mc" if self.monitor is None else self.monitor.prefix
+        return self._monitor_state_key(encoders={name: list(modules) for name, modules in self.encoders.items()})
 
     def drop_probability(self, modality: str) -> float:
         """The probability with which ``modality``'s encoder output is dropped in training now."""

@@ -88,7 +88,7 @@ class CollapseEarlyStopping(MonitorReader):
         verbose: bool = False,
         monitor: ModalityContributionMonitor | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(monitor)
         if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) or not 0.0 < min_share < 1.0:
             raise ValueError(f"min_share={min_share!r} must be a number in (0, 1).")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -97,15 +97,12 @@ class CollapseEarlyStopping(MonitorReader):
             raise ValueError(f"warmup_epochs={warmup_epochs!r} must be a non-negative int.")
         if action not in _ACTIONS:
             raise ValueError(f"action={action!r} must be one of {', '.join(map(repr, _ACTIONS))}.")
-        if monitor is not None and not isinstance(monitor, ModalityContributionMonitor):
-            raise TypeError(f"monitor={monitor!r} must be a ModalityContributionMonitor or None.")
         self.min_share = float(min_share)
         self.patience = patience
         self.warmup_epochs = warmup_epochs
         self.modalities = _check_modalities(modalities)
         self.action = action
         self.verbose = verbose
-        self.monitor = monitor
         self.collapsed_modality: str | None = None
         self.collapse_epoch: int | None = None
         self.collapse_start_epoch: int | None = None
@@ -116,20 +113,13 @@ class CollapseEarlyStopping(MonitorReader):
         self.history: list[dict[str, Any]] = []
         self._below_since: dict[str, int] = {}
         self._flagged: set[str] = set()
-        self._last_check: tuple[int, int] | None = None
         self._watched: tuple[str, ...] = ()
 
     @property
     @override
     def state_key(self) -> str:
         modalities = None if self.modalities is None else list(self.modalities)
-        if self.monitor is None or self.monitor.prefix == "mc":  # the key of 0.1 checkpoints
-            return self._generate_state_key(min_share=self.min_share, modalities=modalities)
-        return self._generate_state_key(min_share=self.min_share, modalities=modalities, monitor=self.monitor.prefix)
-
-    @property
-    def _prefix(self) -> str:
-        return "mc" if self.monitor is None else self.monitor.prefix
+        return self._monitor_state_key(min_share=self.min_share, modalities=modalities)
 
     def collapse_marks(self) -> CollapseMarks:
         """The threshold and the flagged collapse, for the monitor's dashboard figure and summary."""

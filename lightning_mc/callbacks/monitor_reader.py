@@ -15,13 +15,34 @@ from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 class MonitorReader(Callback):
     """Reads the checks of one :class:`~lightning_mc.ModalityContributionMonitor` of the trainer.
 
-    Subclasses set ``self.monitor`` (the ``monitor=`` argument, or ``None``), call :meth:`_find_monitor` in ``setup``
+    Subclasses pass the ``monitor=`` argument (or ``None``) to ``__init__``, call :meth:`_find_monitor` in ``setup``
     and implement :meth:`_on_monitor_check`, which runs once per measured validation run of a fit (not during the
     sanity check or ``fast_dev_run``), on every process, with the monitor's new history entry.
+
+    Args:
+        monitor: The monitor to read, or ``None`` for the single one in ``trainer.callbacks``.
+
+    Raises:
+        TypeError: If ``monitor`` is not a :class:`~lightning_mc.ModalityContributionMonitor` or ``None``.
     """
 
-    monitor: ModalityContributionMonitor | None
-    _last_check: tuple[int, int] | None = None
+    def __init__(self, monitor: ModalityContributionMonitor | None = None) -> None:
+        super().__init__()
+        if monitor is not None and not isinstance(monitor, ModalityContributionMonitor):
+            raise TypeError(f"monitor={monitor!r} must be a ModalityContributionMonitor or None.")
+        self.monitor = monitor
+        self._last_check: tuple[int, int] | None = None
+
+    @property
+    def _prefix(self) -> str:
+        """The prefix of the monitor read (``"mc"`` until it is known)."""
+        return "mc" if self.monitor is None else self.monitor.prefix
+
+    def _monitor_state_key(self, **identity: Any) -> str:
+        """``state_key`` from ``identity``, with the monitor's prefix unless it is ``"mc"`` (the key of 0.1)."""
+        if self._prefix != "mc":
+            identity["monitor"] = self._prefix
+        return self._generate_state_key(**identity)
 
     def _find_monitor(self, trainer: pl.Trainer) -> ModalityContributionMonitor:
         """``self.monitor`` if it is in the trainer, else the trainer's single monitor; a clear error otherwise."""
