@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +132,8 @@ class OcclusionEngine:
             clean batch and up to three occluded copies.
         seed: Seed of the engine's own random generator (used by ``"noise"`` and ``"permute"``); the global RNG is
             never touched.
+        encoders: ``modality -> submodule name(s)`` of the model (as ``model.get_submodule`` reads them) whose
+            outputs are recorded on the clean pass and replayed for the copies that occlude another modality.
 
     Raises:
         ValueError: On an invalid ``max_batch_size`` or ``output_transform``.
@@ -146,6 +148,7 @@ class OcclusionEngine:
         max_batch_size: int | None = None,
         seed: int = 0,
         output_key: str | None = None,
+        encoders: Mapping[str, str | Sequence[str]] | None = None,
     ) -> None:
         if max_batch_size is not None and (
             isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
@@ -155,6 +158,7 @@ class OcclusionEngine:
             raise TypeError(f"forward_fn={forward_fn!r} must be a callable (model, batch) -> Tensor.")
         check_output_key(output_key)
         self.output_key = output_key
+        self.encoders = encoders
         self.modalities = tuple(modalities)
         self.forward_fn = forward_fn if forward_fn is not None else default_forward(self.modalities)
         self.output_transform = output_transform
