@@ -25,7 +25,9 @@ from typing import Any
 import torchmetrics
 
 import lightning_mc.core.engine as engine_module
+import lightning_mc.core.layout as layout_module
 import lightning_mc.core.metric as metric_module
+import lightning_mc.core.outputs as outputs_module
 import lightning_mc.core.result as result_module
 import lightning_mc.measurement as measurement_module
 from benchmarks.models import ImageTableNet, image_table_batches, image_table_modalities, seeded
@@ -38,18 +40,21 @@ BATCHES_PER_CHECK, BATCH_SIZE = 2, 64
 #: ``(owner, attribute, label, per)``: the steps timed, what they are called in the table, per batch or per check.
 STEPS: tuple[tuple[Any, str, str, str], ...] = (
     (engine_module.OcclusionEngine, "run", "engine.run: its own work (eval mode, inference mode)", "batch"),
-    (engine_module.OcclusionEngine, "_modality_values", "engine: select the modality tensors", "batch"),
-    (engine_module, "_attribute_masks", "engine: build the attribute masks", "batch"),
-    (engine_module.OcclusionEngine, "_fill", "engine: compute the fills", "batch"),
-    (engine_module.OcclusionEngine, "_run", "engine: lay out the copies, split the outputs", "batch"),
-    (engine_module.OcclusionEngine, "_run_copies", "engine: stack the copies into chunks (torch.cat)", "batch"),
+    (layout_module.BatchView, "of", "engine: select the modality tensors", "batch"),
+    (engine_module.OcclusionEngine, "_attribute_masks", "engine: build the attribute masks", "batch"),
+    (engine_module.OcclusionEngine, "_attribute_copies", "engine: describe the copies (rows each one runs)", "batch"),
+    (engine_module.OcclusionEngine, "_fill_batch", "engine: compute the fills", "batch"),
+    (engine_module.OcclusionEngine, "_run_copies", "engine: run the copies (encoder cache or not)", "batch"),
+    (engine_module.OcclusionEngine, "_forward_copies", "engine: chunk loop, split the outputs by copy", "batch"),
+    (engine_module.OcclusionEngine, "_forward_chunk", "engine: stack one chunk's rows (torch.cat)", "batch"),
     (engine_module, "plan_chunks", "engine: plan the chunks", "batch"),
     (engine_module, "apply_to_collection", "engine: cut the batch's other tensors", "batch"),
     (engine_module, "rows_like", "engine: hand rows back in the input's type", "batch"),
+    (engine_module.OcclusionEngine, "_by_modality", "engine: outputs by modality and attribute", "batch"),
     (engine_module.OcclusionEngine, "_forward", "engine: forward-call wrapper", "batch"),
-    (engine_module, "select_prediction", "engine: pick the prediction (output_key)", "batch"),
-    (engine_module.OcclusionEngine, "transform_outputs", "engine: check, flatten, softmax the outputs", "batch"),
-    (engine_module.OcclusionEngine, "_check_output_shapes", "engine: compare output shapes", "batch"),
+    (outputs_module, "select_prediction", "engine: pick the prediction (output_key)", "batch"),
+    (outputs_module.OutputReader, "transform", "engine: check, flatten, softmax the outputs", "batch"),
+    (outputs_module.OutputReader, "check_same_width", "engine: compare output shapes", "batch"),
     (measurement_module.ContributionMeasurement, "update", "measurement.update + torchmetrics' wrapper", "batch"),
     (measurement_module.ContributionMeasurement, "_run", "measurement: choose the passes", "batch"),
     (measurement_module.ContributionMeasurement, "_accumulators", "measurement: find the accumulators", "batch"),

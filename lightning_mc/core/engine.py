@@ -1,9 +1,12 @@
 """Builds the occluded copies of a batch and runs them through the model in as few forward calls as allowed.
 
-For a batch of ``N`` samples and ``H`` attributes over all modalities the engine needs ``(1 + H) · N`` rows of
-model input: the clean batch and one copy per attribute. It lays these rows out as one virtual batch (clean copy
-first, then each modality's attributes in order), cuts it into chunks of at most ``max_batch_size`` rows and runs
-each chunk in one forward call. Nothing here knows about Lightning.
+For a batch of ``N`` samples and ``H`` attributes over all modalities the engine needs up to ``(1 + H) · N`` rows of
+model input: the clean batch and one copy per attribute. It describes each copy (:class:`~.layout.Copy`: what it
+occludes, on which samples it runs), lays the copies' rows out as one virtual batch, cuts it into chunks of at most
+``max_batch_size`` rows and runs each chunk in one forward call. An attribute copy runs only on the samples its mask
+occludes something in; its other rows are the clean outputs, so their difference is exactly 0. With ``encoders``, the
+named encoders' outputs on the clean rows are recorded and replayed for copies that leave their modality alone
+(:mod:`~lightning_mc.core.encoders`). Nothing here knows about Lightning.
 
 Example:
     >>> import torch
@@ -18,28 +21,40 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torchmetrics.utilities import rank_zero_warn
 
+from lightning_mc.core.encoders import (
+    CHECK_SAMPLES,
+    EncoderCache,
+    EncodersSpec,
+    Mode,
+    Recording,
+    noise_gap,
+    relative_gap,
+    resolve_encoders,
+)
+from lightning_mc.core.layout import BatchView, Copy, Piece, mask_rows, plan_chunks, sample_ranges, samples_of, take
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.occlusion import (
     AttributeMasks,
-    Fill,
     FillSpec,
+    PermuteFill,
     WholeModality,
     occlude,
     plain_tensor,
     resolve_fill,
     rows_like,
 )
-from lightning_mc.core.outputs import OutputTransform, check_output_key, resolve_output_transform, select_prediction
+from lightning_mc.core.outputs import GivenCleanError, OutputReader, OutputTransform
+
+__all__ = ["DEFAULT_COPIES_PER_CALL", "ForwardFn", "GivenCleanError", "OccludedOutputs", "OcclusionEngine"]
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
 
@@ -49,54 +64,20 @@ DEFAULT_COPIES_PER_CALL = 4
 _SEED_SALT = 0x6C6D63
 
 
-class GivenCleanError(ValueError):
-    """The clean prediction handed to :meth:`OcclusionEngine.run` does not fit the batch or the model's outputs."""
-
-
 @dataclass(frozen=True)
 class OccludedOutputs:
     """Model outputs of one batch, clean and under each occlusion.
 
     Attributes:
         clean: ``(N, C)``, after the output transform, outputs flattened per sample.
-        occluded: ``name -> (N, h_i, C)``: outputs with attribute ``l`` of modality ``name`` occluded.
+        occluded: ``name -> (N, h_i, C)``: outputs with attribute ``l`` of modality ``name`` occluded. A sample in
+            which attribute ``l``'s mask occludes nothing was not run: its row is ``clean``'s, exactly.
         attribute_names: ``name -> h_i`` attribute names.
     """
 
     clean: Tensor
     occluded: dict[str, Tensor]
     attribute_names: dict[str, tuple[str, ...]]
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """Rows ``start:stop`` of copy ``copy`` (0 = clean, then one per attribute) of the virtual batch."""
-
-    copy: int
-    start: int
-    stop: int
-
-
-def plan_chunks(num_copies: int, batch_size: int, max_rows: int) -> list[list[_Piece]]:
-    """Split ``num_copies`` copies of ``batch_size`` rows into chunks of at most ``max_rows`` rows.
-
-    Example:
-        >>> [[(p.copy, p.start, p.stop) for p in chunk] for chunk in plan_chunks(3, 2, 4)]
-        [[(0, 0, 2), (1, 0, 2)], [(2, 0, 2)]]
-    """
-    chunks: list[list[_Piece]] = [[]]
-    room = max_rows
-    for copy in range(num_copies):
-        start = 0
-        while start < batch_size:
-            if room == 0:
-                chunks.append([])
-                room = max_rows
-            stop = min(batch_size, start + room)
-            chunks[-1].append(_Piece(copy, start, stop))
-            room -= stop - start
-            start = stop
-    return chunks
 
 
 def default_forward(modalities: Sequence[Modality]) -> ForwardFn:
@@ -117,14 +98,21 @@ class _PositionalForward:
         return model(*(modality.select(batch) for modality in self.modalities))
 
 
+@dataclass(frozen=True)
+class _Fills:
+    """Each modality's fill for one batch, and for ``"permute"`` the sample each filled row came from."""
+
+    values: tuple[Tensor, ...]
+    sources: tuple[Tensor | None, ...]
+    same_for_every_sample: tuple[bool, ...]
+
+
 class OcclusionEngine:
     """Runs a model on a batch and on its occluded copies, batched.
 
     Args:
         modalities: The resolved modalities.
         forward_fn: ``(model, batch) -> output``; default :func:`default_forward`.
-        output_key: Where the prediction is in the output (a dict key, ``ModelOutput`` field or attribute, e.g.
-            ``"logits"``); ``None``: the output is the prediction tensor. Applied after ``forward_fn``.
         output_transform: Output activation applied before differences are taken: ``None``, ``"softmax"``
             (over the last dimension), ``"sigmoid"`` or a callable.
         occlusion: Default fill for modalities that do not set their own.
@@ -132,11 +120,15 @@ class OcclusionEngine:
             clean batch and up to three occluded copies.
         seed: Seed of the engine's own random generator (used by ``"noise"`` and ``"permute"``); the global RNG is
             never touched.
+        output_key: Where the prediction is in the output (a dict key, ``ModelOutput`` field or attribute, e.g.
+            ``"logits"``); ``None``: the output is the prediction tensor. Applied after ``forward_fn``.
         encoders: ``modality -> submodule name(s)`` of the model (as ``model.get_submodule`` reads them) whose
-            outputs are recorded on the clean pass and replayed for the copies that occlude another modality.
+            outputs are recorded on the clean pass and replayed for the copies that occlude another modality. The
+            first batch after construction or :meth:`check_encoders_again` compares the cached path with the plain
+            one on its first samples.
 
     Raises:
-        ValueError: On an invalid ``max_batch_size`` or ``output_transform``.
+        ValueError: On an invalid ``max_batch_size``, ``output_transform`` or ``encoders``.
     """
 
     def __init__(
@@ -148,7 +140,7 @@ class OcclusionEngine:
         max_batch_size: int | None = None,
         seed: int = 0,
         output_key: str | None = None,
-        encoders: Mapping[str, str | Sequence[str]] | None = None,
+        encoders: EncodersSpec | None = None,
     ) -> None:
         if max_batch_size is not None and (
             isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
@@ -156,28 +148,51 @@ class OcclusionEngine:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int or None.")
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"forward_fn={forward_fn!r} must be a callable (model, batch) -> Tensor.")
-        check_output_key(output_key)
-        self.output_key = output_key
-        self.encoders = encoders
+        self.outputs = OutputReader(output_key, output_transform)
         self.modalities = tuple(modalities)
         self.forward_fn = forward_fn if forward_fn is not None else default_forward(self.modalities)
-        self.output_transform = output_transform
-        self._transform = resolve_output_transform(output_transform)
         default_fill = resolve_fill(occlusion)
         self.fills = tuple(m.fill if m.fill is not None else default_fill for m in self.modalities)
         self.max_batch_size = max_batch_size
         self.seed = seed
+        self.encoders = resolve_encoders(encoders, [m.name for m in self.modalities])
+        self._cache = None if self.encoders is None else EncoderCache(self.encoders, [m.name for m in self.modalities])
+        self._check_pending = True
+        self._last_recorded: tuple[tuple[Tensor, ...], dict[str, Any]] | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._warned_single_output_softmax = False
         #: Model input rows run so far (clean and occluded copies), for progress reports.
         self.rows_forwarded = 0
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + _SEED_SALT)
-        return self._generators[device]
+    @property
+    def output_key(self) -> str | None:
+        """Where the prediction is in the model's output."""
+        return self.outputs.output_key
 
-    def run(self, model: nn.Module, batch: Batch, clean: Tensor | None = None) -> OccludedOutputs:
+    @property
+    def output_transform(self) -> OutputTransform:
+        """The output activation applied before differences are taken."""
+        return self.outputs.output_transform
+
+    def check_encoders_again(self) -> None:
+        """Compare the cached path with the plain one on the next batch (a new measurement starts)."""
+        self._check_pending = True
+
+    @contextmanager
+    def recording_encoders(self, model: nn.Module) -> Iterator[Recording | None]:
+        """Record the encoders' outputs in the forward calls made inside the block (e.g. the validation step).
+
+        Hand the recording to :meth:`run` with the clean outputs of the same forward call: the clean batch then never
+        runs again. Yields ``None`` (and records nothing) without ``encoders``.
+        """
+        if self._cache is None:
+            yield None
+            return
+        with self._cache.record(model) as recording:
+            yield recording
+
+    def run(
+        self, model: nn.Module, batch: Batch, clean: Tensor | None = None, encoder_outputs: Recording | None = None
+    ) -> OccludedOutputs:
         """Return the outputs of ``model`` on ``batch`` and on every occluded copy.
 
         The model runs in eval mode under :func:`torch.inference_mode`; its previous mode is restored. ``batch`` is
@@ -189,85 +204,42 @@ class OcclusionEngine:
             clean: The model's prediction on ``batch`` if it was already computed (e.g. by the validation step), as
                 ``forward_fn`` and ``output_key`` would give it, before the output transform: then only the occluded
                 copies are run. ``None``: the clean batch runs too.
+            encoder_outputs: With ``encoders`` and ``clean``: what :meth:`recording_encoders` recorded in the forward
+                call that gave ``clean``.
 
         Raises:
             TypeError: If the model output is not a tensor.
-            ValueError: If the outputs have a different shape in the occluded passes or a wrong batch dimension.
+            ValueError: If the outputs have a different shape in the occluded passes or a wrong batch dimension, or
+                if ``encoders`` names a module whose output also depends on another modality.
         """
-        originals, values, batch_size = self._modality_values(batch)
+        view = BatchView.of(batch, self.modalities)
+        masks = [self._attribute_masks(m, value, batch) for m, value in zip(self.modalities, view.values)]
+        attribute_copies = [copy for i, m in enumerate(masks) for copy in self._attribute_copies(i, m, view.values[i])]
         with _evaluating(model), torch.inference_mode():
-            return self._run(model, batch, originals, values, batch_size, clean)
+            fills = self._fill_batch(view)
+            if clean is None:
+                clean_rows, *rows = self._run_copies(model, view, fills, [Copy(None), *attribute_copies])
+            else:
+                rows = self._run_copies(model, view, fills, attribute_copies, encoder_outputs)
+                clean_rows = self.outputs.given_clean(clean, _width(rows), view.size)
+            occluded = self._by_modality(masks, clean_rows, attribute_copies, rows)
+        return OccludedOutputs(clean_rows, occluded, {m.name: a.names for m, a in zip(self.modalities, masks)})
 
-    def _run(
+    def run_coalitions(
         self,
         model: nn.Module,
         batch: Batch,
-        originals: list[Tensor],
-        values: list[Tensor],
-        batch_size: int,
-        clean: Tensor | None = None,
-    ) -> OccludedOutputs:
-        masks = [_attribute_masks(modality, value, batch) for modality, value in zip(self.modalities, values)]
-        for modality, attribute_masks in zip(self.modalities, masks):
-            if not isinstance(attribute_masks, AttributeMasks):
-                raise TypeError(
-                    f"Modality {modality.name!r}: attributes returned {type(attribute_masks).__name__}, expected "
-                    "lightning_mc.masks.AttributeMasks."
-                )
-        fills = [
-            self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
-        ]
-        # copy c > 0 is attribute `attribute` of modality `owner`
-        copies: list[tuple[int, int]] = [(-1, -1)] + [
-            (owner, attribute) for owner, m in enumerate(masks) for attribute in range(m.masks.shape[0])
-        ]
-
-        def part(owner: int, copy: int, rows: slice) -> Tensor:
-            copy_owner, attribute = copies[copy]
-            if copy_owner != owner:
-                return _take(values[owner], rows, batch_size)
-            if masks[owner].whole:
-                return _take(fills[owner], rows, batch_size)
-            return occlude(values[owner][rows], fills[owner][rows], _rows_of(masks[owner].masks[attribute], rows))
-
-        def copy_name(copy: int) -> str | None:
-            return None if copy == 0 else self._copy_name(*copies[copy], masks)
-
-        if clean is None:
-            flat = self._run_copies(model, batch, originals, batch_size, len(copies), part, copy_name)
-            clean_rows, occluded_flat = flat[0], flat[1:]
-        else:  # copy 0 is given: run copies 1, 2, ... only
-            occluded_flat = self._run_copies(
-                model,
-                batch,
-                originals,
-                batch_size,
-                len(copies) - 1,
-                lambda owner, copy, rows: part(owner, copy + 1, rows),
-                lambda copy: copy_name(copy + 1),
-            )
-            clean_rows = self.given_clean(clean, occluded_flat.shape[-1], batch_size)
-        occluded, start = {}, 0
-        for modality, attribute_masks in zip(self.modalities, masks):
-            count = attribute_masks.masks.shape[0]
-            occluded[modality.name] = occluded_flat[start : start + count].transpose(0, 1)
-            start += count
-        return OccludedOutputs(
-            clean=clean_rows,
-            occluded=occluded,
-            attribute_names={m.name: a.names for m, a in zip(self.modalities, masks)},
-        )
-
-    def run_coalitions(
-        self, model: nn.Module, batch: Batch, coalitions: Sequence[frozenset[int]], include_clean: bool = True
+        coalitions: Sequence[frozenset[int]],
+        include_clean: bool = True,
+        encoder_outputs: Recording | None = None,
     ) -> tuple[Tensor | None, Tensor]:
         """Return the outputs of ``model`` on ``batch`` and on one copy per coalition of whole modalities occluded.
 
-        Copy 0 is the clean batch, copy ``k + 1`` has every modality whose index (in ``self.modalities``) is in
-        ``coalitions[k]`` replaced by its fill at once (the whole modality; attributes are ignored). The copies are
-        laid out and cut into forward calls exactly as in :meth:`run`. The model runs in eval mode under
-        :func:`torch.inference_mode`; its previous mode is restored. With ``include_clean=False`` the clean copy is
-        left out (when the caller already has the clean outputs from :meth:`run`) and ``clean`` is ``None``.
+        Copy ``k`` has every modality whose index (in ``self.modalities``) is in ``coalitions[k]`` replaced by its
+        fill at once (the whole modality; attributes are ignored). The copies are laid out and cut into forward calls
+        as in :meth:`run`. The model runs in eval mode under :func:`torch.inference_mode`; its previous mode is
+        restored. With ``include_clean=False`` the clean outputs are not returned (``None``): the caller already has
+        them from :meth:`run` on the same batch.
 
         Returns:
             ``(clean, occluded)``: ``(N, C)`` and ``(N, len(coalitions), C)``, after the output transform.
@@ -275,137 +247,167 @@ class OcclusionEngine:
         Raises:
             ValueError: On a coalition naming no known modality index, or mismatched batch dimensions.
         """
-        coalitions = [frozenset(coalition) for coalition in coalitions]
-        for coalition in coalitions:
+        copies = []
+        for coalition in map(frozenset, coalitions):
             if not coalition or not coalition <= frozenset(range(len(self.modalities))):
                 raise ValueError(
                     f"Coalition {sorted(coalition)} must be a non-empty set of modality indices in "
                     f"range({len(self.modalities)})."
                 )
-        originals, values, batch_size = self._modality_values(batch)
+            copies.append(Copy("+".join(self.modalities[i].name for i in sorted(coalition)), coalition))
+        view = BatchView.of(batch, self.modalities)
         with _evaluating(model), torch.inference_mode():
-            return self._run_coalitions(model, batch, originals, values, batch_size, coalitions, include_clean)
+            rows = self._run_copies(
+                model, view, self._fill_batch(view), [Copy(None)] * include_clean + copies, encoder_outputs
+            )
+        clean = rows.pop(0) if include_clean else None
+        return clean, torch.stack(rows, dim=1)
 
-    def _modality_values(self, batch: Batch) -> tuple[list[Tensor], list[Tensor], int]:
-        """Each modality's tensor in ``batch``, as it is and as a plain view, and the common batch size.
+    def _by_modality(
+        self, masks: list[AttributeMasks], clean: Tensor, copies: list[Copy], rows: list[Tensor]
+    ) -> dict[str, Tensor]:
+        """``name -> (N, h, C)``: each attribute copy's outputs, the clean outputs on the samples it did not run."""
+        occluded, ran = {}, iter(zip(copies, rows))
+        for modality, attribute_masks in zip(self.modalities, masks):
+            outputs = clean.unsqueeze(1).repeat(1, len(attribute_masks.names), 1)
+            for index, (copy, copy_rows) in zip(range(len(attribute_masks.names)), ran):
+                if copy.samples is None:
+                    outputs[:, index] = copy_rows
+                elif copy.samples.numel():
+                    outputs[copy.samples, index] = copy_rows
+            occluded[modality.name] = outputs
+        return occluded
 
-        The engine's rows, fills and masks are computed on the plain views, never through a tensor subclass
-        (MetaTensor); :func:`~lightning_mc.core.occlusion.rows_like` gives the model rows of the batch's own class.
+    def given_clean(self, clean: Tensor, num_outputs: int, batch_size: int) -> Tensor:
+        """A clean prediction computed elsewhere, checked and transformed (see :meth:`.OutputReader.given_clean`)."""
+        return self.outputs.given_clean(clean, num_outputs, batch_size)
 
-        Raises:
-            ValueError: If the modalities have different numbers of samples.
+    # ------------------------------------------------------------------------------------------------ the copies
+
+    def _attribute_copies(self, owner: int, masks: AttributeMasks, value: Tensor) -> list[Copy]:
+        """One copy per attribute of modality ``owner`` (tensor ``value``), each on the samples it occludes anything in.
+
+        A sample whose mask is all false (a padded token, a word the sample does not have) would be the clean sample
+        again: it is not run, and its row of the outputs is the clean row, so its difference is exactly 0.
         """
-        originals = [modality.select(batch) for modality in self.modalities]
-        batch_size = originals[0].shape[0]
-        for modality, value in zip(self.modalities, originals):
-            if value.shape[0] != batch_size:
-                raise ValueError(
-                    f"Modality {modality.name!r} has {value.shape[0]} samples but {self.modalities[0].name!r} has "
-                    f"{batch_size}; every modality needs the samples along dimension 0."
-                )
-        return originals, [plain_tensor(value) for value in originals], batch_size
+        if not isinstance(masks, AttributeMasks):
+            raise TypeError(
+                f"Modality {self.modalities[owner].name!r}: attributes returned {type(masks).__name__}, expected "
+                "lightning_mc.masks.AttributeMasks."
+            )
+        name = self.modalities[owner].name
+        if masks.whole:
+            return [Copy(name, frozenset({owner}))]
+        # masks broadcast against (N, ...) aligned on the right: give each its sample dimension (N or 1)
+        aligned = masks.masks.reshape(
+            masks.masks.shape[0], *[1] * (value.ndim + 1 - masks.masks.ndim), *masks.masks.shape[1:]
+        )
+        # one device sync per modality: which (attribute, sample) pairs occlude anything
+        occludes = aligned.reshape(*aligned.shape[:2], -1).any(dim=-1).cpu()
+        copies = []
+        for attribute, (label, mask) in enumerate(zip(masks.names, aligned)):
+            samples = occludes[attribute]
+            if samples.shape[0] == 1:  # a mask shared by all samples: every sample or none
+                selected = None if samples.item() else torch.empty(0, dtype=torch.long)
+            else:
+                selected = None if samples.all() else samples.nonzero().flatten()
+            if selected is not None:
+                selected = selected.to(mask.device)
+            copies.append(Copy(f"{name}/{label}", frozenset({owner}), mask, selected))
+        return copies
 
-    def _run_coalitions(
-        self,
-        model: nn.Module,
-        batch: Batch,
-        originals: list[Tensor],
-        values: list[Tensor],
-        batch_size: int,
-        coalitions: list[frozenset[int]],
-        include_clean: bool,
-    ) -> tuple[Tensor | None, Tensor]:
-        fills = [
-            self._fill(modality, fill, value) for modality, fill, value in zip(self.modalities, self.fills, values)
-        ]
-        copies: list[frozenset[int]] = [frozenset(), *coalitions] if include_clean else coalitions
+    def _fill_batch(self, view: BatchView) -> _Fills:
+        """Each modality's fill for this batch; ``"permute"`` keeps its order (the encoder cache replays by it)."""
+        values, sources = [], []
+        for modality, fill, value in zip(self.modalities, self.fills, view.values):
+            generator = self._generator(value.device)
+            try:
+                if isinstance(fill, PermuteFill):
+                    order = fill.order(value, generator)
+                    values.append(value[order])
+                    sources.append(order)
+                else:
+                    values.append(fill(value, generator))
+                    sources.append(None)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"Modality {modality.name!r}: {err}") from None
+        return _Fills(tuple(values), tuple(sources), tuple(fill.same_for_every_sample for fill in self.fills))
 
-        def part(owner: int, copy: int, rows: slice) -> Tensor:
-            return _take(fills[owner] if owner in copies[copy] else values[owner], rows, batch_size)
+    def _modality_rows(self, view: BatchView, fills: _Fills, copy: Copy, owner: int, rows: slice | Tensor) -> Tensor:
+        """Rows ``rows`` of modality ``owner`` in ``copy``."""
+        if owner not in copy.occluded:
+            return take(view.values[owner], rows, view.size)
+        if copy.mask is None:
+            return take(fills.values[owner], rows, view.size)
+        value, fill = take(view.values[owner], rows, view.size), take(fills.values[owner], rows, view.size)
+        return occlude(value, fill, mask_rows(copy.mask, rows, view.size))
 
-        def copy_name(copy: int) -> str | None:
-            return "+".join(self.modalities[i].name for i in sorted(copies[copy])) if copies[copy] else None
-
-        flat = self._run_copies(model, batch, originals, batch_size, len(copies), part, copy_name)
-        if not include_clean:
-            return None, flat.transpose(0, 1)
-        return flat[0], flat[1:].transpose(0, 1)
+    # --------------------------------------------------------------------------------------------- forward calls
 
     def _run_copies(
         self,
         model: nn.Module,
-        batch: Batch,
-        originals: list[Tensor],
-        batch_size: int,
-        num_copies: int,
-        part: Callable[[int, int, slice], Tensor],
-        copy_name: Callable[[int], str | None],
-    ) -> Tensor:
-        """Run ``num_copies`` copies of ``batch`` laid out as one virtual batch, at most ``max_batch_size`` rows a call.
+        view: BatchView,
+        fills: _Fills,
+        copies: list[Copy],
+        encoder_outputs: Recording | None = None,
+    ) -> list[Tensor]:
+        """The transformed outputs of each copy, ``(rows of the copy, C)``; the encoder cache where there is one."""
+        if self._cache is None:
+            return self._forward_copies(model, view, fills, copies)
+        recorded, clean_rows = self._recorded(model, view, fills, copies, encoder_outputs)
+        occluded = [copy for copy in copies if copy.occluded]
+        with self._cache.replaying(model, recorded) as replay:
+            rows = self._forward_copies(model, view, fills, occluded, replay)
+        if self._check_pending:
+            self._check_replay(model, view, fills, occluded, recorded)
+            self._check_pending = False
+        return [clean_rows, *rows] if len(occluded) < len(copies) else rows
 
-        Args:
-            model: The model (already in eval mode, under inference mode).
-            batch: The user's batch; its non-modality tensors are cut along with the copies.
-            originals: Each modality's tensor in ``batch``, of the batch's own (sub)class.
-            batch_size: ``N``.
-            num_copies: Copies in the virtual batch (the clean one included, if any).
-            part: ``(owner, copy, rows) -> Tensor``, rows ``rows`` of modality ``owner`` in copy ``copy``.
-            copy_name: What copy ``copy`` occludes, for error messages; ``None`` for the clean copy.
-
-        Returns:
-            The transformed outputs, ``(num_copies, N, C)``.
-        """
-        max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
+    def _forward_copies(
+        self, model: nn.Module, view: BatchView, fills: _Fills, copies: Sequence[Copy], replay: Any = None
+    ) -> list[Tensor]:
+        """Lay ``copies`` out as one virtual batch, run it chunk by chunk, and split the outputs by copy."""
         outputs, labels = [], []
-        for chunk in plan_chunks(num_copies, batch_size, max_rows):
-            # the modality tensors are replaced below: only the other tensors of the batch are cut here
-            chunk_batch = apply_to_collection(
-                batch, Tensor, _concat_rows, pieces=chunk, batch_size=batch_size, skip={id(o) for o in originals}
-            )
-            ranges = [(piece.start, piece.stop) for piece in chunk]
-            for owner, modality in enumerate(self.modalities):
-                parts = [part(owner, piece.copy, slice(piece.start, piece.stop)) for piece in chunk]
-                chunk_batch = modality.replace(chunk_batch, rows_like(originals[owner], torch.cat(parts), ranges))
-            rows = sum(piece.stop - piece.start for piece in chunk)
-            copy_names = [copy_name(piece.copy) for piece in chunk]
-            holds_clean = None in copy_names
-            names = list(dict.fromkeys(name for name in copy_names if name is not None))
-            labels.append(_call_label(holds_clean, names))
-            outputs.append(
-                self._forward(model, chunk_batch, rows, occluded=names, holds_clean=holds_clean, batch_size=batch_size)
-            )
-        self._check_output_shapes(outputs, labels)
-        return torch.cat(outputs).reshape(num_copies, batch_size, -1)
+        for chunk in self._plan(view, copies):
+            if replay is not None:
+                replay.modes = self._encoder_modes(view, fills, copies, chunk)
+            output, label = self._forward_chunk(model, view, fills, copies, chunk)
+            outputs.append(output)
+            labels.append(label)
+        if not outputs:
+            return [torch.empty(0, 0) for _ in copies]
+        self.outputs.check_same_width(outputs, labels)
+        return list(torch.cat(outputs).split([copy.num_rows(view.size) for copy in copies]))
 
-    def given_clean(self, clean: Tensor, num_outputs: int, batch_size: int) -> Tensor:
-        """A clean prediction computed elsewhere, transformed as the engine's own: ``(batch_size, num_outputs)``.
+    def _plan(self, view: BatchView, copies: Sequence[Copy]) -> list[list[Piece]]:
+        """The chunks of ``copies``; with encoders, each chunk holds copies that occlude the same way."""
+        max_rows = self.max_batch_size or DEFAULT_COPIES_PER_CALL * view.size
+        groups = None if self._cache is None else [(copy.occluded, copy.mask is None) for copy in copies]
+        return plan_chunks([copy.num_rows(view.size) for copy in copies], max_rows, groups)
 
-        Raises:
-            GivenCleanError: If ``clean`` is not a tensor, has another batch size, or another number of outputs than
-                the occluded passes.
-        """
-        try:
-            rows = self.transform_outputs(clean, batch_size)
-        except (TypeError, ValueError) as err:
-            raise GivenCleanError(f"The clean outputs given for this batch are wrong: {err}") from None
-        if rows.shape[1] != num_outputs:
-            raise GivenCleanError(
-                f"The clean outputs given for this batch have shape {tuple(clean.shape)}: {rows.shape[1]} outputs per "
-                f"sample, but the model gives {num_outputs} on the occluded copies; they must be the model's "
-                "prediction on this batch (what forward_fn and output_key return), before the output transform."
-            )
-        return rows
-
-    def _fill(self, modality: Modality, fill: Fill, value: Tensor) -> Tensor:
-        try:
-            return fill(value, self._generator(value.device))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"Modality {modality.name!r}: {err}") from None
-
-    def _copy_name(self, owner: int, attribute: int, masks: list[AttributeMasks]) -> str:
-        names = masks[owner].names
-        name = self.modalities[owner].name
-        return name if len(names) == 1 else f"{name}/{names[attribute]}"
+    def _forward_chunk(
+        self, model: nn.Module, view: BatchView, fills: _Fills, copies: Sequence[Copy], chunk: list[Piece]
+    ) -> tuple[Tensor, str]:
+        """Run one chunk: its rows of every modality and of the batch's other tensors, in one forward call."""
+        rows = [copies[piece.copy].rows(piece.start, piece.stop) for piece in chunk]
+        ranges = [span for piece_rows in rows for span in sample_ranges(piece_rows)]
+        # the modality tensors are replaced below: only the other tensors of the batch are cut here
+        skip = {id(original) for original in view.originals}
+        chunk_batch = apply_to_collection(view.batch, Tensor, _cut_rows, rows=rows, view=view, ranges=ranges, skip=skip)
+        for owner, modality in enumerate(self.modalities):
+            parts = [
+                self._modality_rows(view, fills, copies[piece.copy], owner, piece_rows)
+                for piece, piece_rows in zip(chunk, rows)
+            ]
+            chunk_batch = modality.replace(chunk_batch, rows_like(view.originals[owner], torch.cat(parts), ranges))
+        names = list(dict.fromkeys(copies[piece.copy].name for piece in chunk))
+        holds_clean = None in names
+        occluded = [name for name in names if name is not None]
+        num_rows = sum(piece.stop - piece.start for piece in chunk)
+        return self._forward(model, chunk_batch, num_rows, occluded, holds_clean, view.size), _call_label(
+            holds_clean, occluded
+        )
 
     def _forward(
         self,
@@ -429,53 +431,110 @@ class OcclusionEngine:
                 f"occlusion=occlusion, max_batch_size={batch_size or rows}), with the same modalities, forward_fn "
                 "and occlusion as here."
             ) from err
-        return self.transform_outputs(select_prediction(output, self.output_key), rows)
+        return self.outputs.read(output, rows)
 
-    def transform_outputs(self, output: object, rows: int) -> Tensor:
-        """Check one prediction of ``rows`` samples, flatten it per sample and apply the output transform.
+    # ------------------------------------------------------------------------------------------- encoder cache
+
+    def _recorded(
+        self, model: nn.Module, view: BatchView, fills: _Fills, copies: list[Copy], given: Recording | None
+    ) -> tuple[dict[str, Any], Tensor | None]:
+        """The encoders' outputs on the clean rows, and the clean outputs when the clean copy ran for them.
+
+        In order: what the caller recorded in the forward call that gave the clean outputs; what the last clean run
+        of this same batch recorded (:meth:`run` then :meth:`run_coalitions`); else the clean copy runs, recorded.
+        """
+        assert self._cache is not None
+        if given is not None:
+            recorded = given.concatenated([view.size])
+        elif self._last_recorded is not None and _same_tensors(self._last_recorded[0], view.originals):
+            recorded = self._last_recorded[1]
+        else:
+            recorded = None
+        clean_rows = None
+        if recorded is None or (copies and copies[0].name is None):
+            with self._cache.record(model) as recording:
+                clean_rows = self._forward_copies(model, view, fills, [Copy(None)])[0]
+            calls = self._plan(view, [Copy(None)])
+            recorded = recording.concatenated([sum(piece.stop - piece.start for piece in chunk) for chunk in calls])
+        self._last_recorded = (view.originals, recorded)
+        return recorded, clean_rows
+
+    def _encoder_modes(
+        self, view: BatchView, fills: _Fills, copies: Sequence[Copy], chunk: list[Piece]
+    ) -> dict[str, tuple[Mode, Tensor]]:
+        """What each encoder does in this chunk, whose copies all occlude the same modalities the same way."""
+        assert self._cache is not None
+        first = copies[chunk[0].copy]
+        device = view.values[0].device
+        samples = torch.cat([samples_of(first.rows(piece.start, piece.stop), device) for piece in chunk])
+        modes = {}
+        for modality, names in self._cache.encoders.items():
+            owner = [m.name for m in self.modalities].index(modality)
+            if owner not in first.occluded:
+                mode = (Mode.REPLAY, samples)
+            elif first.mask is None and fills.sources[owner] is not None:  # permute: other samples' clean rows
+                mode = (Mode.REPLAY, fills.sources[owner].index_select(0, samples))
+            elif first.mask is None and fills.same_for_every_sample[owner]:
+                mode = (Mode.RUN_ONCE, samples)
+            else:
+                mode = (Mode.RUN, samples)
+            modes.update(dict.fromkeys(names, mode))
+        return modes
+
+    def _check_replay(
+        self, model: nn.Module, view: BatchView, fills: _Fills, copies: list[Copy], recorded: dict[str, Any]
+    ) -> None:
+        """Compare the cached and the plain path on the first samples: raise if an encoder is not one modality's.
 
         Raises:
-            TypeError: If ``output`` is not a tensor.
-            ValueError: If ``output`` does not hold ``rows`` samples along dimension 0.
+            ValueError: Naming the encoder whose output changed with another modality occluded, or, if each
+                encoder's output matches, saying that the final outputs differ.
         """
-        if not isinstance(output, Tensor):
-            where = "The model returned" if self.output_key is None else f"output_key={self.output_key!r} selected"
-            raise TypeError(
-                f"{where} a {type(output).__name__}, not a tensor. Name the prediction tensor with output_key (e.g. "
-                "output_key='logits' for a dict or a Hugging Face ModelOutput) or pass a forward_fn that returns it."
-            )
-        if output.ndim == 0 or output.shape[0] != rows:
-            raise ValueError(
-                f"The model output has shape {tuple(output.shape)} for an input of {rows} samples; expected the "
-                "samples along dimension 0. Use `forward_fn` to return per-sample outputs."
-            )
-        output = plain_tensor(output).reshape(rows, -1)  # a MetaTensor output would slice by sample metadata
-        if self.output_transform == "softmax" and output.shape[1] == 1 and not self._warned_single_output_softmax:
-            self._warned_single_output_softmax = True
-            rank_zero_warn(
-                "output_transform='softmax' on a model with 1 output: the softmax of one logit is always 1, so every "
-                "share will be NaN. Use output_transform='sigmoid' for a binary model with a single logit.",
-                UserWarning,
-            )
-        transformed = self._transform(output)
-        if not isinstance(transformed, Tensor) or transformed.shape[0] != rows:
-            raise ValueError(
-                f"output_transform returned {getattr(transformed, 'shape', type(transformed).__name__)} for "
-                f"{rows} samples; it must return a tensor with the samples along dimension 0."
-            )
-        return transformed.reshape(rows, -1)
+        assert self._cache is not None
+        first = torch.arange(min(view.size, CHECK_SAMPLES), device=view.values[0].device)
+        restricted = [_restrict(copy, first, view.size) for copy in copies]
+        restricted = [copy for copy in restricted if copy.num_rows(view.size)]
+        with self._cache.record(model) as plain_recording:
+            plain = self._forward_copies(model, view, fills, restricted)
+        with self._cache.replaying(model, recorded) as replay, self._cache.record(model) as cached_recording:
+            cached = self._forward_copies(model, view, fills, restricted, replay)
+        call_copies = [restricted[chunk[0].copy] for chunk in self._plan(view, restricted)]
+        owners = {name: modality for modality, names in self._cache.encoders.items() for name in names}
+        for name, plain_calls in plain_recording.calls.items():
+            for copy, want, got in zip(call_copies, plain_calls, cached_recording.calls[name]):
+                gap = relative_gap(got, want)
+                if gap > noise_gap(want):
+                    occluded = ", ".join(repr(self.modalities[i].name) for i in sorted(copy.occluded))
+                    raise ValueError(
+                        f"encoders: {name!r} (given for modality {owners[name]!r}) is not an encoder of "
+                        f"{owners[name]!r} alone: with {occluded} occluded its output differs from its replayed "
+                        f"output by {gap:.3g} (relative) on the first {first.numel()} samples, so it also depends on "
+                        f"modality {occluded} (cross-attention, FiLM, early fusion, or state kept between calls). "
+                        f"Name only modules whose output depends on {owners[name]!r}'s input alone, or leave "
+                        f"{owners[name]!r} out of encoders."
+                    )
+        for copy, want, got in zip(restricted, plain, cached):
+            gap = relative_gap(got, want)
+            if gap > noise_gap(want) and not torch.is_autocast_enabled(want.device.type):
+                raise ValueError(
+                    f"encoders={self.encoders!r}: every encoder's output matches the plain path, but the model's "
+                    f"outputs with {copy.name!r} occluded differ by {gap:.3g} (relative) on the first "
+                    f"{first.numel()} samples; the model does not run its encoders once per forward call on its "
+                    "own inputs. Leave encoders out for this model."
+                )
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + _SEED_SALT)
+        return self._generators[device]
 
     @staticmethod
-    def _check_output_shapes(outputs: list[Tensor], labels: list[str]) -> None:
-        """Raise if the forward calls gave different numbers of outputs per sample, naming the first that differs."""
-        first_width = outputs[0].shape[1]
-        for output, label in zip(outputs, labels):
-            if output.shape[1] != first_width:
-                raise ValueError(
-                    f"The model returned {sorted({o.shape[1] for o in outputs})} outputs per sample in different "
-                    f"passes: {first_width} in the call holding {labels[0]} but {output.shape[1]} in the call holding "
-                    f"{label}. The occluded passes must give outputs of the same shape as the clean pass."
-                )
+    def _attribute_masks(modality: Modality, value: Tensor, batch: Batch) -> AttributeMasks:
+        """The modality's masks; builders with ``reads_batch`` (a padding mask in the batch) get the batch too."""
+        if modality.attributes is None:  # the whole modality: the same single mask every batch
+            return _whole_modality_masks(value.ndim, value.device)
+        builder = modality.attribute_masks
+        return builder(value, batch=batch) if getattr(builder, "reads_batch", False) else builder(value)
 
 
 def _call_label(holds_clean: bool, occluded: Sequence[str]) -> str:
@@ -502,35 +561,33 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
                 module.training = training
 
 
-def _attribute_masks(modality: Modality, value: Tensor, batch: Batch) -> AttributeMasks:
-    """The modality's attribute masks; builders with ``reads_batch`` (a padding mask in the batch) get the batch too."""
-    if modality.attributes is None:  # the whole modality: the same single mask every batch
-        return _whole_modality_masks(value.ndim, value.device)
-    builder = modality.attribute_masks
-    return builder(value, batch=batch) if getattr(builder, "reads_batch", False) else builder(value)
-
-
 @functools.cache
 def _whole_modality_masks(ndim: int, device: torch.device) -> AttributeMasks:
     """One all-true mask for a modality of ``ndim`` dimensions (built once: the engine only reads its count)."""
     return WholeModality()(torch.empty((0,) * ndim, device=device))
 
 
-def _take(tensor: Tensor, rows: slice, batch_size: int) -> Tensor:
-    """``tensor[rows]``; the tensor itself when ``rows`` are all of its ``batch_size`` rows (no view op per copy)."""
-    return tensor if rows.start == 0 and rows.stop == batch_size else tensor[rows]
-
-
-def _rows_of(mask: Tensor, rows: slice) -> Tensor:
-    """The rows of a per-sample mask (``(N, ...)``); masks shared by all samples (``(1, ...)``) pass unchanged."""
-    return mask if mask.shape[0] == 1 else mask[rows]
-
-
-def _concat_rows(
-    tensor: Tensor, pieces: list[_Piece], batch_size: int, skip: frozenset[int] | set[int] = frozenset()
+def _cut_rows(
+    tensor: Tensor, rows: list[slice | Tensor], view: BatchView, ranges: list[tuple[int, int]], skip: set[int]
 ) -> Tensor:
-    """Rows of a batch tensor for one chunk; tensors without the batch dimension or in ``skip`` (ids) pass unchanged."""
-    if id(tensor) in skip or tensor.ndim == 0 or tensor.shape[0] != batch_size:
+    """A batch tensor's rows for one chunk; tensors without the batch dimension or in ``skip`` (ids) pass unchanged."""
+    if id(tensor) in skip or tensor.ndim == 0 or tensor.shape[0] != view.size:
         return tensor
-    rows = torch.cat([plain_tensor(tensor)[piece.start : piece.stop] for piece in pieces])
-    return rows_like(tensor, rows, [(piece.start, piece.stop) for piece in pieces])
+    plain = plain_tensor(tensor)
+    return rows_like(tensor, torch.cat([take(plain, piece_rows, view.size) for piece_rows in rows]), ranges)
+
+
+def _width(rows: Sequence[Tensor]) -> int | None:
+    """The outputs per sample of the copies that ran; ``None`` when none ran a row."""
+    return next((copy_rows.shape[-1] for copy_rows in rows if copy_rows.numel()), None)
+
+
+def _same_tensors(left: Sequence[Tensor], right: Sequence[Tensor]) -> bool:
+    return len(left) == len(right) and all(a is b for a, b in zip(left, right))
+
+
+def _restrict(copy: Copy, samples: Tensor, batch_size: int) -> Copy:
+    """``copy`` on those of ``samples`` it runs on."""
+    if copy.samples is None:
+        return replace(copy, samples=samples)
+    return replace(copy, samples=copy.samples[torch.isin(copy.samples, samples)])

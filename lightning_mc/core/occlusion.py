@@ -41,6 +41,9 @@ class Fill:
 
     #: Whether the fill is defined for integer tensors such as token ids.
     supports_integer: bool = False
+    #: Whether every sample gets the same fill (zeros, a constant): an encoder of the filled modality then needs one
+    #: row per batch (see :mod:`lightning_mc.core.encoders`).
+    same_for_every_sample: bool = False
 
     def __call__(self, value: Tensor, generator: torch.Generator) -> Tensor:
         """Return the fill for ``value`` (shape ``(N, ...)``), same shape and dtype.
@@ -84,6 +87,7 @@ class ZerosFill(Fill):
     """Replace by zeros (``False`` for boolean tensors)."""
 
     supports_integer = True
+    same_for_every_sample = True
 
     def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
         return torch.zeros_like(value)
@@ -116,6 +120,7 @@ class ConstantFill(Fill):
     value: float | int | bool
 
     supports_integer = True
+    same_for_every_sample = True
 
     def __call__(self, value: Tensor, generator: torch.Generator) -> Tensor:  # noqa: D102
         if _is_integer_like(value.dtype) and isinstance(self.value, float):
@@ -161,9 +166,12 @@ class PermuteFill(Fill):
 
     supports_integer = True
 
+    def order(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        """The shuffle: row ``k`` of the fill is sample ``order[k]`` of ``value``."""
+        return torch.randperm(value.shape[0], generator=generator, device=value.device)
+
     def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
-        order = torch.randperm(value.shape[0], generator=generator, device=value.device)
-        return value[order]
+        return value[self.order(value, generator)]
 
     def __repr__(self) -> str:
         return "'permute'"

@@ -13,10 +13,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 from torch import Tensor
+from torchmetrics.utilities import rank_zero_warn
+
+from lightning_mc.core.occlusion import plain_tensor
 
 OutputTransform = Union[Literal["softmax", "sigmoid"], Callable[[Tensor], Tensor], None]
 OUTPUT_TRANSFORMS: tuple[str, ...] = ("softmax", "sigmoid")
@@ -97,3 +100,110 @@ def resolve_output_transform(output_transform: OutputTransform) -> Callable[[Ten
     if callable(output_transform) and not isinstance(output_transform, str):
         return output_transform
     raise ValueError(f"output_transform={output_transform!r} must be None, one of {OUTPUT_TRANSFORMS} or a callable.")
+
+
+class GivenCleanError(ValueError):
+    """A clean prediction computed elsewhere (``reuse_outputs``) does not fit the batch or the model's outputs."""
+
+
+class OutputReader:
+    """Turns what one forward call returns into checked ``(rows, C)`` outputs: select, flatten, transform.
+
+    Args:
+        output_key: Where the prediction is in the output (see :func:`select_prediction`); ``None``: the output is the
+            prediction tensor.
+        output_transform: ``None``, ``"softmax"`` (over the last dimension), ``"sigmoid"`` or a callable.
+
+    Raises:
+        TypeError: If ``output_key`` is not ``None`` or a non-empty string.
+        ValueError: If ``output_transform`` is not one of the above.
+
+    Example:
+        >>> import torch
+        >>> reader = OutputReader(output_key="logits", output_transform="softmax")
+        >>> reader.read({"logits": torch.zeros(2, 4)}, rows=2).tolist()[0]
+        [0.25, 0.25, 0.25, 0.25]
+    """
+
+    def __init__(self, output_key: str | None = None, output_transform: OutputTransform = None) -> None:
+        check_output_key(output_key)
+        self.output_key = output_key
+        self.output_transform = output_transform
+        self._transform = resolve_output_transform(output_transform)
+        self._warned_single_output_softmax = False
+
+    def read(self, output: Any, rows: int) -> Tensor:
+        """The prediction in ``output`` (what ``forward_fn`` returned for ``rows`` samples), transformed."""
+        return self.transform(select_prediction(output, self.output_key), rows)
+
+    def transform(self, output: object, rows: int) -> Tensor:
+        """Check one prediction of ``rows`` samples, flatten it per sample and apply the output transform.
+
+        Raises:
+            TypeError: If ``output`` is not a tensor.
+            ValueError: If ``output`` does not hold ``rows`` samples along dimension 0.
+        """
+        if not isinstance(output, Tensor):
+            where = "The model returned" if self.output_key is None else f"output_key={self.output_key!r} selected"
+            raise TypeError(
+                f"{where} a {type(output).__name__}, not a tensor. Name the prediction tensor with output_key (e.g. "
+                "output_key='logits' for a dict or a Hugging Face ModelOutput) or pass a forward_fn that returns it."
+            )
+        if output.ndim == 0 or output.shape[0] != rows:
+            raise ValueError(
+                f"The model output has shape {tuple(output.shape)} for an input of {rows} samples; expected the "
+                "samples along dimension 0. Use `forward_fn` to return per-sample outputs."
+            )
+        output = plain_tensor(output).reshape(rows, -1)  # a MetaTensor output would slice by sample metadata
+        if self.output_transform == "softmax" and output.shape[1] == 1 and not self._warned_single_output_softmax:
+            self._warned_single_output_softmax = True
+            rank_zero_warn(
+                "output_transform='softmax' on a model with 1 output: the softmax of one logit is always 1, so every "
+                "share will be NaN. Use output_transform='sigmoid' for a binary model with a single logit.",
+                UserWarning,
+            )
+        transformed = self._transform(output)
+        if not isinstance(transformed, Tensor) or transformed.shape[0] != rows:
+            raise ValueError(
+                f"output_transform returned {getattr(transformed, 'shape', type(transformed).__name__)} for "
+                f"{rows} samples; it must return a tensor with the samples along dimension 0."
+            )
+        return transformed.reshape(rows, -1)
+
+    def given_clean(self, clean: Tensor, num_outputs: int | None, batch_size: int) -> Tensor:
+        """A clean prediction computed elsewhere, transformed as the engine's own: ``(batch_size, num_outputs)``.
+
+        ``num_outputs`` is what the occluded copies gave; ``None`` when no copy ran a row (nothing to compare with).
+
+        Raises:
+            GivenCleanError: If ``clean`` is not a tensor, has another batch size, or another number of outputs than
+                the occluded passes.
+        """
+        try:
+            rows = self.transform(clean, batch_size)
+        except (TypeError, ValueError) as err:
+            raise GivenCleanError(f"The clean outputs given for this batch are wrong: {err}") from None
+        if num_outputs is not None and rows.shape[1] != num_outputs:
+            raise GivenCleanError(
+                f"The clean outputs given for this batch have shape {tuple(clean.shape)}: {rows.shape[1]} outputs per "
+                f"sample, but the model gives {num_outputs} on the occluded copies; they must be the model's "
+                "prediction on this batch (what forward_fn and output_key return), before the output transform."
+            )
+        return rows
+
+    @staticmethod
+    def check_same_width(outputs: Sequence[Tensor], labels: Sequence[str]) -> None:
+        """Raise if the forward calls gave different numbers of outputs per sample, naming the first that differs.
+
+        Args:
+            outputs: The ``(rows, C)`` outputs of each forward call.
+            labels: What each call held, for the message.
+        """
+        first_width = outputs[0].shape[1]
+        for output, label in zip(outputs, labels):
+            if output.shape[1] != first_width:
+                raise ValueError(
+                    f"The model returned {sorted({o.shape[1] for o in outputs})} outputs per sample in different "
+                    f"passes: {first_width} in the call holding {labels[0]} but {output.shape[1]} in the call holding "
+                    f"{label}. The occluded passes must give outputs of the same shape as the clean pass."
+                )
