@@ -1,0 +1,185 @@
+"""Encoder-aware occlusion: the cached path gives the plain path's numbers, runs each encoder only where it must, and
+refuses an ``encoders`` spec whose module also reads another modality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_mc import Modality
+from lightning_mc.core.engine import OcclusionEngine
+from lightning_mc.core.modality import resolve_modalities
+from lightning_mc.masks import Columns, Patches2d
+
+from helpers import assert_same_numbers
+
+N, COLUMNS = 6, 4
+ENCODERS = {"image": "image_encoder", "table": "table_encoder"}
+
+
+class Counted(nn.Module):
+    """A submodule that counts the rows it computes (not those replayed: a replayed module does not run)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rows = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
+class LateFusion(nn.Module):
+    """A CNN for 1×8×8 images, an MLP for a table of ``COLUMNS`` columns, a fusion head; each encoder counts rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.image_encoder = Counted(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten()))
+        self.table_encoder = Counted(nn.Sequential(nn.Linear(COLUMNS, 8), nn.Tanh()))
+        self.head = Counted(nn.Linear(3 * 64 + 8, 3))
+
+    def forward(self, image: Tensor, table: Tensor) -> Tensor:
+        return self.head(torch.cat([self.image_encoder(image), self.table_encoder(table)], dim=1))
+
+    def reset_counts(self) -> None:
+        for module in (self.image_encoder, self.table_encoder, self.head):
+            module.rows = 0
+
+
+class FiLM(LateFusion):
+    """The table encoder's output is scaled by the image: it is not an encoder of the table alone."""
+
+    def forward(self, image: Tensor, table: Tensor) -> Tensor:
+        image_features = self.image_encoder(image)
+        return self.head(torch.cat([image_features, self.table_encoder(table * image.flatten(1)[:, :1])], 1))
+
+
+def batch(seed: int = 0) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(N, 1, 8, 8, generator=generator), torch.randn(N, COLUMNS, generator=generator)
+
+
+def modalities(attributes: bool = False, occlusion=None) -> tuple[Modality, ...]:
+    return resolve_modalities(
+        [
+            Modality("image", key=0, occlusion=occlusion, attributes=Patches2d((4, 4)) if attributes else None),
+            Modality("table", key=1, occlusion=occlusion, attributes=Columns() if attributes else None),
+        ]
+    )
+
+
+def halve(value: Tensor) -> Tensor:
+    return value / 2
+
+
+FILLS = ["zeros", "mean", 0.5, "noise", "permute", halve]
+
+
+@pytest.mark.parametrize("attributes", [False, True], ids=["whole", "attributes"])
+@pytest.mark.parametrize("fill", FILLS, ids=str)
+def test_cached_encoders_give_the_plain_outputs_under_every_fill(fill, attributes) -> None:
+    """Same seed, so "noise" and "permute" draw the same fills on both paths; two batches: the check, then none."""
+    model = LateFusion().eval()
+    plain = OcclusionEngine(modalities(attributes), occlusion=fill, max_batch_size=10)
+    cached = OcclusionEngine(modalities(attributes), occlusion=fill, max_batch_size=10, encoders=ENCODERS)
+    for seed in (0, 1):
+        expected, actual = plain.run(model, batch(seed)), cached.run(model, batch(seed))
+        assert_same_numbers(actual.clean, expected.clean, what="clean")
+        assert_same_numbers(actual.occluded, expected.occluded, what=f"occluded, fill {fill!r}")
+
+
+def test_each_encoder_runs_only_on_the_rows_it_must() -> None:
+    """Rows each module computes on a batch after the first (the first also runs the check)."""
+    model = LateFusion().eval()
+    for fill, image_rows, table_rows in [("zeros", N + 1, N + 1), ("mean", N + N, N + N), ("permute", N, N)]:
+        engine = OcclusionEngine(modalities(), occlusion=fill, encoders=ENCODERS)
+        engine.run(model, batch(0))
+        model.reset_counts()
+        engine.run(model, batch(1))
+        # clean: both encoders; image occluded: the image encoder (zeros: one row, expanded; mean: every row;
+        # permute: none, the recorded rows permuted), the table encoder replays; table occluded: the other way round
+        assert (model.image_encoder.rows, model.table_encoder.rows) == (image_rows, table_rows), fill
+        assert model.head.rows == 3 * N  # the fusion head runs on every copy
+
+    engine = OcclusionEngine(modalities(attributes=True), occlusion="zeros", encoders=ENCODERS)
+    engine.run(model, batch(0))
+    model.reset_counts()
+    engine.run(model, batch(1))
+    # 4 patches and 4 columns: each attribute copy runs its own modality's encoder on its rows only
+    assert (model.image_encoder.rows, model.table_encoder.rows) == (N + 4 * N, N + COLUMNS * N)
+    assert model.head.rows == (1 + 4 + COLUMNS) * N
+
+
+def test_the_plain_path_runs_every_encoder_on_every_copy() -> None:
+    model = LateFusion().eval()
+    OcclusionEngine(modalities(attributes=True), occlusion="zeros").run(model, batch(1))
+    assert model.image_encoder.rows == model.table_encoder.rows == model.head.rows == (1 + 4 + COLUMNS) * N
+
+
+def test_coalitions_replay_every_encoder_outside_the_coalition() -> None:
+    model = LateFusion().eval()
+    coalitions = [frozenset({0}), frozenset({1}), frozenset({0, 1})]
+    expected = OcclusionEngine(modalities(), occlusion="mean").run_coalitions(model, batch(), coalitions)
+    cached = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
+    cached.run_coalitions(model, batch(1), coalitions)
+    model.reset_counts()
+    actual = cached.run_coalitions(model, batch(), coalitions)
+    assert_same_numbers(actual, expected)
+    assert (model.image_encoder.rows, model.table_encoder.rows) == (N + 2 * N, N + 2 * N)
+
+
+def test_reused_clean_outputs_and_recorded_encoders_never_run_the_clean_batch_again() -> None:
+    model = LateFusion().eval()
+    engine = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
+    engine.run(model, batch(1))
+    expected = OcclusionEngine(modalities(), occlusion="mean").run(model, batch())
+    model.reset_counts()
+    with torch.no_grad(), engine.recording_encoders(model) as recording:
+        clean = model(*batch())  # what the validation step computes
+    model.reset_counts()
+    actual = engine.run(model, batch(), clean=clean, encoder_outputs=recording)
+    assert_same_numbers(actual.occluded, expected.occluded)
+    assert (model.image_encoder.rows, model.table_encoder.rows, model.head.rows) == (N, N, 2 * N)
+
+
+def test_an_encoder_that_also_reads_another_modality_is_refused_by_name() -> None:
+    model = FiLM().eval()
+    engine = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
+    with pytest.raises(
+        ValueError, match=r"'table_encoder' \(given for modality 'table'\).*also depends on modality 'image'"
+    ):
+        engine.run(model, batch())
+    # the user's module is left as it was: its own forward, no replaying one
+    assert "forward" not in vars(model.table_encoder) and "forward" not in vars(model.image_encoder)
+    OcclusionEngine(modalities(), occlusion="mean", encoders={"image": "image_encoder"}).run(model, batch())
+
+
+def test_an_exception_in_the_model_restores_the_encoders() -> None:
+    class Failing(LateFusion):
+        def forward(self, image: Tensor, table: Tensor) -> Tensor:
+            if (table == 0).all():
+                raise RuntimeError("no zeros here")
+            return super().forward(image, table)
+
+    model = Failing().eval()
+    with pytest.raises(RuntimeError, match="no zeros here"):
+        OcclusionEngine(modalities(), occlusion="zeros", encoders=ENCODERS).run(model, batch())
+    assert "forward" not in vars(model.table_encoder) and "forward" not in vars(model.image_encoder)
+
+
+@pytest.mark.parametrize(
+    ("encoders", "error", "message"),
+    [
+        ({"image": "nope"}, ValueError, "encoders\\['image'\\] names 'nope', which is not a submodule of LateFusion"),
+        ({"audio": "image_encoder"}, ValueError, "encoders names modality 'audio'; the modalities are"),
+        ({"image": ""}, TypeError, "encoders\\['image'\\]='' must be a submodule name"),
+        ({"image": "head", "table": ["head"]}, ValueError, "names \\['head'\\] for more than one modality"),
+        (["image_encoder"], TypeError, "must be None or a non-empty mapping modality -> submodule name"),
+    ],
+)
+def test_a_wrong_encoders_spec_is_refused_with_the_argument_and_what_is_valid(encoders, error, message) -> None:
+    with pytest.raises(error, match=message):
+        OcclusionEngine(modalities(), encoders=encoders).run(LateFusion(), batch())
