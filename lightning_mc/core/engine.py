@@ -466,7 +466,7 @@ class OcclusionEngine:
         assert self._cache is not None
         first = copies[chunk[0].copy]
         device = view.values[0].device
-        samples = torch.cat([samples_of(first.rows(piece.start, piece.stop), device) for piece in chunk])
+        samples = torch.cat([samples_of(copies[piece.copy].rows(piece.start, piece.stop), device) for piece in chunk])
         modes = {}
         for modality, names in self._cache.encoders.items():
             owner = [m.name for m in self.modalities].index(modality)
