@@ -18,13 +18,14 @@ from lightning_mc.callbacks.early_stopping import CollapseEarlyStopping
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.core.metric import ModalityContribution
 from lightning_mc.core.modality import Modality
-from lightning_mc.core.result import ContributionResult
+from lightning_mc.core.result import ContributionResult, HistoryEntry
 from lightning_mc.measurement import ContributionMeasurement
 
 __all__ = [
     "CollapseEarlyStopping",
     "ContributionMeasurement",
     "ContributionResult",
+    "HistoryEntry",
     "Modality",
     "ModalityBalancer",
     "ModalityContribution",

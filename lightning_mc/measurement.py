@@ -10,7 +10,7 @@ training loop can call it the same way.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,28 +22,26 @@ from torchmetrics import Metric
 from lightning_mc.analyses.bootstrap import (
     DEFAULT_MAX_CI_SAMPLES,
     PerSampleRaw,
-    check_ci_arguments,
     per_sample_values,
     share_intervals,
 )
+from lightning_mc.analyses.options import OPTION_NAMES, MeasurementOptions, document_options
 from lightning_mc.analyses.perf_drop import (
     PerformanceDrop,
     TargetSpec,
-    check_perf_arguments,
     select_target,
     whole_modality_outputs,
 )
-from lightning_mc.analyses.precision import ShareHalfWidth, check_tolerance
+from lightning_mc.analyses.precision import ShareHalfWidth
 from lightning_mc.analyses.shapley import (
     AllOccludedMovement,
     ModalityShapley,
     ShapleyResult,
-    check_num_modalities,
     coalitions,
     redundancy_message,
 )
 from lightning_mc.core.engine import ForwardFn, OccludedOutputs, OcclusionEngine
-from lightning_mc.core.metric import ModalityContribution, Normalization, check_normalization
+from lightning_mc.core.metric import ModalityContribution, Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
 from lightning_mc.core.outputs import OutputTransform
@@ -78,6 +76,7 @@ class _Passes:
         )
 
 
+@document_options()
 class ContributionMeasurement:
     """Measures modality contributions batch by batch: ``update(model, batch)``, then ``compute()``.
 
@@ -94,35 +93,11 @@ class ContributionMeasurement:
     Args:
         modalities: ``name -> dict key`` (dict batches), ``name -> index`` (tuple/list batches), or
             :class:`lightning_mc.Modality` objects (nested batches, per-modality fills, attributes).
-        forward_fn: ``(model, batch) -> output``. Default: ``model(*modality_tensors)``, the modality tensors as
-            positional arguments in the order of ``modalities``.
-        output_key: Where the prediction is in the model's output: a dict key, a Hugging Face ``ModelOutput`` field or
-            an attribute (e.g. ``"logits"``); applied after ``forward_fn``. ``None``: the output is the prediction.
-        output_transform: Activation applied before outputs are compared: ``None``, ``"softmax"``, ``"sigmoid"`` or
-            a callable.
-        occlusion: Default fill of modalities that set none: ``"mean"``, ``"zeros"``, ``"noise"``, ``"permute"``, a
-            number or a callable.
-        normalization: ``"ratio_of_sums"`` (Algorithm 1, default), ``"per_sample"`` or ``"per_sample_output"``.
-        max_batch_size: Most rows per forward call (``None``: 4 × the batch size).
-        seed: Seed of the ``"noise"`` and ``"permute"`` fills and of the bootstrap.
-        check_redundancy: Also occlude every modality at once (``N`` more rows per batch), fill ``all_occluded_raw``
-            and warn (once per measurement object) when the modalities look redundant.
-        ci: Coverage of percentile bootstrap intervals for the shares (e.g. ``0.95``), or ``None``.
-        n_boot: Bootstrap replicates (with ``ci``).
-        max_ci_samples: Most samples per process whose per-sample values are kept (with ``ci``).
-        shapley: Also compute exact modality Shapley values (``M ≤ 6``; ``2^M − 1`` copies per batch, which include
-            the one-at-a-time occlusions of whole modalities, so those cost nothing more).
-        perf_metric: Label-aware view: a torchmetrics metric on the clean outputs and with each whole modality
-            occluded (the instance is cloned, never updated). Needs ``target``.
-        target: Where the targets are in each batch: a dict key, a tuple index or ``batch -> Tensor``.
-        tolerance: Precision asked for: the driving loop stops adding batches once every share's 95% half-width is
-            at most ``tolerance`` (:attr:`converged`; delta-method half-widths from sums, at least 50 samples,
-            :mod:`lightning_mc.analyses.precision`); the half-widths are in ``result.share_half_width``. ``None``
-            (default): no half-widths, every batch counts.
 
     Raises:
         ValueError: On an invalid argument (the message names it and what is valid).
-        TypeError: If ``modalities``, ``occlusion``, ``forward_fn`` or ``output_key`` have the wrong type.
+        TypeError: If ``modalities``, ``occlusion``, ``forward_fn``, ``output_key`` or ``encoders`` have the wrong
+            type.
 
     Example:
         A plain PyTorch loop:
@@ -160,33 +135,22 @@ class ContributionMeasurement:
         perf_metric: Metric | None = None,
         target: TargetSpec | None = None,
         tolerance: float | None = None,
+        encoders: Mapping[str, str | Sequence[str]] | None = None,
     ) -> None:
         self.modalities = resolve_modalities(modalities)
-        check_normalization(normalization)
-        check_tolerance(tolerance, normalization)
-        check_ci_arguments(ci, n_boot, max_ci_samples, normalization)
-        check_perf_arguments(perf_metric, target)
-        if shapley:
-            check_num_modalities(len(self.modalities))
-        self.engine = OcclusionEngine(
-            self.modalities,
-            forward_fn=forward_fn,
-            output_transform=output_transform,
-            occlusion=occlusion,
-            max_batch_size=max_batch_size,
-            seed=seed,
-            output_key=output_key,
-        )
-        self.normalization = normalization
-        self.seed = seed
-        self.check_redundancy = check_redundancy
-        self.ci, self.n_boot, self.max_ci_samples = ci, n_boot, max_ci_samples
-        self.shapley = shapley
-        self.perf_metric, self.target = perf_metric, target
-        self.tolerance = tolerance
+        #: The checked options (:class:`~lightning_mc.analyses.options.MeasurementOptions`).
+        self.options = MeasurementOptions(**MeasurementOptions.pick(locals()))
+        self.options.check_modalities(self.modality_names)
+        self.engine = OcclusionEngine(self.modalities, **self.options.engine_arguments())
         self._metrics: dict[str, Any] = {}
         self._num_updates = 0
         self._warned_redundant = False
+
+    def __getattr__(self, name: str) -> Any:  # measurement.ci, measurement.seed, ...: the options, read-only
+        options = self.__dict__.get("options")  # absent while unpickling
+        if name in OPTION_NAMES and options is not None:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def modality_names(self) -> tuple[str, ...]:

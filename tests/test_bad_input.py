@@ -257,7 +257,7 @@ def test_a_failure_inside_the_monitor_leaves_no_half_written_state(tmp_path) -> 
         trainer.fit(model, loader(two_modality_dataset(32)), loader(two_modality_dataset(32, seed=1)))
     assert [entry["epoch"] for entry in monitor.history] == [0]  # epoch 1's partial sums never became an entry
     assert monitor.measurement.num_updates == 0
-    assert not monitor._measuring
+    assert not monitor.schedule.measuring
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     # the functional reproduction the message points to fails the same way on the same batch

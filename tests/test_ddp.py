@@ -39,7 +39,7 @@ class RecordLoggedValues(L.Callback):
                 "epoch": trainer.current_epoch,
                 "logged": logged,
                 "num_samples": self.monitor.history[-1]["num_samples"],
-                "local_rows": self.monitor._padding.seen,
+                "local_rows": self.monitor.schedule.padding.seen,
             }
         )
 

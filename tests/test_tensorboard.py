@@ -82,7 +82,7 @@ def test_csv_logger_gets_the_scalars_and_no_dashboard(tmp_path) -> None:
     for name in MODALITIES:
         logged = [float(row[f"mc/share/{name}"]) for row in rows]
         assert logged == pytest.approx([entry["shares"][name] for entry in monitor.history], abs=1e-6)
-    assert monitor._dashboard is None
+    assert monitor.views.dashboard is None
     assert not list(Path(tmp_path).rglob("events.out.tfevents.*"))
 
 
@@ -100,7 +100,7 @@ def test_several_loggers_each_get_the_scalars_and_tensorboard_the_figure(tmp_pat
 
 def test_no_logger_runs_without_a_dashboard(tmp_path) -> None:
     monitor, trainer = _fit(tmp_path, False)
-    assert monitor._dashboard is None and len(monitor.history) == 4
+    assert monitor.views.dashboard is None and len(monitor.history) == 4
     assert "mc/share/image" in trainer.callback_metrics
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_mc.core.engine import OccludedOutputs
+from lightning_mc.core.checks import check_fraction, check_int
 
 #: Bootstrap replicates drawn per block (bounds the ``block × N`` index tensor).
 _BLOCK = 64
@@ -41,12 +41,9 @@ def check_ci_arguments(ci: float | None, n_boot: int, max_samples: int, normaliz
     Example:
         >>> check_ci_arguments(0.95, 1000, 100_000)
     """
-    if ci is not None and (isinstance(ci, bool) or not isinstance(ci, (int, float)) or not 0 < ci < 1):
-        raise ValueError(f"ci={ci!r} must be None or a coverage in (0, 1), e.g. 0.95.")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot={n_boot!r} must be a positive int.")
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-        raise ValueError(f"max_ci_samples={max_samples!r} must be a positive int.")
+    check_fraction("ci", ci, optional=True, what="a coverage", hint=", e.g. 0.95")
+    check_int("n_boot", n_boot)
+    check_int("max_ci_samples", max_samples)
     if ci is not None and normalization not in BOOTSTRAP_NORMALIZATIONS:
         raise ValueError(
             f"Confidence intervals (ci={ci!r}) are available for normalization in {BOOTSTRAP_NORMALIZATIONS}; got "
@@ -75,11 +72,6 @@ def per_sample_values(clean: Tensor, occluded: Mapping[str, Tensor]) -> Tensor:
         finite &= torch.isfinite(value).all(-1).all(-1)
         columns.append((clean.unsqueeze(1) - value).abs().sum(dim=(1, 2)))
     return torch.stack(columns, dim=1)[finite]
-
-
-def per_sample_raw(outputs: OccludedOutputs) -> Tensor:
-    """:func:`per_sample_values` of an :class:`~lightning_mc.core.engine.OccludedOutputs`."""
-    return per_sample_values(outputs.clean, outputs.occluded)
 
 
 def canonical_order(values: Tensor) -> Tensor:

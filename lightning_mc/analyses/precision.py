@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mc.core.checks import check_fraction
+
 #: ``z`` of a two-sided 95% normal interval.
 Z_95 = 1.959963984540054
 #: Fewer samples than this give an infinite half-width: no early stop on a handful of samples.
@@ -53,8 +55,7 @@ def check_tolerance(tolerance: float | None, normalization: str = "ratio_of_sums
     """
     if tolerance is None:
         return
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
-        raise ValueError(f"tolerance={tolerance!r} must be None or a half-width in (0, 1), e.g. 0.02.")
+    check_fraction("tolerance", tolerance, optional=True, what="a half-width", hint=", e.g. 0.02")
     if normalization not in TOLERANCE_NORMALIZATIONS:
         raise ValueError(
             f"tolerance={tolerance!r} is available for normalization in {TOLERANCE_NORMALIZATIONS}; got "

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from lightning_mc.core.result import ShapleyResult
 
 #: Most modalities for exact Shapley values: ``2^6 − 1 = 63`` occluded copies per batch.
 MAX_SHAPLEY_MODALITIES = 6
@@ -254,40 +255,13 @@ def redundancy_message(raw: dict[str, float], all_occluded: float, ratio: float 
     )
 
 
-@dataclass(frozen=True)
-class ShapleyResult:
-    """Exact modality Shapley values measured on a set of samples.
-
-    Attributes:
-        values: ``name -> φ``; they sum to ``v(all modalities)``.
-        shares: ``name -> φ / Σ φ``; they sum to 1 (all NaN when no occlusion moved any output).
-        interactions: ``(name_i, name_j) -> I_ij`` for each pair ``i < j`` in modality order; positive means
-            redundant, negative synergistic, ~0 independent (see the module docstring).
-        coalition_values: ``"a+b" -> v({a, b})`` for every non-empty coalition (names joined by ``+``).
-        num_samples: Number of samples measured.
-        num_skipped: Number of samples skipped because an output was NaN or inf.
-    """
-
-    values: dict[str, float]
-    shares: dict[str, float]
-    interactions: dict[tuple[str, str], float]
-    coalition_values: dict[str, float]
-    num_samples: int
-    num_skipped: int = 0
-
-    @classmethod
-    def from_values(cls, values: dict[str, Tensor], modality_names: tuple[str, ...]) -> ShapleyResult:
-        """Build a result from :meth:`ModalityShapley.compute`'s tensors."""
-        names = list(modality_names)
-        interactions = values["interactions"].tolist()
-        keys = ["+".join(names[i] for i in sorted(c)) for c in coalitions(len(names))]
-        return cls(
-            values=dict(zip(names, values["values"].tolist())),
-            shares=dict(zip(names, values["shares"].tolist())),
-            interactions={
-                (names[i], names[j]): interactions[i][j] for i in range(len(names)) for j in range(i + 1, len(names))
-            },
-            coalition_values=dict(zip(keys, values["coalition_values"].tolist())),
-            num_samples=int(values["num_samples"]),
-            num_skipped=int(values["num_skipped"]),
-        )
+__all__ = [
+    "AllOccludedMovement",
+    "ModalityShapley",
+    "ShapleyResult",
+    "coalitions",
+    "redundancy_message",
+    "shapley_interactions",
+    "shapley_shares",
+    "shapley_values",
+]

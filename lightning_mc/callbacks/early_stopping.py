@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
+from lightning_mc.core.checks import check_fraction, check_int
 from lightning_mc.views.tensorboard import CollapseMarks, marks_from_stopper
 
 CollapseAction = Literal["stop", "warn"]
@@ -89,12 +90,9 @@ class CollapseEarlyStopping(MonitorReader):
         monitor: ModalityContributionMonitor | None = None,
     ) -> None:
         super().__init__(monitor)
-        if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) or not 0.0 < min_share < 1.0:
-            raise ValueError(f"min_share={min_share!r} must be a number in (0, 1).")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience={patience!r} must be a positive int (number of consecutive checks).")
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs={warmup_epochs!r} must be a non-negative int.")
+        check_fraction("min_share", min_share)
+        check_int("patience", patience, hint=" (number of consecutive checks)")
+        check_int("warmup_epochs", warmup_epochs, minimum=0)
         if action not in _ACTIONS:
             raise ValueError(f"action={action!r} must be one of {', '.join(map(repr, _ACTIONS))}.")
         self.min_share = float(min_share)

@@ -1,17 +1,69 @@
-"""The monitor's options that are about Lightning, not the measurement: ``reuse_outputs`` and ``per_output``."""
+"""The monitor's own options (about Lightning, not the measurement): ``prefix``, ``reuse_outputs``, ``per_output``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_mc.core.outputs import available_keys, select_prediction
 from lightning_mc.core.result import ContributionResult
+from lightning_mc.views.scalars import MAX_LOGGED_ATTRIBUTES
 
 #: What ``validation_step`` returned → the model's prediction: ``True`` (the output itself), a key, or a callable.
 ReuseOutputs = Union[bool, str, Callable[[Any], Tensor]]
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
+#: The docs of the monitor's own options (its signature's ``Args``), next to their checks below.
+MONITOR_DOCS = {
+    "dashboard": "With a ``TensorBoardLogger``, also write the dashboard (:mod:`lightning_mc.views.tensorboard`).",
+    "per_output": "Log each output's shares, ``<prefix>/output_share/<output>/<m>``: ``True`` names outputs by index, "
+    "a sequence of names names them so (at most 16 outputs are logged).",
+    "prefix": "First part of every logged key and TensorBoard tag (letters, digits, ``_``, ``-``, ``.``).",
+    "reuse_outputs": "Take the clean outputs from what ``validation_step`` returned (only the occluded copies run): "
+    "``True`` (it returns the output tensor), the key or attribute holding it, or a callable ``outputs -> Tensor``. It "
+    "must be what ``forward_fn``/``output_key`` give, before ``output_transform``.",
+}
+
+
+def check_prefix(prefix: Any) -> None:
+    """Raise a ``ValueError`` unless ``prefix`` is a non-empty string of letters, digits, ``_``, ``-`` or ``.``.
+
+    Example:
+        >>> check_prefix("mc_external")
+    """
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"prefix={prefix!r} must be a non-empty string of letters, digits, '_', '-' or '.'.")
+
+
+def check_unique_prefix(monitor: Any, monitors: Sequence[Any]) -> None:
+    """Raise a ``ValueError`` if another of the trainer's ``monitors`` logs under ``monitor``'s prefix."""
+    twins = [other for other in monitors if other.prefix == monitor.prefix and other is not monitor]
+    if twins:
+        raise ValueError(
+            f"Two monitors log under prefix={monitor.prefix!r}: {monitor!r} and {twins[0]!r}. Give each monitor its "
+            "own prefix, e.g. prefix='mc_external' for a second validation set."
+        )
+
+
+class WarnOnce:
+    """Warns (rank 0) at most once per kind of message.
+
+    Example:
+        >>> warn = WarnOnce()
+        >>> warn("empty", "nothing measured")  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+
+    def __call__(self, kind: str, message: str) -> None:
+        """Warn ``message`` unless a message of ``kind`` was already given."""
+        if kind not in self.warned:
+            self.warned.add(kind)
+            rank_zero_warn(message, category=UserWarning)
 
 
 def check_reuse_outputs(reuse_outputs: Any) -> ReuseOutputs:
@@ -105,3 +157,18 @@ def per_output_names(per_output: bool | tuple[str, ...], result: ContributionRes
             "one name per output, or per_output=True to name them by index."
         )
     return per_output
+
+
+def logged_output_names(
+    per_output: bool | tuple[str, ...], result: ContributionResult, warn_once: Callable[[str, str], None]
+) -> Sequence[str] | None:
+    """:func:`per_output_names`, or ``None`` with a warning (once) when the model has more outputs than are logged."""
+    names = per_output_names(per_output, result)
+    if names is not None and len(names) > MAX_LOGGED_ATTRIBUTES:
+        warn_once(
+            "many_outputs",
+            f"per_output: the model has {len(names)} outputs; per-output shares are logged for at most "
+            f"{MAX_LOGGED_ATTRIBUTES}. They are in monitor.latest.per_output_shares.",
+        )
+        return None
+    return names

@@ -9,6 +9,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DistributedSampler
 
+from lightning_mc.analyses.options import document_options
+from lightning_mc.core.checks import check_int, is_number
+
 
 def check_limit_batches(limit_batches: int | float | None) -> None:
     """Raise unless ``limit_batches`` is ``None``, a positive int or a float in ``(0, 1]``.
@@ -18,7 +21,7 @@ def check_limit_batches(limit_batches: int | float | None) -> None:
     """
     if limit_batches is None:
         return
-    if isinstance(limit_batches, bool) or not isinstance(limit_batches, (int, float)):
+    if not is_number(limit_batches):
         raise TypeError(f"limit_batches={limit_batches!r} must be an int, a float in (0, 1] or None.")
     if isinstance(limit_batches, int) and limit_batches < 1:
         raise ValueError(f"limit_batches={limit_batches!r} must be at least 1 (or None for all batches).")
@@ -84,3 +87,99 @@ class PaddingTrim:
     def advance(self, batch_size: int) -> None:
         """Count a measured batch of ``batch_size`` samples."""
         self.seen += batch_size
+
+
+#: The docs of :class:`CheckSchedule`'s arguments (and the monitor's, which passes them on).
+SCHEDULE_DOCS = {
+    "every_n_epochs": "Measure on validation runs of every n-th epoch (``(epoch + 1) % n == 0``).",
+    "limit_batches": "Validation batches measured per run: an int, a float in ``(0, 1]`` (fraction of "
+    "``trainer.num_val_batches``) or ``None`` (all).",
+    "dataloader_idx": "Index of the validation dataloader to measure (position in a list, or in a dict's order).",
+    "run_on_sanity_check": "Also measure during the sanity check.",
+    "run_on_fast_dev_run": "Also measure when the trainer runs with ``fast_dev_run``.",
+    "run_on_validate": "Also measure in ``trainer.validate()``; by default only fitting is measured.",
+}
+
+
+@document_options(docs=SCHEDULE_DOCS, after="Args")
+class CheckSchedule:
+    """When a monitor measures and on which batches: the epochs, the trainer stages, the loader and its batch limit.
+
+    Args:
+
+    Raises:
+        ValueError: If ``every_n_epochs``, ``limit_batches`` or ``dataloader_idx`` is invalid.
+        TypeError: If ``limit_batches`` is not a number or ``None``.
+    """  # noqa: D414 (the Args come from SCHEDULE_DOCS)
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        limit_batches: int | float | None = None,
+        dataloader_idx: int = 0,
+        run_on_sanity_check: bool = False,
+        run_on_fast_dev_run: bool = False,
+        run_on_validate: bool = False,
+    ) -> None:
+        check_int("every_n_epochs", every_n_epochs)
+        check_limit_batches(limit_batches)
+        check_int("dataloader_idx", dataloader_idx, minimum=0)
+        self.every_n_epochs, self.limit_batches, self.dataloader_idx = every_n_epochs, limit_batches, dataloader_idx
+        self.run_on_sanity_check, self.run_on_fast_dev_run = run_on_sanity_check, run_on_fast_dev_run
+        self.run_on_validate = run_on_validate
+        #: The sampler padding of the current run.
+        self.padding = PaddingTrim()
+        #: Whether the current validation run is measured, and whether its measurement is precise enough already.
+        self.measuring, self.converged = False, False
+
+    def begin(self, trainer: pl.Trainer) -> bool:
+        """A validation run starts: whether it is measured (then the loader is checked and its padding counted)."""
+        self.measuring, self.converged = self.should_measure(trainer), False
+        if self.measuring:
+            self.start(trainer)
+        return self.measuring
+
+    def end(self) -> bool:
+        """The validation run ends (or fails): whether it was measured."""
+        measured, self.measuring = self.measuring, False
+        return measured
+
+    def should_measure(self, trainer: pl.Trainer) -> bool:
+        """Whether the validation run the trainer starts now is measured."""
+        if trainer.sanity_checking:
+            return self.run_on_sanity_check
+        if trainer.fast_dev_run and not self.run_on_fast_dev_run:
+            return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return self.run_on_validate
+        if trainer.state.fn != TrainerFn.FITTING:
+            return False
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def start(self, trainer: pl.Trainer) -> None:
+        """A measured run starts: check the loader exists and count this process's real samples."""
+        if self.dataloader_idx >= len(trainer.num_val_batches):
+            raise ValueError(
+                f"dataloader_idx={self.dataloader_idx} but the trainer has {len(trainer.num_val_batches)} validation "
+                f"dataloader(s); valid: 0..{len(trainer.num_val_batches) - 1}."
+            )
+        self.padding.start(unpadded_samples(trainer, self.dataloader_idx))
+
+    def measures(self, trainer: pl.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
+        """Whether batch ``batch_idx`` of loader ``dataloader_idx`` is measured (none once :attr:`converged`)."""
+        if not self.measuring or self.converged or dataloader_idx != self.dataloader_idx:
+            return False
+        return batch_idx < batch_limit(self.limit_batches, trainer, self.dataloader_idx)
+
+    @property
+    def empty_message(self) -> str:
+        """The warning of a measured run without a measured batch."""
+        return (
+            f"ModalityContributionMonitor measured no batch of validation dataloader {self.dataloader_idx} "
+            "(the loader is empty or limit_batches excluded every batch); nothing is logged."
+        )
+
+    def loader_is_empty(self, trainer: pl.Trainer) -> bool:
+        """Whether the measured loader has no batch (Lightning then runs no validation hook at all)."""
+        num_val_batches = trainer.num_val_batches
+        return self.dataloader_idx < len(num_val_batches) and num_val_batches[self.dataloader_idx] == 0

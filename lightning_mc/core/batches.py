@@ -9,6 +9,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from lightning_mc.core.checks import check_int
 from lightning_mc.core.modality import Batch
 
 
@@ -33,10 +34,7 @@ def batches_on_device(
         >>> [batch.tolist() for batch in batches_on_device(batches, nn.Linear(2, 1), 2, None)]
         [[0.0, 0.0], [1.0, 1.0]]
     """
-    if limit_batches is not None and (
-        isinstance(limit_batches, bool) or not isinstance(limit_batches, int) or limit_batches < 1
-    ):
-        raise ValueError(f"limit_batches={limit_batches!r} must be a positive int or None.")
+    check_int("limit_batches", limit_batches, optional=True)
     if device is None:
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")

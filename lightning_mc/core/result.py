@@ -1,15 +1,48 @@
-"""The result of a modality contribution measurement, as plain Python numbers keyed by name."""
+"""The results of a measurement (contributions, Shapley values) and a monitor's history entry: plain numbers by name."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TypedDict
 
 from torch import Tensor
+from typing_extensions import NotRequired
 
-if TYPE_CHECKING:
-    from lightning_mc.analyses.shapley import ShapleyResult
+
+class HistoryEntry(TypedDict):
+    """What a monitor keeps of one check (``monitor.history[i]``): plain numbers, so it goes into a checkpoint as is.
+
+    Read by :class:`~lightning_mc.CollapseEarlyStopping`, :class:`~lightning_mc.ModalityBalancer` and the dashboard.
+    A dict at run time (``entry["shares"]``); the keys of the options are there only when the option is set.
+
+    Attributes:
+        epoch: The epoch of the validation run measured.
+        global_step: The trainer's global step then.
+        shares: ``name -> share``.
+        raw: ``name -> raw value``.
+        balance: Normalised entropy of the shares.
+        num_samples: Samples measured.
+        share_low: ``name -> lower bound`` of the share's interval (``ci``).
+        share_high: ``name -> upper bound`` (``ci``).
+        perf_clean: The performance metric on the clean outputs (``perf_metric``).
+        perf_drop: ``name -> drop`` of the metric when the modality is occluded (``perf_metric``).
+        share_half_width: ``name -> 95% half-width`` (``tolerance``).
+        shapley: ``name -> Shapley value`` (``shapley``).
+    """
+
+    epoch: int
+    global_step: int
+    shares: dict[str, float]
+    raw: dict[str, float]
+    balance: float
+    num_samples: int
+    share_low: NotRequired[dict[str, float]]
+    share_high: NotRequired[dict[str, float]]
+    perf_clean: NotRequired[float | None]
+    perf_drop: NotRequired[dict[str, float]]
+    share_half_width: NotRequired[dict[str, float]]
+    shapley: NotRequired[dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -86,4 +119,44 @@ class ContributionResult:
             num_samples=int(values["num_samples"]),
             num_skipped=int(values["num_skipped"]),
             normalization=normalization,
+        )
+
+
+@dataclass(frozen=True)
+class ShapleyResult:
+    """Exact modality Shapley values measured on a set of samples.
+
+    Attributes:
+        values: ``name -> φ``; they sum to ``v(all modalities)``.
+        shares: ``name -> φ / Σ φ``; they sum to 1 (all NaN when no occlusion moved any output).
+        interactions: ``(name_i, name_j) -> I_ij`` for each pair ``i < j`` in modality order; positive means
+            redundant, negative synergistic, ~0 independent (see the module docstring).
+        coalition_values: ``"a+b" -> v({a, b})`` for every non-empty coalition (names joined by ``+``).
+        num_samples: Number of samples measured.
+        num_skipped: Number of samples skipped because an output was NaN or inf.
+    """
+
+    values: dict[str, float]
+    shares: dict[str, float]
+    interactions: dict[tuple[str, str], float]
+    coalition_values: dict[str, float]
+    num_samples: int
+    num_skipped: int = 0
+
+    @classmethod
+    def from_values(cls, values: dict[str, Tensor], modality_names: tuple[str, ...]) -> ShapleyResult:
+        """Build a result from :meth:`ModalityShapley.compute`'s tensors."""
+        names = list(modality_names)
+        interactions = values["interactions"].tolist()
+        # coalition k - 1 holds the set bits of k, as lightning_mc.analyses.shapley.coalitions orders them
+        keys = ["+".join(n for i, n in enumerate(names) if k >> i & 1) for k in range(1, 2 ** len(names))]
+        return cls(
+            values=dict(zip(names, values["values"].tolist())),
+            shares=dict(zip(names, values["shares"].tolist())),
+            interactions={
+                (names[i], names[j]): interactions[i][j] for i in range(len(names)) for j in range(i + 1, len(names))
+            },
+            coalition_values=dict(zip(keys, values["coalition_values"].tolist())),
+            num_samples=int(values["num_samples"]),
+            num_skipped=int(values["num_skipped"]),
         )

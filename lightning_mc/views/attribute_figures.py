@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lightning_mc.core.checks import check_int
 from lightning_mc.core.masks import Patches2d, Tokens, Words
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.result import ContributionResult
@@ -137,8 +138,7 @@ def top_attributes_bar(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r} must be a positive int (how many attributes to show).")
+    check_int("k", k, hint=" (how many attributes to show)")
     if not shares:
         raise ValueError("shares is empty; give at least one attribute -> share.")
     top = sorted(shares.items(), key=lambda item: item[1], reverse=True)[:k][::-1]
@@ -180,8 +180,7 @@ def top_tokens_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r} must be a positive int (how many tokens to list).")
+    check_int("k", k, hint=" (how many tokens to list)")
     if not shares:
         raise ValueError("shares is empty; give at least one token position -> share.")
     labels = labels or {}

@@ -1,7 +1,7 @@
 """The logged view of a result: scalar keys under a prefix, and the history entry a monitor keeps per check.
 
 Example:
-    >>> from lightning_mc.core.result import ContributionResult
+    >>> from lightning_mc.core.result import ContributionResult, HistoryEntry
     >>> result = ContributionResult(
     ...     shares={"image": 0.75, "table": 0.25}, raw={"image": 0.3, "table": 0.1}, balance=0.81,
     ...     attribute_raw={}, attribute_shares={}, per_output_shares={}, num_samples=8, num_skipped=0,
@@ -19,9 +19,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from lightning_mc.core.result import ContributionResult
+from lightning_mc.core.result import ContributionResult, HistoryEntry
 
 #: Modalities with at most this many attributes get one scalar per attribute (``<prefix>/attr/<modality>/<attr>``);
 #: a model with at most this many outputs gets per-output shares logged (``per_output``).
@@ -77,18 +76,18 @@ def result_scalars(
     return logged
 
 
-def history_entry(result: ContributionResult, epoch: int, global_step: int) -> dict[str, Any]:
+def history_entry(result: ContributionResult, epoch: int, global_step: int) -> HistoryEntry:
     """What a monitor's ``history`` keeps of one check: plain numbers, so it goes into a checkpoint as is.
 
     Example:
-        >>> from lightning_mc.core.result import ContributionResult
+        >>> from lightning_mc.core.result import ContributionResult, HistoryEntry
         >>> shares, raw = {"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 0.0}
         >>> result = ContributionResult(shares, raw, 0.0, {}, {}, {}, 4, 0, "ratio_of_sums")
         >>> entry = history_entry(result, epoch=2, global_step=30)
         >>> entry["epoch"], entry["shares"], entry["num_samples"]
         (2, {'a': 1.0, 'b': 0.0}, 4)
     """
-    entry: dict[str, Any] = {
+    entry: HistoryEntry = {
         "epoch": epoch,
         "global_step": global_step,
         "shares": dict(result.shares),

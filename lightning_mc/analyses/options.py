@@ -1,0 +1,310 @@
+"""The measurement options, each declared once: name, type, default, one-line doc and check.
+
+:class:`MeasurementOptions` is the one declaration. :class:`~lightning_mc.ContributionMeasurement`,
+:func:`~lightning_mc.functional.modality_contribution`, :func:`~lightning_mc.functional.modality_shapley` and
+:class:`~lightning_mc.ModalityContributionMonitor` spell the options out as keyword arguments (what IDEs, type
+checkers, Sphinx and LightningCLI's jsonargparse read), collect them with :meth:`MeasurementOptions.pick`, and get their
+``Args`` documentation from :func:`document_options`; ``tests/test_options.py`` fails if a signature's name, type,
+default or order differs from this declaration.
+
+Example:
+    >>> options = MeasurementOptions(ci=0.95)
+    >>> options.ci, options.n_boot
+    (0.95, 1000)
+    >>> MeasurementOptions(n_boot=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: n_boot=0 must be a positive int.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import field
+from typing import Any, TypeVar
+
+from torchmetrics import Metric
+
+from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES, check_ci_arguments
+from lightning_mc.analyses.perf_drop import TargetSpec, check_perf_arguments
+from lightning_mc.analyses.precision import check_tolerance
+from lightning_mc.analyses.shapley import check_num_modalities
+from lightning_mc.core.checks import check_int
+from lightning_mc.core.engine import ForwardFn
+from lightning_mc.core.metric import Normalization, check_normalization
+from lightning_mc.core.occlusion import FillSpec, resolve_fill
+from lightning_mc.core.outputs import OutputTransform, check_output_key, resolve_output_transform
+
+_T = TypeVar("_T")
+
+
+def _about(doc: str, check: Callable[[Any], Any] | None = None, engine: bool = False) -> dict[str, Any]:
+    """An option's metadata: its one-line doc, its check (``value -> None``) and whether the engine takes it too."""
+    return {"doc": doc, "check": check, "engine": engine}
+
+
+def _check_forward_fn(forward_fn: Any) -> None:
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"forward_fn={forward_fn!r} must be a callable (model, batch) -> Tensor.")
+
+
+def check_encoders(encoders: Any) -> dict[str, tuple[str, ...]] | None:
+    """``encoders`` as ``modality -> tuple of submodule names`` (``None`` stays ``None``), or a clear error.
+
+    Raises:
+        TypeError: If ``encoders`` is not ``None`` or a non-empty mapping.
+        ValueError: If a key is not a non-empty string or a value is not a non-empty name or sequence of names.
+
+    Example:
+        >>> check_encoders({"image": "net.image", "table": ["net.table", "net.embed"]})
+        {'image': ('net.image',), 'table': ('net.table', 'net.embed')}
+    """
+    if encoders is None:
+        return None
+    if not isinstance(encoders, Mapping) or not encoders:
+        raise TypeError(
+            f"encoders={encoders!r} must be None or a non-empty mapping modality -> submodule name(s), e.g. "
+            "{'image': 'net.image_encoder', 'table': 'net.table_encoder'}."
+        )
+    checked: dict[str, tuple[str, ...]] = {}
+    for name, paths in encoders.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"encoders={dict(encoders)!r}: the keys must be modality names (non-empty strings).")
+        paths = (paths,) if isinstance(paths, str) else paths
+        if not isinstance(paths, Sequence) or not paths or not all(isinstance(path, str) and path for path in paths):
+            raise ValueError(
+                f"encoders[{name!r}]={encoders[name]!r} must be a submodule name or a non-empty list of names."
+            )
+        checked[name] = tuple(dict.fromkeys(paths))
+    return checked
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasurementOptions:
+    """How one measurement runs and what it computes besides the shares; every option checked on construction.
+
+    Each field is one option of :class:`~lightning_mc.ContributionMeasurement` and of the entry points that drive it
+    (the docs of the fields are the ``Args`` of those signatures).
+
+    Raises:
+        ValueError: On an invalid option (the message names it, the value received and what is valid).
+        TypeError: If ``forward_fn``, ``output_key``, ``occlusion``, ``perf_metric``, ``target`` or ``encoders`` has
+            the wrong type.
+    """
+
+    forward_fn: ForwardFn | None = field(
+        default=None,
+        metadata=_about(
+            "``(model, batch) -> output``. Default: ``model(*modality_tensors)``, the modality tensors as positional "
+            "arguments in the order of ``modalities``, e.g. ``model(batch['image'], batch['table'])``.",
+            _check_forward_fn,
+            engine=True,
+        ),
+    )
+    output_key: str | None = field(
+        default=None,
+        metadata=_about(
+            "Where the prediction is in the model's output: a dict key, a Hugging Face ``ModelOutput`` field or an "
+            "attribute, e.g. ``'logits'`` (applied after ``forward_fn``). ``None``: the output is the prediction "
+            "tensor.",
+            check_output_key,
+            engine=True,
+        ),
+    )
+    output_transform: OutputTransform = field(
+        default=None,
+        metadata=_about(
+            "Activation applied to the outputs before they are compared: ``None`` (regression, or a model that already "
+            "returns probabilities), ``'softmax'``, ``'sigmoid'`` or a callable.",
+            resolve_output_transform,
+            engine=True,
+        ),
+    )
+    occlusion: FillSpec = field(
+        default="mean",
+        metadata=_about(
+            "Default fill of modalities that set none: ``'mean'`` (per-sample mean, the paper's image fill), "
+            "``'zeros'``, ``'noise'``, ``'permute'``, a number or a callable.",
+            resolve_fill,
+            engine=True,
+        ),
+    )
+    normalization: Normalization = field(
+        default="ratio_of_sums",
+        metadata=_about(
+            "``'ratio_of_sums'`` (Algorithm 1, default), ``'per_sample'`` or ``'per_sample_output'``.",
+            check_normalization,
+        ),
+    )
+    max_batch_size: int | None = field(
+        default=None,
+        metadata=_about(
+            "Most rows per forward call (``None``: 4 × the batch size).",
+            lambda value: check_int("max_batch_size", value, optional=True),
+            engine=True,
+        ),
+    )
+    seed: int = field(
+        default=0,
+        metadata=_about(
+            "Seed of the ``'noise'`` and ``'permute'`` fills and of the bootstrap (the global RNG is never touched).",
+            engine=True,
+        ),
+    )
+    check_redundancy: bool = field(
+        default=False,
+        metadata=_about(
+            "Also occlude every modality at once (``N`` more rows per batch), store ``v(all)`` in "
+            "``all_occluded_raw`` and warn (once per measurement) when the one-at-a-time raw values sum to less than "
+            "a quarter of it: the modalities then look redundant (use "
+            ":func:`~lightning_mc.functional.modality_shapley`).",
+        ),
+    )
+    ci: float | None = field(
+        default=None,
+        metadata=_about(
+            "Coverage of percentile bootstrap intervals for the shares (e.g. ``0.95``; ``'ratio_of_sums'`` and "
+            "``'per_sample'``), stored in ``share_low``/``share_high`` (:mod:`lightning_mc.analyses.bootstrap`). "
+            "``None``: none.",
+        ),
+    )
+    n_boot: int = field(default=1000, metadata=_about("Bootstrap replicates (with ``ci``)."))
+    max_ci_samples: int = field(
+        default=DEFAULT_MAX_CI_SAMPLES,
+        metadata=_about(
+            "Most samples per process whose per-sample values (``N × M`` float64) are kept for the intervals (with "
+            "``ci``).",
+        ),
+    )
+    shapley: bool = field(
+        default=False,
+        metadata=_about(
+            "Also compute exact modality Shapley values and pairwise interactions (``M ≤ 6``; ``2^M − 1`` copies per "
+            "batch, which include the one-at-a-time occlusions of whole modalities), stored in ``shapley`` with "
+            "``all_occluded_raw`` (:mod:`lightning_mc.analyses.shapley`).",
+        ),
+    )
+    perf_metric: Metric | None = field(
+        default=None,
+        metadata=_about(
+            "Label-aware view: a torchmetrics metric (e.g. ``BinaryAUROC()``) on the clean outputs "
+            "(``perf_clean``) and with each whole modality occluded; ``perf_drop[m]`` is ``perf_clean`` minus the "
+            "latter (:mod:`lightning_mc.analyses.perf_drop`). Needs ``target``. The instance is cloned, never updated.",
+        ),
+    )
+    target: TargetSpec | None = field(
+        default=None,
+        metadata=_about(
+            "Where the targets (labels) of ``perf_metric`` are in each batch: a dict key, a tuple index or "
+            "``batch -> Tensor``.",
+        ),
+    )
+    tolerance: float | None = field(
+        default=None,
+        metadata=_about(
+            "Precision asked for: batches are added in order until every share's 95% half-width is at most "
+            "``tolerance`` (delta method, at least 50 samples, :mod:`lightning_mc.analyses.precision`), then the rest "
+            "are skipped; the half-widths are in ``share_half_width``. ``None``: every batch counts.",
+        ),
+    )
+    encoders: Mapping[str, str | Sequence[str]] | None = field(
+        default=None,
+        metadata=_about(
+            "``modality -> submodule name(s)`` as ``model.get_submodule`` reads them (for the monitor: on the "
+            "LightningModule): the encoders whose outputs are recorded on the clean pass and replayed for the copies "
+            "that occlude another modality.",
+            check_encoders,
+            engine=True,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for option in dataclasses.fields(self):
+            check = option.metadata["check"]
+            if check is not None:
+                check(getattr(self, option.name))
+        object.__setattr__(self, "encoders", check_encoders(self.encoders))
+        check_ci_arguments(self.ci, self.n_boot, self.max_ci_samples, self.normalization)
+        check_tolerance(self.tolerance, self.normalization)
+        check_perf_arguments(self.perf_metric, self.target)
+
+    @classmethod
+    def pick(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """The options among ``arguments`` (an entry point's ``locals()``), by name, in declaration order.
+
+        Example:
+            >>> MeasurementOptions.pick({"model": None, "seed": 3, "ci": 0.9})
+            {'seed': 3, 'ci': 0.9}
+        """
+        return {name: arguments[name] for name in OPTION_NAMES if name in arguments}
+
+    def arguments(self) -> dict[str, Any]:
+        """``option -> value``, the keyword arguments that rebuild these options (no copies are made)."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """The options that are :class:`~lightning_mc.core.engine.OcclusionEngine` arguments too, by name."""
+        return {
+            option.name: getattr(self, option.name) for option in dataclasses.fields(self) if option.metadata["engine"]
+        }
+
+    def check_modalities(self, names: Sequence[str]) -> None:
+        """Raise a ``ValueError`` if an option does not fit the measured modalities ``names``.
+
+        ``shapley`` needs at most 6 modalities; every key of ``encoders`` must be one of ``names``.
+        """
+        if self.shapley:
+            check_num_modalities(len(names))
+        unknown = [name for name in self.encoders or () if name not in names]
+        if unknown:
+            raise ValueError(
+                f"encoders={dict(self.encoders or {})!r} names {unknown!r}, which are not measured; valid modalities: "
+                f"{list(names)!r}."
+            )
+
+
+#: The option names, in declaration order (the order of every signature that takes them).
+OPTION_NAMES: tuple[str, ...] = tuple(option.name for option in dataclasses.fields(MeasurementOptions))
+#: ``option -> one-line doc``.
+OPTION_DOCS: dict[str, str] = {option.name: option.metadata["doc"] for option in dataclasses.fields(MeasurementOptions)}
+
+
+def document_options(
+    names: Iterable[str] | None = None, after: str = "modalities", docs: Mapping[str, str] | None = None
+) -> Callable[[_T], _T]:
+    """Decorator: add the docs of the arguments ``names`` to the ``Args:`` of a docstring.
+
+    The entry point's own arguments stay in its docstring; the docs of the options come from their declaration
+    (``docs``: default, :class:`MeasurementOptions`'s), so Sphinx, ``help()`` and jsonargparse show every argument with
+    its doc.
+
+    Args:
+        names: The arguments to document, in the order of the signature; default: every one in ``docs``.
+        after: The entry they follow (``"Args"``: the start of the section).
+        docs: ``argument -> doc``; default: the measurement options' docs.
+    """
+    docs = OPTION_DOCS if docs is None else docs
+    chosen = tuple(docs) if names is None else tuple(names)
+
+    def decorate(obj: _T) -> _T:
+        if obj.__doc__:
+            obj.__doc__ = _with_args(obj.__doc__, [(name, docs[name]) for name in chosen], after)
+        return obj
+
+    return decorate
+
+
+def _with_args(doc: str, entries: list[tuple[str, str]], after: str) -> str:
+    """``doc`` with ``name: text`` entries added after the entry of ``after`` in its ``Args:`` section."""
+    lines = doc.split("\n")
+    start = next(index for index, line in enumerate(lines) if line.strip().startswith(f"{after}:"))
+    indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())] + ("    " if after == "Args" else "")
+    end = start + 1
+    while end < len(lines) and lines[end].startswith(indent + " "):  # the entry's continuation lines
+        end += 1
+    added = [f"{indent}{name}: {text}" for name, text in entries]
+    return "\n".join(lines[:end] + added + lines[end:])
+
+
+__all__ = ["OPTION_NAMES", "MeasurementOptions", "check_encoders", "document_options"]

@@ -1,0 +1,129 @@
+"""Each measurement option is declared once; every public signature that takes it agrees with the declaration.
+
+The declaration (:class:`~lightning_mc.analyses.options.MeasurementOptions`) holds the name, type, default, doc and
+check of each option. The entry points spell the options out as keyword arguments (for IDEs, Sphinx and
+LightningCLI), so these tests are what keeps them from drifting: a new option, a changed default or a reordered
+signature fails here until every entry point agrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mc import ContributionMeasurement, ModalityContributionMonitor
+from lightning_mc.analyses.options import OPTION_NAMES, MeasurementOptions, check_encoders
+from lightning_mc.callbacks.options import MONITOR_DOCS
+from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
+from lightning_mc.functional import SHAPLEY_OPTIONS, modality_contribution, modality_shapley
+
+FIELDS = {field.name: field for field in dataclasses.fields(MeasurementOptions)}
+#: entry point -> (its callable whose signature users see, the options it takes)
+ENTRY_POINTS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "ContributionMeasurement": (ContributionMeasurement.__init__, OPTION_NAMES),
+    "modality_contribution": (modality_contribution, OPTION_NAMES),
+    "modality_shapley": (modality_shapley, SHAPLEY_OPTIONS),
+    "ModalityContributionMonitor": (ModalityContributionMonitor.__init__, OPTION_NAMES),
+}
+DOCUMENTED = {
+    "ContributionMeasurement": ContributionMeasurement,
+    "modality_contribution": modality_contribution,
+    "modality_shapley": modality_shapley,
+    "ModalityContributionMonitor": ModalityContributionMonitor,
+}
+
+
+def _options_in(function: Callable[..., Any]) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(function).parameters.values() if p.name in FIELDS]
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_signature_has_each_option_with_the_declared_type_default_and_order(entry: str) -> None:
+    function, names = ENTRY_POINTS[entry]
+    parameters = _options_in(function)
+    assert [p.name for p in parameters] == list(names)
+    for parameter in parameters:
+        field = FIELDS[parameter.name]
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter.name
+        assert parameter.annotation == field.type, parameter.name
+        assert parameter.default == field.default, parameter.name
+
+
+@pytest.mark.parametrize("entry", list(DOCUMENTED))
+def test_every_argument_of_an_entry_point_is_documented_once(entry: str) -> None:
+    documented = DOCUMENTED[entry]
+    doc = inspect.getdoc(documented) or ""
+    function = ENTRY_POINTS[entry][0]
+    arguments = [name for name in inspect.signature(function).parameters if name != "self"]
+    for name in arguments:
+        assert doc.count(f"\n    {name}: ") == 1, f"{entry}: {name} documented {doc.count(f'    {name}: ')} times"
+    for name in ENTRY_POINTS[entry][1]:
+        assert f"    {name}: {FIELDS[name].metadata['doc']}" in doc
+
+
+def test_the_monitor_takes_the_schedule_arguments_with_the_schedule_defaults() -> None:
+    monitor = inspect.signature(ModalityContributionMonitor.__init__).parameters
+    schedule = inspect.signature(CheckSchedule.__init__).parameters
+    assert list(SCHEDULE_DOCS) == [name for name in schedule if name != "self"]
+    for name in SCHEDULE_DOCS:
+        assert (monitor[name].annotation, monitor[name].default) == (schedule[name].annotation, schedule[name].default)
+    assert set(MONITOR_DOCS) <= set(monitor)
+
+
+def test_a_call_written_before_the_declaration_still_configures_the_same_options() -> None:
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, output_transform="softmax", ci=0.95)
+    assert monitor.measurement.options == MeasurementOptions(output_transform="softmax", ci=0.95)
+    assert monitor.measurement.ci == 0.95 and monitor.measurement.n_boot == 1000
+    assert monitor.engine.output_transform == "softmax"
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"n_boot": 0}, ValueError, "n_boot=0 must be a positive int."),
+        ({"max_batch_size": 0}, ValueError, "max_batch_size=0 must be a positive int or None."),
+        ({"ci": 95}, ValueError, "ci=95 must be None or a coverage in (0, 1), e.g. 0.95."),
+        ({"tolerance": 2}, ValueError, "tolerance=2 must be None or a half-width in (0, 1), e.g. 0.02."),
+        ({"normalization": "sum"}, ValueError, "normalization='sum' is not one of"),
+        ({"output_key": ""}, TypeError, "output_key='' must be None or the non-empty name"),
+        ({"forward_fn": 3}, TypeError, "forward_fn=3 must be a callable (model, batch) -> Tensor."),
+        ({"target": 1}, ValueError, "perf_metric and target go together"),
+        ({"encoders": []}, TypeError, "encoders=[] must be None or a non-empty mapping"),
+        ({"encoders": {"image": ""}}, ValueError, "encoders['image']='' must be a submodule name"),
+        ({"encoders": {"image": ["a", 2]}}, ValueError, "encoders['image']=['a', 2] must be a submodule name"),
+    ],
+)
+def test_an_invalid_option_is_refused_by_every_entry_point_with_the_same_message(options, error, message) -> None:
+    for build in (
+        lambda: MeasurementOptions(**options),
+        lambda: ContributionMeasurement({"image": 0, "table": 1}, **options),
+        lambda: ModalityContributionMonitor({"image": 0, "table": 1}, **options),
+        lambda: modality_contribution(nn.Identity(), [], {"image": 0, "table": 1}, **options),
+    ):
+        with pytest.raises(error) as raised:
+            build()
+        assert message in str(raised.value)
+
+
+def test_encoders_name_measured_modalities_and_reach_the_engine_as_tuples_of_names() -> None:
+    assert check_encoders({"image": "net.image", "table": ["net.table", "net.table"]}) == {
+        "image": ("net.image",),
+        "table": ("net.table",),
+    }
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, encoders={"image": "image_branch"})
+    assert monitor.encoders == {"image": ("image_branch",)}
+    assert monitor.engine.encoders == {"image": ("image_branch",)}
+    with pytest.raises(ValueError, match=r"encoders=\{'text': \('t',\)\} names \['text'\], which are not measured"):
+        ContributionMeasurement({"image": 0, "table": 1}, encoders={"text": "t"})
+
+
+def test_modality_shapley_refuses_more_than_six_modalities_before_reading_data() -> None:
+    modalities = {f"m{index}": index for index in range(7)}
+    with pytest.raises(ValueError, match="Exact modality Shapley values need 1 to 6 modalities"):
+        modality_shapley(nn.Identity(), [(torch.zeros(1),) * 7], modalities)
