@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +17,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 NUM_CLASSES = 3
+
+#: Relative tolerance of :func:`assert_same_numbers`: about 80 float32 ulps (eps = 1.2e-7). Two computations of the
+#: same number (other chunk sizes, other entry points, MetaTensor or plain, two processes, another library) add the
+#: same float32 terms in another order or through other BLAS/SIMD kernels; over the few hundred samples and classes a
+#: test uses that moves a share or a raw value by a few ulps (at most ~3e-7 relative measured with
+#: ``MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default`` and ``MKL_CBWR=COMPATIBLE``). A real mistake (a
+#: sample counted twice or missed, a wrong fill, a wrong row) moves it by 1e-3 or more.
+FLOAT32_RTOL = 1e-5
+#: Absolute tolerance of :func:`assert_same_numbers`, for values at or near 0 (a raw value of a modality the model
+#: barely reads, a difference of two nearly equal probabilities): float32 rounding of outputs of size ~1 is ~6e-8 per
+#: operation, and a mean of absolute differences of such outputs stays below 1e-6.
+FLOAT32_ATOL = 1e-6
 
 
 class TwoModalityNet(L.LightningModule):
@@ -121,6 +136,60 @@ class Lambda(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor:
         return self.function(*inputs)
+
+
+def assert_same_numbers(
+    actual: Any, expected: Any, what: str = "value", rtol: float = FLOAT32_RTOL, atol: float = FLOAT32_ATOL
+) -> None:
+    """``actual`` and ``expected`` are the same numbers, computed two different ways, to float32 rounding.
+
+    Use it wherever two *different* computations of one number are compared (other chunk sizes or
+    ``max_batch_size``, other entry points, MetaTensor or plain tensors, DDP or one process, Captum or ours): they run
+    other kernels or add in another order, so their floats may differ in the last bits on another CPU. Use ``==`` only
+    where the same kernel provably runs on the same rows (and say so in a comment).
+
+    Walks dataclasses, mappings (same keys, in the same order), lists and tuples (same length). Floats and tensors are
+    compared with ``|actual - expected| <= atol + rtol * |expected|`` (``torch.testing.assert_close``), NaN equal to
+    NaN; ints, bools, strings and ``None`` must be equal, and of the same type.
+
+    Args:
+        actual: What the computation under test gave.
+        expected: What the reference computation gave.
+        what: The name of the compared value, for the failure message (e.g. ``"monitor.latest"``).
+        rtol: Relative tolerance; the default :data:`FLOAT32_RTOL` is explained there.
+        atol: Absolute tolerance; the default :data:`FLOAT32_ATOL` is explained there.
+    """
+    if dataclasses.is_dataclass(expected) and not isinstance(expected, type):
+        assert type(actual) is type(expected), f"{what}: {type(actual).__name__} is not {type(expected).__name__}"
+        for field in dataclasses.fields(expected):
+            assert_same_numbers(
+                getattr(actual, field.name), getattr(expected, field.name), f"{what}.{field.name}", rtol, atol
+            )
+    elif isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping), f"{what}: {actual!r} is not a mapping"
+        assert list(actual) == list(expected), f"{what}: keys {list(actual)} != {list(expected)}"
+        for key, value in expected.items():
+            assert_same_numbers(actual[key], value, f"{what}[{key!r}]", rtol, atol)
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)), f"{what}: {actual!r} is not a sequence"
+        assert len(actual) == len(expected), f"{what}: length {len(actual)} != {len(expected)}"
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_numbers(a, e, f"{what}[{index}]", rtol, atol)
+    elif isinstance(expected, Tensor):
+        assert isinstance(actual, Tensor), f"{what}: {actual!r} is not a tensor"
+        torch.testing.assert_close(
+            actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda message: f"{what}: {message}"
+        )
+    elif isinstance(expected, float):
+        assert isinstance(actual, float), f"{what}: {actual!r} is not a float"
+        if math.isnan(expected):
+            assert math.isnan(actual), f"{what}: {actual!r} != nan"
+        else:
+            assert abs(actual - expected) <= atol + rtol * abs(expected), (
+                f"{what}: {actual!r} != {expected!r} (tolerance {atol} + {rtol} * |expected|)"
+            )
+    else:  # counts, labels, flags, None: exact
+        assert type(actual) is type(expected) and actual == expected, f"{what}: {actual!r} != {expected!r}"
 
 
 def load_example(name: str) -> ModuleType:

@@ -15,7 +15,7 @@ import torch.distributed
 from lightning_mc import ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import TwoModalityNet, assert_same_numbers, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 #: Odd, so DistributedSampler pads rank 1 with a repeat of sample 0 (17 + 17 rows for 33 samples).
@@ -82,9 +82,9 @@ def test_two_processes_log_the_single_process_numbers_and_the_same_keys_on_every
     )
     logged = ranks[0][-1]["logged"]
     for name in MODALITIES:
-        assert logged[f"mc/share/{name}"] == pytest.approx(single.shares[name], abs=1e-6)
-        assert logged[f"mc/raw/{name}"] == pytest.approx(single.raw[name], abs=1e-6)
-    assert logged["mc/balance"] == pytest.approx(single.balance, abs=1e-6)
+        assert_same_numbers(logged[f"mc/share/{name}"], single.shares[name], f"mc/share/{name}")
+        assert_same_numbers(logged[f"mc/raw/{name}"], single.raw[name], f"mc/raw/{name}")
+    assert_same_numbers(logged["mc/balance"], single.balance, "mc/balance")
     # the padded repeat would have moved the numbers: sample 0 counted twice gives a different mean
     padded = modality_contribution(
         model,

@@ -25,7 +25,7 @@ from lightning_mc import CollapseEarlyStopping, Modality, ModalityContributionMo
 from lightning_mc.functional import modality_contribution
 from lightning_mc.masks import Tokens, Words
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import TwoModalityNet, assert_same_numbers, loader, trainer_kwargs, two_modality_dataset
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face: a real BertForSequenceClassification, per-token and per-word contributions, output_key="logits"
@@ -295,9 +295,8 @@ def test_lightning_cli_yaml_configures_the_monitor_and_the_stopper(tmp_path, mon
         cli.model, cli.datamodule.val_dataloader(), {"image": 0, "table": 1}, output_transform="softmax"
     )
     for name in ("image", "table"):
-        assert cli.trainer.callback_metrics[f"mc_val/share/{name}"].item() == pytest.approx(
-            offline.shares[name], abs=1e-6
-        )
+        logged = cli.trainer.callback_metrics[f"mc_val/share/{name}"].item()
+        assert_same_numbers(logged, offline.shares[name], f"mc_val/share/{name}")
     assert (tmp_path / "config.yaml").read_text().count("lightning_mc.") == 2
 
 
@@ -440,8 +439,8 @@ def test_pytorch_lightning_trainer_runs_the_monitor_and_stops_at_the_planted_col
     assert stopper.collapsed_modality == "table" and stopper.stopped_epoch == 1
     offline = modality_contribution(model, loader(two_modality_dataset(32, seed=1)), MODALITIES, occlusion="zeros")
     assert offline.shares["table"] < 0.05
-    assert trainer.callback_metrics["mc/share/table"].item() == pytest.approx(offline.shares["table"], abs=1e-6)
-    assert monitor.history[-1]["shares"] == pytest.approx(offline.shares, abs=1e-6)
+    assert_same_numbers(trainer.callback_metrics["mc/share/table"].item(), offline.shares["table"], "mc/share/table")
+    assert_same_numbers(monitor.history[-1]["shares"], offline.shares, "history shares")
 
 
 def test_pytorch_lightning_checkpoint_restores_the_callbacks_state(tmp_path) -> None:

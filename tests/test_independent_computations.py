@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from lightning_mc.functional import modality_contribution
 
+from helpers import assert_same_numbers
+
 NAMES = ("image", "table", "text")
 NUM_OUTPUTS = 4
 
@@ -88,13 +90,13 @@ def test_raw_and_shares_equal_a_plain_per_sample_loop(model_and_batches, ours) -
     reference = _plain_loop(*model_and_batches)
     assert ours.num_samples == 12
     for name in NAMES:
-        assert ours.raw[name] == pytest.approx(reference[name], abs=1e-5)
-        assert ours.shares[name] == pytest.approx(_shares(reference)[name], abs=1e-5)
+        assert_same_numbers(ours.raw[name], reference[name], f"raw[{name}]")
+        assert_same_numbers(ours.shares[name], _shares(reference)[name], f"shares[{name}]")
 
 
 def test_raw_and_shares_equal_captum_feature_ablation(model_and_batches, ours) -> None:
     reference = _captum(*model_and_batches)
     for name in NAMES:
-        assert ours.raw[name] == pytest.approx(reference[name], abs=1e-5)
-        assert ours.shares[name] == pytest.approx(_shares(reference)[name], abs=1e-5)
+        assert_same_numbers(ours.raw[name], reference[name], f"raw[{name}]")
+        assert_same_numbers(ours.shares[name], _shares(reference)[name], f"shares[{name}]")
     assert min(ours.shares.values()) > 0.05  # a non-degenerate case: every modality matters

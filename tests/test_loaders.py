@@ -10,7 +10,7 @@ import torch
 from lightning_mc import ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import TwoModalityNet, assert_same_numbers, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 EMPTY_MESSAGE = "ModalityContributionMonitor measured no batch of validation dataloader"
@@ -42,8 +42,10 @@ def test_dataloader_idx_picks_one_loader_of_a_list_or_dict(tmp_path, container: 
     offline = modality_contribution(model, loader(second, 8), MODALITIES, output_transform="softmax")
     assert monitor.history[-1]["num_samples"] == 24
     for name in MODALITIES:
-        assert trainer.callback_metrics[f"mc/share/{name}"].item() == pytest.approx(offline.shares[name], abs=1e-6)
-        assert trainer.callback_metrics[f"mc/raw/{name}"].item() == pytest.approx(offline.raw[name], abs=1e-6)
+        assert_same_numbers(
+            trainer.callback_metrics[f"mc/share/{name}"].item(), offline.shares[name], f"mc/share/{name}"
+        )
+        assert_same_numbers(trainer.callback_metrics[f"mc/raw/{name}"].item(), offline.raw[name], f"mc/raw/{name}")
 
 
 def test_a_single_loader_is_dataloader_0(tmp_path) -> None:

@@ -9,7 +9,14 @@ import torch
 from lightning_mc import ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
-from helpers import ScheduledContributionNet, TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import (
+    ScheduledContributionNet,
+    TwoModalityNet,
+    assert_same_numbers,
+    loader,
+    trainer_kwargs,
+    two_modality_dataset,
+)
 
 MODALITIES = {"image": 0, "table": 1}
 KEYS = {"mc/share/image", "mc/share/table", "mc/raw/image", "mc/raw/table", "mc/balance"}
@@ -57,9 +64,11 @@ def test_fit_logs_the_keys_and_they_equal_the_functional_api_on_the_final_weight
         model, loader(two_modality_dataset(32, seed=1)), MODALITIES, output_transform="softmax"
     )
     for name in MODALITIES:
-        assert trainer.callback_metrics[f"mc/share/{name}"].item() == pytest.approx(offline.shares[name], abs=1e-6)
-        assert trainer.callback_metrics[f"mc/raw/{name}"].item() == pytest.approx(offline.raw[name], abs=1e-6)
-    assert trainer.callback_metrics["mc/balance"].item() == pytest.approx(offline.balance, abs=1e-6)
+        assert_same_numbers(
+            trainer.callback_metrics[f"mc/share/{name}"].item(), offline.shares[name], f"mc/share/{name}"
+        )
+        assert_same_numbers(trainer.callback_metrics[f"mc/raw/{name}"].item(), offline.raw[name], f"mc/raw/{name}")
+    assert_same_numbers(trainer.callback_metrics["mc/balance"].item(), offline.balance, "mc/balance")
     assert 0.1 < offline.shares["image"] < 0.9  # both modalities carry signal in this data
     assert [entry["epoch"] for entry in monitor.history] == [0, 1]
     assert monitor.history[-1]["shares"] == pytest.approx(offline.shares, abs=1e-6)

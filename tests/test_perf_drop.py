@@ -43,6 +43,7 @@ def test_occluding_the_label_carrying_modality_drops_accuracy_to_the_negative_ra
     assert result.perf_drop["b"] == 0.0
     # label-aware view and label-free shares are separate: the shares are unchanged by asking for it
     plain = modality_contribution(LabelInA(), data, AB, occlusion="zeros")
+    # bit-equal: perf_metric= only adds the metric; the same passes ran on the same rows
     assert plain.shares == result.shares and plain.perf_drop is None and plain.perf_clean is None
 
 

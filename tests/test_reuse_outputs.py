@@ -4,15 +4,15 @@ Each equality test puts two monitors in one Trainer, on the same batches and wei
 clean outputs, ``prefix="reuse"`` takes them from ``validation_step``. Both count the model rows they run through a
 counting ``forward_fn``, so the saving is checked row by row: ``K · N`` rows per batch with reuse against
 ``(K + 1) · N`` without, where ``K`` is the number of occluded copies the options need (one per whole modality or
-attribute, the Shapley coalitions, the all-occluded copy). The numbers must agree to 1e-5: the clean outputs of the
-validation step and of the monitor's stacked pass differ only by float32 rounding.
+attribute, the Shapley coalitions, the all-occluded copy). The numbers must agree to float32 rounding
+(``helpers.assert_same_numbers``): the clean outputs of the validation step and of the monitor's stacked pass are two
+computations (other batch shapes, other kernels) of the same rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,22 @@ from lightning_mc import Modality, ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 from lightning_mc.masks import Columns
 
-from helpers import NUM_CLASSES, TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import (
+    FLOAT32_ATOL,
+    FLOAT32_RTOL,
+    NUM_CLASSES,
+    TwoModalityNet,
+    assert_same_numbers,
+    loader,
+    trainer_kwargs,
+    two_modality_dataset,
+)
 
 MODALITIES = {"image": 0, "table": 1}
 #: 16 + 16 + 8 samples: a partial last batch.
 NUM_VAL = 40
 #: Odd, so DistributedSampler pads rank 1 with a repeat of sample 0 (17 + 17 rows for 33 samples).
 NUM_VAL_DDP = 33
-TOLERANCE = 1e-5
 
 
 class ReturningNet(TwoModalityNet):
@@ -154,29 +162,6 @@ CASES: dict[str, Case] = {
 }
 
 
-def assert_close(actual: Any, expected: Any, path: str) -> None:
-    """Field by field, key by key: floats to ``TOLERANCE`` (absolute and relative), NaN = NaN, the rest equal."""
-    if dataclasses.is_dataclass(expected):
-        assert type(actual) is type(expected), path
-        for field in dataclasses.fields(expected):
-            assert_close(getattr(actual, field.name), getattr(expected, field.name), f"{path}.{field.name}")
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}"
-        for key, value in expected.items():
-            assert_close(actual[key], value, f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{path}: {actual} != {expected}"
-        for index, (a, e) in enumerate(zip(actual, expected)):
-            assert_close(a, e, f"{path}[{index}]")
-    elif isinstance(expected, float):
-        if math.isnan(expected):
-            assert math.isnan(actual), f"{path}: {actual} != nan"
-        else:
-            assert actual == pytest.approx(expected, rel=TOLERANCE, abs=TOLERANCE), f"{path}: {actual} != {expected}"
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
-
-
 def logged_under(trainer: L.Trainer, prefix: str) -> dict[str, float]:
     """``trainer.callback_metrics`` under ``prefix/``, keyed by the rest of the key."""
     start = f"{prefix}/"
@@ -210,11 +195,11 @@ def test_reused_outputs_give_the_recomputed_numbers_with_one_copy_fewer_per_batc
     assert counters["mc"].rows == epochs * (case.copies + 1) * NUM_VAL
     plain, reused = monitors["mc"], monitors["reuse"]
     assert len(plain.history) == len(reused.history) == epochs
-    assert_close(reused.history, plain.history, "history")
-    assert_close(reused.latest, plain.latest, "latest")
+    assert_same_numbers(reused.history, plain.history, "history")
+    assert_same_numbers(reused.latest, plain.latest, "latest")
     logged_plain, logged_reused = logged_under(trainer, "mc"), logged_under(trainer, "reuse")
     assert sorted(logged_reused) == sorted(logged_plain)
-    assert_close(logged_reused, logged_plain, "logged")
+    assert_same_numbers(logged_reused, logged_plain, "logged")
     # the options really ran (the agreement above is not between two empty results)
     assert {"share/image", "share/table", "raw/image", "balance", *case.logged} <= set(logged_reused)
     assert reused.latest is not None and reused.latest.num_samples == NUM_VAL
@@ -298,17 +283,17 @@ def test_two_processes_reusing_outputs_measure_the_single_process_numbers_withou
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     # 17 rows per rank (16 + 1; rank 1's last is the padding repeat of sample 0), 2 occluded copies each, no clean
     assert ranks[0]["rows"] == ranks[1]["rows"] == 2 * 17
-    assert ranks[0]["logged"] == ranks[1]["logged"]
+    assert ranks[0]["logged"] == ranks[1]["logged"]  # bit-equal: both log the values of the same all-reduce
     assert ranks[0]["num_samples"] == ranks[1]["num_samples"] == NUM_VAL_DDP
     single = modality_contribution(model, loader(val), MODALITIES, output_transform="softmax")
     logged = ranks[0]["logged"]
     for name in MODALITIES:
-        assert logged[f"mc/share/{name}"] == pytest.approx(single.shares[name], abs=1e-6)
-        assert logged[f"mc/raw/{name}"] == pytest.approx(single.raw[name], rel=1e-5)
-    assert logged["mc/balance"] == pytest.approx(single.balance, abs=1e-6)
+        assert_same_numbers(logged[f"mc/share/{name}"], single.shares[name], f"mc/share/{name}")
+        assert_same_numbers(logged[f"mc/raw/{name}"], single.raw[name], f"mc/raw/{name}")
+    assert_same_numbers(logged["mc/balance"], single.balance, "mc/balance")
     # the padded repeat, had it been counted, would have moved the raw values by ten times the tolerance above
     samples = [val[i] for i in [*range(NUM_VAL_DDP), 0]]
     padded = modality_contribution(
         model, [torch.utils.data.default_collate(samples)], MODALITIES, output_transform="softmax"
     )
-    assert abs(padded.raw["image"] - single.raw["image"]) > 1e-4 * single.raw["image"]
+    assert abs(padded.raw["image"] - single.raw["image"]) > 10 * (FLOAT32_ATOL + FLOAT32_RTOL * single.raw["image"])

@@ -23,7 +23,7 @@ from lightning_mc import ContributionMeasurement, ModalityContributionMonitor
 from lightning_mc.analyses.precision import MIN_SAMPLES
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, load_example, loader, trainer_kwargs, two_modality_dataset
+from helpers import TwoModalityNet, assert_same_numbers, load_example, loader, trainer_kwargs, two_modality_dataset
 
 COVERAGE = load_example("tolerance_coverage")
 MODALITIES = {"image": 0, "table": 1}
@@ -118,8 +118,8 @@ def test_the_monitor_stops_after_the_converging_batch_and_logs_num_samples(tmp_p
         model, loader(val), MODALITIES, output_transform="softmax", occlusion="zeros", limit_batches=stop
     )
     for name in MODALITIES:
-        assert logged[f"mc/share/{name}"] == pytest.approx(expected.shares[name], abs=1e-6)
-        assert logged[f"mc/raw/{name}"] == pytest.approx(expected.raw[name], rel=1e-6)
+        assert_same_numbers(logged[f"mc/share/{name}"], expected.shares[name], f"mc/share/{name}")
+        assert_same_numbers(logged[f"mc/raw/{name}"], expected.raw[name], f"mc/raw/{name}")
     assert expected.share_half_width is None  # no tolerance, no half-widths
     assert "mc/num_samples" not in result_keys_without_tolerance(model, val, tmp_path)
 
@@ -302,9 +302,9 @@ def test_two_processes_stop_after_the_same_batch_and_measure_the_union_of_their_
     single = modality_contribution(PlantedNet(), loader(Subset(data, range(measured))), PLANTED, occlusion="zeros")
     assert single.num_samples == measured
     for name in PLANTED:
-        assert ranks[0]["shares"][name] == pytest.approx(single.shares[name], abs=1e-6)
-        assert ranks[0]["raw"][name] == pytest.approx(single.raw[name], rel=1e-6)
-        assert ranks[0]["logged"][f"mc/share/{name}"] == pytest.approx(single.shares[name], abs=1e-6)
+        assert_same_numbers(ranks[0]["shares"][name], single.shares[name], f"shares[{name}]")
+        assert_same_numbers(ranks[0]["raw"][name], single.raw[name], f"raw[{name}]")
+        assert_same_numbers(ranks[0]["logged"][f"mc/share/{name}"], single.shares[name], f"mc/share/{name}")
     expected_widths = COVERAGE.half_widths(values[:measured]).tolist()
     assert list(ranks[0]["half_width"].values()) == pytest.approx(expected_widths, rel=1e-6)
     assert max(expected_widths) <= DDP_TOLERANCE < float(union_trajectory[union_stop - 2].max())
