@@ -190,3 +190,19 @@ def test_breakdown_runs_alone_and_charges_every_step_of_the_library(tmp_path, ca
         "beyond the forward calls (check − floor)",
         "model forward calls (inside engine.run)",
     ]
+
+
+def test_p8_encoders_runs_and_the_cache_gives_the_plain_outputs(tmp_path) -> None:
+    threads = str(torch.get_num_threads())
+    assert main(["--quick", "--only", "P8", "--threads", threads, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "quick-P8.json").read_text())
+    p8 = [row for row in results["summary"] if row["id"] == "P8"]
+    assert [row["case"] for row in p8] == ["3-D CNN + table, whole, zeros", "3-D CNN + table, per column, zeros"]
+    assert all(row["outputs_max_abs_diff"] <= 1e-4 for row in p8)  # the case itself raises beyond that
+    titles = [table["title"] for table in results["tables"]]
+    assert titles[0].startswith("P8 encoders") and titles[1].startswith("P8 3-D patch maps")
+    assert [row[0] for row in results["tables"][1]["rows"]] == [
+        "MONAI OcclusionSensitivity",
+        "ours",
+        "ours, encoders",
+    ]
