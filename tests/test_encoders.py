@@ -177,9 +177,40 @@ def test_an_exception_in_the_model_restores_the_encoders() -> None:
         ({"audio": "image_encoder"}, ValueError, "encoders names modality 'audio'; the modalities are"),
         ({"image": ""}, TypeError, "encoders\\['image'\\]='' must be a submodule name"),
         ({"image": "head", "table": ["head"]}, ValueError, "names \\['head'\\] for more than one modality"),
-        (["image_encoder"], TypeError, "must be None or a non-empty mapping modality -> submodule name"),
+        (["image_encoder"], TypeError, "must be None, 'auto' or a non-empty mapping modality -> submodule name"),
     ],
 )
 def test_a_wrong_encoders_spec_is_refused_with_the_argument_and_what_is_valid(encoders, error, message) -> None:
     with pytest.raises(error, match=message):
         OcclusionEngine(modalities(), encoders=encoders).run(LateFusion(), batch())
+
+
+def test_auto_finds_the_outermost_module_of_each_modality_alone_and_gives_the_plain_numbers() -> None:
+    model = LateFusion().eval()
+    engine = OcclusionEngine(modalities(attributes=True), occlusion="zeros", encoders="auto")
+    expected = OcclusionEngine(modalities(attributes=True), occlusion="zeros").run(model, batch())
+    actual = engine.run(model, batch())
+    # the Counted wrappers, not their inner Sequential or its layers; never the head, which reads both
+    assert engine.encoders == {"image": ("image_encoder",), "table": ("table_encoder",)}
+    assert_same_numbers(actual.occluded, expected.occluded)
+
+
+def test_auto_leaves_out_a_module_that_also_reads_another_modality() -> None:
+    engine = OcclusionEngine(modalities(), occlusion="mean", encoders="auto")
+    engine.run(FiLM().eval(), batch())
+    assert engine.encoders == {"image": ("image_encoder",)}  # the FiLM-conditioned table encoder is not the table's
+
+
+def test_auto_on_an_early_fusion_model_finds_nothing_and_runs_the_plain_path() -> None:
+    class EarlyFusion(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(64 + COLUMNS, 3)
+
+        def forward(self, image: Tensor, table: Tensor) -> Tensor:
+            return self.net(torch.cat([image.flatten(1), table], dim=1))
+
+    engine = OcclusionEngine(modalities(), encoders="auto")
+    with pytest.warns(UserWarning, match="encoders='auto' found no submodule"):
+        engine.run(EarlyFusion().eval(), batch())
+    assert engine.encoders is None

@@ -31,7 +31,7 @@ import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from lightning_mc.core.occlusion import plain_tensor
 
-EncodersSpec = Mapping[str, Union[str, Sequence[str]]]
+EncodersSpec = Union[Mapping[str, Union[str, Sequence[str]]], Literal["auto"]]
 #: Samples compared between the cached and the plain path on the first batch of a measurement.
 CHECK_SAMPLES = 2
 #: Largest relative gap (max |cached - plain| / max |plain|) taken as float noise, by dtype of the compared values.
@@ -49,19 +49,21 @@ HALF_GAP = 5e-2
 
 def resolve_encoders(
     encoders: EncodersSpec | None, modality_names: Sequence[str], argument: str = "encoders"
-) -> dict[str, tuple[str, ...]] | None:
-    """Check ``encoders`` (``modality -> submodule name(s)``) and give each modality a tuple of names.
+) -> dict[str, tuple[str, ...]] | Literal["auto"] | None:
+    """Check ``encoders`` (``modality -> submodule name(s)``, or ``"auto"``) and give each modality a tuple of names.
+
+    ``"auto"`` is kept as it is: :func:`discover_encoders` finds the encoders on the first batch.
 
     Raises:
         TypeError: If ``encoders`` is not a mapping of modality names to a name or a sequence of names.
         ValueError: If it names an unknown modality, no module, or one module for two modalities.
     """
-    if encoders is None:
-        return None
+    if encoders is None or encoders == "auto":
+        return encoders
     if not isinstance(encoders, Mapping) or not encoders:
         raise TypeError(
-            f"{argument}={encoders!r} must be None or a non-empty mapping modality -> submodule name(s), e.g. "
-            "{'image': 'image_encoder', 'table': ['table_mlp']}."
+            f"{argument}={encoders!r} must be None, 'auto' or a non-empty mapping modality -> submodule name(s), "
+            "e.g. {'image': 'image_encoder', 'table': ['table_mlp']}."
         )
     resolved: dict[str, tuple[str, ...]] = {}
     for modality, names in encoders.items():
@@ -229,6 +231,65 @@ class Replay:
         return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), cached[1])
 
 
+def discover_encoders(
+    model: nn.Module, forward: Callable[[Any], Any], batch: Any, modalities: Sequence[Any]
+) -> dict[str, tuple[str, ...]]:
+    """The largest submodules of ``model`` whose output depends on one modality only (``encoders="auto"``).
+
+    Runs the batch once as it is and once per modality with that modality's samples rolled by one (each row gets
+    another sample's input: it works for token ids as for images), recording every submodule's outputs. A submodule
+    is an encoder of modality ``m`` when it runs once per forward call with the samples along dimension 0, its output
+    moves when ``m`` is rolled and stays bit-identical when any other modality is. Of nested candidates the outermost
+    is kept. A batch needs at least 2 samples.
+
+    Args:
+        model: The model.
+        forward: ``batch -> output``: the model called on a batch.
+        batch: A batch of at least 2 samples.
+        modalities: The :class:`~lightning_mc.core.modality.Modality` objects, in order.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    clean = _all_outputs(model, forward, batch)
+    moved: dict[str, set[str]] = {name: set() for name in names}
+    usable = {name for name in names if len(clean.get(name, ())) == 1 and _rows_of(clean[name][0]) > 0}
+    size = modalities[0].select(batch).shape[0]
+    usable = {name for name in usable if _rows_of(clean[name][0]) == size}
+    for modality in modalities:
+        rolled = _all_outputs(model, forward, modality.replace(batch, modality.select(batch).roll(1, 0)))
+        for name in list(usable):
+            if len(rolled.get(name, ())) != 1:
+                usable.discard(name)
+            elif not _same_tree(_leaves_only(rolled[name][0]), _leaves_only(clean[name][0])):
+                moved[name].add(modality.name)
+    candidates = {name: next(iter(moved[name])) for name in usable if len(moved[name]) == 1}
+    found: dict[str, list[str]] = {}
+    for name, owner in candidates.items():
+        parts = name.split(".")
+        if not any(".".join(parts[:end]) in candidates for end in range(1, len(parts))):
+            found.setdefault(owner, []).append(name)
+    return {modality.name: tuple(found[modality.name]) for modality in modalities if modality.name in found}
+
+
+def _all_outputs(model: nn.Module, forward: Callable[[Any], Any], batch: Any) -> dict[str, list[Any]]:
+    """Every named submodule's outputs (one entry per call) in one forward call on ``batch``."""
+    calls: dict[str, list[Any]] = {}
+    handles = [
+        module.register_forward_hook(_recorder(calls.setdefault(name, [])))
+        for name, module in model.named_modules()
+        if name
+    ]
+    try:
+        forward(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: outputs for name, outputs in calls.items() if outputs}
+
+
+def _leaves_only(output: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)]
+
+
 def relative_gap(actual: Any, expected: Any) -> float:
     """The largest ``max |actual - expected| / max |expected|`` over the tensors of two outputs of the same shape."""
     gaps = [0.0]
@@ -285,7 +346,10 @@ def _index_rows(recorded: Any, samples: Tensor) -> Any:
 
 
 def _rows_of(output: Any) -> int:
-    return max(leaf.shape[0] for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor) and leaf.ndim)
+    """The largest leading dimension of the output's tensors (0 when it has none)."""
+    return max(
+        (leaf.shape[0] for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor) and leaf.ndim), default=0
+    )
 
 
 def _first_row(leaf: Any, rows: int) -> Any:

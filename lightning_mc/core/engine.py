@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torchmetrics.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mc.core.encoders import (
     CHECK_SAMPLES,
@@ -36,6 +37,7 @@ from lightning_mc.core.encoders import (
     EncodersSpec,
     Mode,
     Recording,
+    discover_encoders,
     noise_gap,
     relative_gap,
     resolve_encoders,
@@ -156,12 +158,17 @@ class OcclusionEngine:
         self.max_batch_size = max_batch_size
         self.seed = seed
         self.encoders = resolve_encoders(encoders, [m.name for m in self.modalities])
-        self._cache = None if self.encoders is None else EncoderCache(self.encoders, [m.name for m in self.modalities])
+        self._cache = None if not isinstance(self.encoders, dict) else EncoderCache(self.encoders, self.modality_names)
         self._check_pending = True
         self._last_recorded: tuple[tuple[Tensor, ...], dict[str, Any]] | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         #: Model input rows run so far (clean and occluded copies), for progress reports.
         self.rows_forwarded = 0
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        """The modalities' names, in order."""
+        return tuple(modality.name for modality in self.modalities)
 
     @property
     def output_key(self) -> str | None:
@@ -353,6 +360,8 @@ class OcclusionEngine:
         encoder_outputs: Recording | None = None,
     ) -> list[Tensor]:
         """The transformed outputs of each copy, ``(rows of the copy, C)``; the encoder cache where there is one."""
+        if self.encoders == "auto" and view.size > 1:
+            self._discover_encoders(model, view)
         if self._cache is None:
             return self._forward_copies(model, view, fills, copies)
         recorded, clean_rows = self._recorded(model, view, fills, copies, encoder_outputs)
@@ -458,6 +467,20 @@ class OcclusionEngine:
             recorded = recording.concatenated([sum(piece.stop - piece.start for piece in chunk) for chunk in calls])
         self._last_recorded = (view.originals, recorded)
         return recorded, clean_rows
+
+    def _discover_encoders(self, model: nn.Module, view: BatchView) -> None:
+        """Resolve ``encoders="auto"`` on this batch (:func:`~.encoders.discover_encoders`), and say what it found."""
+        found = discover_encoders(model, functools.partial(self.forward_fn, model), view.batch, self.modalities)
+        self.encoders = found or None
+        self._cache = EncoderCache(found, self.modality_names) if found else None
+        if found:
+            rank_zero_info(f"encoders='auto' found {found}; each is checked against the plain path on this batch.")
+        else:
+            rank_zero_warn(
+                "encoders='auto' found no submodule whose output depends on one modality only (an early-fusion "
+                "model?): every copy runs the whole model.",
+                UserWarning,
+            )
 
     def _encoder_modes(
         self, view: BatchView, fills: _Fills, copies: Sequence[Copy], chunk: list[Piece]
