@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from lightning_mc.analyses.options import MeasurementOptions, document_options
 from lightning_mc.analyses.perf_drop import TargetSpec
 from lightning_mc.analyses.shapley import ShapleyResult
 from lightning_mc.core.batches import batches_on_device
+from lightning_mc.core.encoders import EncodersSpec
 from lightning_mc.core.engine import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, resolve_modalities
@@ -51,7 +52,7 @@ def modality_contribution(  # noqa: D417 (the options' docs come from Measuremen
     perf_metric: Metric | None = None,
     target: TargetSpec | None = None,
     tolerance: float | None = None,
-    encoders: Mapping[str, str | Sequence[str]] | None = None,
+    encoders: EncodersSpec | None = None,
     limit_batches: int | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = False,
@@ -102,7 +103,7 @@ def modality_shapley(  # noqa: D417 (the options' docs come from MeasurementOpti
     occlusion: FillSpec = "mean",
     max_batch_size: int | None = None,
     seed: int = 0,
-    encoders: Mapping[str, str | Sequence[str]] | None = None,
+    encoders: EncodersSpec | None = None,
     limit_batches: int | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = False,

@@ -9,71 +9,39 @@ training loop can call it the same way.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_mc.analyses.bootstrap import (
-    DEFAULT_MAX_CI_SAMPLES,
-    PerSampleRaw,
-    per_sample_values,
-    share_intervals,
-)
+from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES, ShareIntervals
+from lightning_mc.analyses.contribution import ContributionSums
 from lightning_mc.analyses.options import OPTION_NAMES, MeasurementOptions, document_options
-from lightning_mc.analyses.perf_drop import (
-    PerformanceDrop,
-    TargetSpec,
-    select_target,
-    whole_modality_outputs,
-)
-from lightning_mc.analyses.precision import ShareHalfWidth
-from lightning_mc.analyses.shapley import (
-    AllOccludedMovement,
-    ModalityShapley,
-    ShapleyResult,
-    coalitions,
-    redundancy_message,
-)
+from lightning_mc.analyses.part import Analysis, Passes, PassName
+from lightning_mc.analyses.perf_drop import PerfDropAnalysis, TargetSpec, whole_modality_outputs
+from lightning_mc.analyses.precision import SharePrecision
+from lightning_mc.analyses.redundancy import RedundancyCheck
+from lightning_mc.analyses.shapley import ShapleyAnalysis, coalitions
+from lightning_mc.core.encoders import EncodersSpec
 from lightning_mc.core.engine import ForwardFn, OccludedOutputs, OcclusionEngine
-from lightning_mc.core.metric import ModalityContribution, Normalization
+from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
 from lightning_mc.core.outputs import OutputTransform
 from lightning_mc.core.result import ContributionResult
 
-
-@dataclasses.dataclass
-class _Passes:
-    """The model outputs of one batch that the accumulators read.
-
-    Attributes:
-        outputs: Clean outputs and one-at-a-time occlusions (per attribute).
-        coalitions: ``(N, K, C)``: every coalition (``shapley``) or only "all modalities" (``check_redundancy``).
-        whole: ``name -> (N, C)`` with each whole modality occluded (``perf_metric``).
-    """
-
-    outputs: OccludedOutputs
-    coalitions: Tensor | None = None
-    whole: dict[str, Tensor] | None = None
-
-    def first(self, count: int) -> _Passes:
-        """The passes of the first ``count`` samples only."""
-        outputs = self.outputs
-        return _Passes(
-            OccludedOutputs(
-                outputs.clean[:count],
-                {name: value[:count] for name, value in outputs.occluded.items()},
-                outputs.attribute_names,
-            ),
-            None if self.coalitions is None else self.coalitions[:count],
-            None if self.whole is None else {name: value[:count] for name, value in self.whole.items()},
-        )
+#: The analyses a measurement runs when its options ask for them, in the order they write the result (Shapley values
+#: before the redundancy check, which reads their ``v(all)``). A new analysis is one module and one line here.
+ANALYSES: tuple[type[Analysis], ...] = (
+    ShapleyAnalysis,
+    RedundancyCheck,
+    ShareIntervals,
+    SharePrecision,
+    PerfDropAnalysis,
+)
 
 
 @document_options()
@@ -82,10 +50,11 @@ class ContributionMeasurement:
 
     Each :meth:`update` runs the model on the batch and on its occluded copies (batched, in eval mode, under
     :func:`torch.inference_mode`) and adds the outputs to torchmetrics accumulators: the contribution sums of
-    :class:`~lightning_mc.ModalityContribution` and, where asked, the all-occluded movement, the Shapley coalitions,
-    the per-sample values for intervals and the performance drop. :meth:`compute` reduces them across processes
-    (under ``torch.distributed`` each accumulator syncs itself, so every rank gets the numbers of the union of all
-    ranks' samples) and returns a :class:`~lightning_mc.ContributionResult`. :meth:`reset` starts a new measurement.
+    :class:`~lightning_mc.ModalityContribution` and, where the options ask for them, the analyses of
+    :data:`~lightning_mc.measurement.ANALYSES` (Shapley coalitions, all-occluded movement, intervals, precision,
+    performance drop). :meth:`compute` reduces them across processes (under ``torch.distributed`` each accumulator
+    syncs itself, so every rank gets the numbers of the union of all ranks' samples) and returns a
+    :class:`~lightning_mc.ContributionResult`. :meth:`reset` starts a new measurement.
 
     This is the object behind :func:`~lightning_mc.functional.modality_contribution` and the monitor: use it from any
     training loop (plain PyTorch, Accelerate, a Hugging Face ``Trainer`` callback) to get the same numbers.
@@ -135,16 +104,19 @@ class ContributionMeasurement:
         perf_metric: Metric | None = None,
         target: TargetSpec | None = None,
         tolerance: float | None = None,
-        encoders: Mapping[str, str | Sequence[str]] | None = None,
+        encoders: EncodersSpec | None = None,
     ) -> None:
         self.modalities = resolve_modalities(modalities)
         #: The checked options (:class:`~lightning_mc.analyses.options.MeasurementOptions`).
         self.options = MeasurementOptions(**MeasurementOptions.pick(locals()))
         self.options.check_modalities(self.modality_names)
         self.engine = OcclusionEngine(self.modalities, **self.options.engine_arguments())
-        self._metrics: dict[str, Any] = {}
+        self.contribution = ContributionSums(self.options.normalization)
+        #: The enabled analyses besides the contribution sums, in :data:`ANALYSES` order.
+        self.analyses = [a for kind in ANALYSES if (a := kind.from_options(self.options, self.modality_names))]
+        self._needs: frozenset[PassName] = frozenset().union(*(analysis.needs for analysis in self.analyses))
+        self._prepared_for: tuple[Any, ...] | None = None
         self._num_updates = 0
-        self._warned_redundant = False
 
     def __getattr__(self, name: str) -> Any:  # measurement.ci, measurement.seed, ...: the options, read-only
         options = self.__dict__.get("options")  # absent while unpickling
@@ -164,13 +136,15 @@ class ContributionMeasurement:
 
     @property
     def converged(self) -> bool:
-        """Whether every share's 95% half-width is at most ``tolerance`` (always ``False`` without a tolerance).
+        """Whether every analysis with a precision target has met it (``tolerance``; always ``False`` without one).
 
         Reduced across processes (every rank gets the same answer, so every rank stops after the same batch).
         """
-        if self.tolerance is None or not self._num_updates:
+        if not self._num_updates:
             return False
-        return bool((self._metrics["precision"].compute() <= self.tolerance).all())
+        opinions = [analysis.converged() for analysis in self.analyses]
+        opinions = [opinion for opinion in opinions if opinion is not None]
+        return bool(opinions) and all(opinions)
 
     def update(
         self, model: nn.Module, batch: Batch, num_samples: int | None = None, clean: Tensor | None = None
@@ -190,25 +164,14 @@ class ContributionMeasurement:
                 are then run. ``None``: the clean batch runs too.
         """
         passes = self._run(model, batch, clean)
-        batch_size = passes.outputs.clean.shape[0]
+        batch_size = passes.num_samples
         keep = batch_size if num_samples is None else max(0, min(batch_size, num_samples))
         if keep < batch_size:
             passes = passes.first(keep)
-        metrics = self._accumulators(passes.outputs)
-        outputs = passes.outputs
-        metrics["contribution"].update(outputs.clean, outputs.occluded)
-        if "shapley" in metrics:
-            metrics["shapley"].update(outputs.clean, passes.coalitions)
-        elif "all_occluded" in metrics:
-            metrics["all_occluded"].update(outputs.clean, passes.coalitions[:, 0])
-        per_sample = [metrics[name] for name in ("per_sample", "precision") if name in metrics]
-        if per_sample:  # the bootstrap and the tolerance read the same per-sample values: computed once
-            values = per_sample_values(outputs.clean, outputs.occluded)
-            for metric in per_sample:
-                metric.update(values)
-        if "perf" in metrics:
-            targets = select_target(batch, self.target)[:keep]  # type: ignore[arg-type]
-            metrics["perf"].update(targets, outputs.clean, passes.whole)
+        self._prepare(passes.outputs)
+        self.contribution.update(passes)
+        for analysis in self.analyses:
+            analysis.update(passes)
         self._num_updates += 1
 
     def compute(self) -> ContributionResult:
@@ -219,115 +182,70 @@ class ContributionMeasurement:
         """
         if not self._num_updates:
             raise ValueError("ContributionMeasurement.compute() was called before any update(model, batch).")
-        metrics = self._metrics
-        contribution: ModalityContribution = metrics["contribution"]
-        result = ContributionResult.from_values(
-            contribution.compute(), contribution.attribute_names, self.normalization
-        )
-        if "shapley" in metrics:
-            shapley = ShapleyResult.from_values(metrics["shapley"].compute(), self.modality_names)
-            v_all = shapley.coalition_values["+".join(self.modality_names)]
-            result = dataclasses.replace(result, shapley=shapley, all_occluded_raw=v_all)
-        elif "all_occluded" in metrics:
-            result = dataclasses.replace(result, all_occluded_raw=float(metrics["all_occluded"].compute()))
-        if "per_sample" in metrics:
-            low, high = share_intervals(
-                metrics["per_sample"], self.modality_names, self.ci, self.n_boot, self.seed, self.normalization
-            )
-            result = dataclasses.replace(result, ci=self.ci, share_low=low, share_high=high)
-        if "precision" in metrics:
-            half_width = dict(zip(self.modality_names, metrics["precision"].compute().tolist()))
-            result = dataclasses.replace(result, share_half_width=half_width)
-        if "perf" in metrics:
-            perf_clean, perf_drop = metrics["perf"].compute()
-            result = dataclasses.replace(result, perf_clean=perf_clean, perf_drop=perf_drop)
-        if self.check_redundancy:
-            self._warn_if_redundant(result)
+        result = self.contribution.result()
+        for analysis in self.analyses:
+            result = analysis.write(result)
         return result
 
     def reset(self) -> None:
         """Forget every batch added so far; the accumulators are kept and reused."""
-        for metric in self._metrics.values():
-            metric.reset()
+        self.contribution.reset()
+        for analysis in self.analyses:
+            analysis.reset()
         self._num_updates = 0
 
-    def _run(self, model: nn.Module, batch: Batch, clean: Tensor | None) -> _Passes:
-        """The forward passes the options need, as few copies as possible."""
-        engine = self.engine
-        if self.shapley:
-            every = coalitions(len(self.modalities))
-            singletons = [2**index - 1 for index in range(len(self.modalities))]  # coalition k - 1 is bitmask k
-            if all(m.attributes is None for m in self.modalities):  # the singletons are the one-at-a-time copies
+    def _run(self, model: nn.Module, batch: Batch, clean: Tensor | None) -> Passes:
+        """The forward passes the analyses need, as few copies as possible."""
+        engine, modalities = self.engine, self.modalities
+        if "coalitions" in self._needs:
+            every = coalitions(len(modalities))
+            singletons = [2**index - 1 for index in range(len(modalities))]  # coalition k - 1 is bitmask k
+            if all(m.attributes is None for m in modalities):  # the singletons are the one-at-a-time copies
                 clean_rows, by_coalition = engine.run_coalitions(model, batch, every, include_clean=clean is None)
                 if clean is not None:
                     clean_rows = engine.given_clean(clean, by_coalition.shape[-1], by_coalition.shape[0])
                 assert clean_rows is not None
                 outputs = OccludedOutputs(
                     clean_rows,
-                    {m.name: by_coalition[:, [i]] for m, i in zip(self.modalities, singletons)},
-                    {m.name: ("all",) for m in self.modalities},
+                    {m.name: by_coalition[:, [i]] for m, i in zip(modalities, singletons)},
+                    {m.name: ("all",) for m in modalities},
                 )
             else:
                 outputs = engine.run(model, batch, clean)
                 _, by_coalition = engine.run_coalitions(model, batch, every, include_clean=False)
-            whole = {m.name: by_coalition[:, i] for m, i in zip(self.modalities, singletons)}
-            return _Passes(outputs, by_coalition, whole)
+            whole = {m.name: by_coalition[:, i] for m, i in zip(modalities, singletons)}
+            return Passes(outputs, batch, outputs.clean.shape[0], by_coalition, whole)
         outputs = engine.run(model, batch, clean)
         everything = None
-        if self.check_redundancy:
+        if "all_occluded" in self._needs:
             _, everything = engine.run_coalitions(
-                model, batch, [frozenset(range(len(self.modalities)))], include_clean=False
+                model, batch, [frozenset(range(len(modalities)))], include_clean=False
             )
-        whole = whole_modality_outputs(engine, model, batch, outputs) if self.perf_metric is not None else None
-        return _Passes(outputs, everything, whole)
+        whole = whole_modality_outputs(engine, model, batch, outputs) if "whole" in self._needs else None
+        return Passes(outputs, batch, outputs.clean.shape[0], everything, whole)
 
-    def _accumulators(self, outputs: OccludedOutputs) -> dict[str, Any]:
-        """The accumulators of this measurement, built on the first batch (they need its attributes and device).
+    def _prepare(self, outputs: OccludedOutputs) -> None:
+        """Build the accumulators on the first batch (they need its attributes, outputs and device).
 
         After a :meth:`reset` the existing ones are reused when they fit (building a metric costs as much as a small
         model's forward pass); a batch with other attributes, outputs or device gets new ones.
         """
         clean = outputs.clean
-        contribution = self._metrics.get("contribution")
-        if (
-            contribution is not None
-            and contribution.attribute_names == outputs.attribute_names
-            and contribution.attribute_diff.shape[1] == clean.shape[1]
-            and contribution.device == clean.device
-        ):
-            return self._metrics
+        fit = (outputs.attribute_names, clean.shape[1], clean.device)
+        if fit == self._prepared_for:
+            return
         if self._num_updates:
+            assert self._prepared_for is not None
+            names, num_outputs, device = self._prepared_for
             raise ValueError(
                 f"This batch has attributes {outputs.attribute_names} and {clean.shape[1]} outputs on {clean.device}; "
-                f"the earlier batches of this measurement had {contribution.attribute_names} and "
-                f"{contribution.attribute_diff.shape[1]} on {contribution.device}. Every batch of one measurement "
-                "needs the same attributes and outputs: call reset() between measurements."
+                f"the earlier batches of this measurement had {names} and {num_outputs} on {device}. Every batch of "
+                "one measurement needs the same attributes and outputs: call reset() between measurements."
             )
         with _float32_default():  # a bf16-true precision context sets a half default dtype: sums stay full
-            metrics: dict[str, Any] = {
-                "contribution": ModalityContribution(
-                    outputs.attribute_names, num_outputs=clean.shape[1], normalization=self.normalization
-                )
-            }
-            if self.shapley:
-                metrics["shapley"] = ModalityShapley(self.modality_names)
-            elif self.check_redundancy:
-                metrics["all_occluded"] = AllOccludedMovement()
-            if self.ci is not None:
-                metrics["per_sample"] = PerSampleRaw(self.max_ci_samples)
-            if self.perf_metric is not None:
-                metrics["perf"] = PerformanceDrop(self.perf_metric, self.modality_names)
-            if self.tolerance is not None:
-                metrics["precision"] = ShareHalfWidth(len(self.modalities), self.normalization)
-        self._metrics = {name: metric.to(clean.device) for name, metric in metrics.items()}
-        return self._metrics
-
-    def _warn_if_redundant(self, result: ContributionResult) -> None:
-        assert result.all_occluded_raw is not None  # check_redundancy measures it
-        message = redundancy_message(result.raw, result.all_occluded_raw)
-        if message is not None and not self._warned_redundant:
-            self._warned_redundant = True
-            rank_zero_warn(message, category=UserWarning)
+            for part in (self.contribution, *self.analyses):
+                part.prepare(outputs)
+        self._prepared_for = fit
 
 
 @contextmanager

@@ -10,7 +10,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_mc import ModalityContributionMonitor
-from lightning_mc.analyses.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order, per_sample_values
+from lightning_mc.analyses.bootstrap import PerSampleRaw, bootstrap_share_interval, canonical_order
+from lightning_mc.core.metric import per_sample_values
 from lightning_mc.functional import modality_contribution
 
 from helpers import TwoModalityNet, load_example, loader, trainer_kwargs, two_modality_dataset
@@ -46,7 +47,7 @@ def test_interval_brackets_the_share_and_is_off_by_default() -> None:
     assert plain.shares == result.shares  # bit-equal: ci= only adds the bootstrap; the same passes ran
 
 
-def test_seeded_order_free_and_capped() -> None:
+def test_intervals_depend_on_the_seed_not_the_batch_order_and_keep_at_most_max_ci_samples() -> None:
     data = _data(3)
     first = modality_contribution(Linear2(), data, AB, occlusion="zeros", ci=0.95, n_boot=100, seed=5)
     again = modality_contribution(Linear2(), data, AB, occlusion="zeros", ci=0.95, n_boot=100, seed=5)
@@ -85,7 +86,7 @@ def test_wider_with_fewer_samples_and_higher_coverage() -> None:
     assert ((high_99 - low_99) > (high_big - low_big)).all()
 
 
-def test_invalid_arguments() -> None:
+def test_an_invalid_ci_n_boot_or_max_ci_samples_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="ci="):
         bootstrap_share_interval(torch.ones(3, 2), ci=1.0)
     with pytest.raises(ValueError, match="n_boot="):

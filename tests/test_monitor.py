@@ -114,7 +114,7 @@ def test_the_batch_and_module_modes_are_unchanged_by_the_monitor(tmp_path) -> No
     assert len(monitor.history) == 1
 
 
-def test_every_n_epochs_and_limit_batches(tmp_path) -> None:
+def test_only_every_nth_epoch_is_measured_and_on_at_most_limit_batches(tmp_path) -> None:
     monitor = ModalityContributionMonitor(MODALITIES, every_n_epochs=2, limit_batches=1)
     _fit(tmp_path, monitor, max_epochs=4)
     assert [entry["epoch"] for entry in monitor.history] == [1, 3]

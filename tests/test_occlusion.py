@@ -17,7 +17,7 @@ def test_mean_fill_is_the_per_sample_mean() -> None:
     assert _fill("mean", value).tolist() == [[[3.0, 3.0], [3.0, 3.0]], [[1.0, 1.0], [1.0, 1.0]]]
 
 
-def test_zeros_and_constant_fills() -> None:
+def test_zeros_and_a_constant_fill_every_value_in_the_modalitys_dtype() -> None:
     value = torch.randn(3, 4)
     assert torch.equal(_fill("zeros", value), torch.zeros(3, 4))
     assert torch.equal(_fill(-999.0, value), torch.full((3, 4), -999.0))
@@ -42,7 +42,7 @@ def test_permute_fill_shuffles_whole_samples() -> None:
     assert not torch.equal(permuted, value)
 
 
-def test_callable_fill_and_half_precision() -> None:
+def test_a_callable_fill_is_applied_as_given_and_fills_keep_bfloat16() -> None:
     value = torch.randn(2, 3, dtype=torch.bfloat16)
     assert torch.equal(_fill(lambda t: t * 0 + 1, value), torch.ones(2, 3, dtype=torch.bfloat16))
     assert _fill("mean", value).dtype == torch.bfloat16

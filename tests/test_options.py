@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_mc import ContributionMeasurement, ModalityContributionMonitor
-from lightning_mc.analyses.options import OPTION_NAMES, MeasurementOptions, check_encoders
+from lightning_mc.analyses.options import OPTION_NAMES, MeasurementOptions
 from lightning_mc.callbacks.options import MONITOR_DOCS
 from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
 from lightning_mc.functional import SHAPLEY_OPTIONS, modality_contribution, modality_shapley
@@ -94,14 +94,16 @@ def test_a_call_written_before_the_declaration_still_configures_the_same_options
         ({"output_key": ""}, TypeError, "output_key='' must be None or the non-empty name"),
         ({"forward_fn": 3}, TypeError, "forward_fn=3 must be a callable (model, batch) -> Tensor."),
         ({"target": 1}, ValueError, "perf_metric and target go together"),
-        ({"encoders": []}, TypeError, "encoders=[] must be None or a non-empty mapping"),
-        ({"encoders": {"image": ""}}, ValueError, "encoders['image']='' must be a submodule name"),
-        ({"encoders": {"image": ["a", 2]}}, ValueError, "encoders['image']=['a', 2] must be a submodule name"),
+        ({"encoders": []}, TypeError, "encoders=[] must be None, 'auto' or a non-empty mapping"),
+        ({"encoders": {"image": ""}}, TypeError, "encoders['image']='' must be a submodule name"),
+        ({"encoders": {"image": ["a", 2]}}, TypeError, "encoders['image']=['a', 2] must be a submodule name"),
+        ({"encoders": {"text": "t"}}, ValueError, "encoders names modality 'text'; the modalities are"),
     ],
 )
 def test_an_invalid_option_is_refused_by_every_entry_point_with_the_same_message(options, error, message) -> None:
+    builds = [] if "encoders" in options else [lambda: MeasurementOptions(**options)]  # encoders need the modalities
     for build in (
-        lambda: MeasurementOptions(**options),
+        *builds,
         lambda: ContributionMeasurement({"image": 0, "table": 1}, **options),
         lambda: ModalityContributionMonitor({"image": 0, "table": 1}, **options),
         lambda: modality_contribution(nn.Identity(), [], {"image": 0, "table": 1}, **options),
@@ -111,16 +113,12 @@ def test_an_invalid_option_is_refused_by_every_entry_point_with_the_same_message
         assert message in str(raised.value)
 
 
-def test_encoders_name_measured_modalities_and_reach_the_engine_as_tuples_of_names() -> None:
-    assert check_encoders({"image": "net.image", "table": ["net.table", "net.table"]}) == {
-        "image": ("net.image",),
-        "table": ("net.table",),
-    }
+def test_encoders_reach_the_engine_and_the_monitor_exposes_them_as_tuples_of_names() -> None:
     monitor = ModalityContributionMonitor({"image": 0, "table": 1}, encoders={"image": "image_branch"})
-    assert monitor.encoders == {"image": ("image_branch",)}
-    assert monitor.engine.encoders == {"image": ("image_branch",)}
-    with pytest.raises(ValueError, match=r"encoders=\{'text': \('t',\)\} names \['text'\], which are not measured"):
-        ContributionMeasurement({"image": 0, "table": 1}, encoders={"text": "t"})
+    assert monitor.measurement.options.encoders == {"image": "image_branch"}
+    assert monitor.encoders == monitor.engine.encoders == {"image": ("image_branch",)}
+    options = inspect.signature(modality_shapley).parameters["encoders"]
+    assert options.default is None and "encoders" in SHAPLEY_OPTIONS
 
 
 def test_modality_shapley_refuses_more_than_six_modalities_before_reading_data() -> None:

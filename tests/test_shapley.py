@@ -196,22 +196,25 @@ def test_run_coalitions_chunking_does_not_change_outputs_and_respects_max_batch_
     assert model.training  # mode restored
 
 
-def test_metric_is_reducible_sums() -> None:
+def test_two_halves_merged_with_their_reduce_functions_give_the_whole_datas_values() -> None:
+    # merge_state combines each state with the dist_reduce_fx it declares, as a DDP sync does: a wrong reduction
+    # ("mean", "max", "cat") for any state would give other coalition values or counts
     torch.manual_seed(0)
     clean, occluded = torch.randn(10, 2), torch.randn(10, 3, 2)
+    occluded[1, 0, 0] = occluded[7, 1, 0] = float("nan")  # one skipped sample in each half
     whole = ModalityShapley(["a", "b"])
     whole.update(clean, occluded)
     halves = [ModalityShapley(["a", "b"]), ModalityShapley(["a", "b"])]
     halves[0].update(clean[:4], occluded[:4])
     halves[1].update(clean[4:], occluded[4:])
-    merged = halves[0]
-    merged.coalition_sums = halves[0].coalition_sums + halves[1].coalition_sums
-    merged.num_samples = halves[0].num_samples + halves[1].num_samples
+    halves[0].merge_state(halves[1])
+    merged, expected = halves[0].compute(), whole.compute()
     for key in ("coalition_values", "values", "interactions"):
-        torch.testing.assert_close(merged.compute()[key], whole.compute()[key])
+        torch.testing.assert_close(merged[key], expected[key])
+    assert (int(merged["num_samples"]), int(merged["num_skipped"])) == (8, 2)
 
 
-def test_non_finite_samples_are_skipped() -> None:
+def test_a_sample_with_a_nan_output_is_skipped_and_counted() -> None:
     clean, occluded = torch.ones(3, 1), torch.zeros(3, 3, 1)
     occluded[1, 2, 0] = float("nan")
     metric = ModalityShapley(["a", "b"])
@@ -221,7 +224,7 @@ def test_non_finite_samples_are_skipped() -> None:
     torch.testing.assert_close(out["coalition_values"], torch.ones(3, dtype=torch.float64))
 
 
-def test_pure_functions_on_known_games() -> None:
+def test_a_redundant_game_splits_evenly_with_positive_interaction_and_a_synergistic_one_negative() -> None:
     # redundant: v(a) = v(b) = 0, v(ab) = 1; synergistic: v(a) = v(b) = v(ab) = 1
     torch.testing.assert_close(shapley_values(torch.tensor([0.0, 0.0, 1.0])), torch.tensor([0.5, 0.5]).double())
     assert shapley_interactions(torch.tensor([0.0, 0.0, 1.0]))[0, 1] == 1.0
@@ -229,7 +232,7 @@ def test_pure_functions_on_known_games() -> None:
     torch.testing.assert_close(shapley_values(torch.tensor([2.0])), torch.tensor([2.0]).double())
 
 
-def test_too_many_modalities_is_a_clear_error() -> None:
+def test_more_than_six_modalities_are_refused_with_the_limit_in_the_message() -> None:
     with pytest.raises(ValueError, match="1 to 6 modalities"):
         coalitions(7)
     batch = tuple(torch.randn(2, 1) for _ in range(7))
@@ -239,7 +242,7 @@ def test_too_many_modalities_is_a_clear_error() -> None:
         shapley_values(torch.zeros(4))
 
 
-def test_empty_data_and_bad_coalition() -> None:
+def test_empty_data_and_a_coalition_of_unknown_modalities_are_refused() -> None:
     with pytest.raises(ValueError, match="no batch"):
         modality_shapley(RedundantMax(), [], {"a": 0, "b": 1})
     engine = OcclusionEngine(resolve_modalities({"a": 0, "b": 1}))

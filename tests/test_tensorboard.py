@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
-from lightning_mc.views.tensorboard import FIGURE_TAG, SUMMARY_TAG, save_shares_figure
+from lightning_mc.views.tensorboard import save_shares_figure
 
 from helpers import ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
 
@@ -62,12 +62,12 @@ def test_event_files_hold_the_scalars_the_layout_the_figure_and_the_summary(tmp_
         "balance (mc/balance)": ["mc/balance"],
     }
 
-    figures = events.Images(FIGURE_TAG)
+    figures = events.Images("mc/shares_stacked")
     assert len(figures) == len(monitor.history) + 1  # one per check, and the final one with the stop marked
     assert figures[-1].width > 400 and figures[-1].height > 300
     assert figures[-1].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
 
-    summary = events.Tensors(f"{SUMMARY_TAG}/text_summary")[0].tensor_proto.string_val[0].decode()
+    summary = events.Tensors("mc/summary/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "**Collapse flagged**: modality `image` at epoch 3" in summary
     assert "training was stopped there" in summary
     assert f"| image | {monitor.history[-1]['shares']['image']:.4f} |" in summary
@@ -92,8 +92,8 @@ def test_several_loggers_each_get_the_scalars_and_tensorboard_the_figure(tmp_pat
     monitor, _ = _fit(tmp_path, [csv_logger, tensorboard], with_stopper=False)
     events = _events(tensorboard.log_dir)
     assert len(events.Scalars("mc/share/image")) == len(monitor.history) == 6  # no stopper: every epoch runs
-    assert len(events.Images(FIGURE_TAG)) == 7
-    summary = events.Tensors(f"{SUMMARY_TAG}/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert len(events.Images("mc/shares_stacked")) == 7
+    summary = events.Tensors("mc/summary/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "No CollapseEarlyStopping was attached" in summary
     assert "mc/share/image" in (Path(csv_logger.log_dir) / "metrics.csv").read_text()
 

@@ -17,15 +17,21 @@ and the same interval as one process on the whole data (as long as no process hi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_mc.analyses.part import MetricAnalysis, Passes
 from lightning_mc.core.checks import check_fraction, check_int
+from lightning_mc.core.result import ContributionResult
+
+if TYPE_CHECKING:
+    from lightning_mc.analyses.options import MeasurementOptions
 
 #: Bootstrap replicates drawn per block (bounds the ``block × N`` index tensor).
 _BLOCK = 64
@@ -49,29 +55,6 @@ def check_ci_arguments(ci: float | None, n_boot: int, max_samples: int, normaliz
             f"Confidence intervals (ci={ci!r}) are available for normalization in {BOOTSTRAP_NORMALIZATIONS}; got "
             f"normalization={normalization!r}."
         )
-
-
-def per_sample_values(clean: Tensor, occluded: Mapping[str, Tensor]) -> Tensor:
-    """``d`` ``(N, M)`` float64: each sample's summed absolute output change per modality (summed over attributes).
-
-    Args:
-        clean: ``(N, C)`` clean outputs.
-        occluded: ``name -> (N, h_i, C)`` outputs with each attribute occluded, as from the engine.
-
-    Samples with a NaN or inf output are dropped, as in :class:`lightning_mc.ModalityContribution`.
-
-    Example:
-        >>> per_sample_values(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)}).tolist()
-        [[1.0, 0.0], [1.0, 0.0]]
-    """
-    clean = clean.double()
-    finite = torch.isfinite(clean).all(-1)
-    columns = []
-    for value in occluded.values():
-        value = value.double()
-        finite &= torch.isfinite(value).all(-1).all(-1)
-        columns.append((clean.unsqueeze(1) - value).abs().sum(dim=(1, 2)))
-    return torch.stack(columns, dim=1)[finite]
 
 
 def canonical_order(values: Tensor) -> Tensor:
@@ -161,6 +144,7 @@ class PerSampleRaw(Metric):
         max_samples: Most samples kept per process.
 
     Example:
+        >>> from lightning_mc.core.metric import per_sample_values
         >>> metric = PerSampleRaw(max_samples=3)
         >>> metric.update(per_sample_values(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)}))
         >>> metric.update(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
@@ -180,7 +164,10 @@ class PerSampleRaw(Metric):
         self.add_state("num_dropped", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, values: Tensor) -> None:
-        """Add per-sample values ``d`` ``(N, M)`` (:func:`per_sample_values`); rows past the cap are dropped."""
+        """Add per-sample values ``d`` ``(N, M)`` (:func:`~lightning_mc.core.metric.per_sample_values`).
+
+        Rows past the cap are dropped and counted.
+        """
         room = max(0, self.max_samples - sum(kept.shape[0] for kept in self.values))
         self.values.append(values[:room])
         self.num_dropped += values.shape[0] - min(room, values.shape[0])
@@ -208,3 +195,43 @@ def share_intervals(
         return nan, dict(nan)
     _, low, high = bootstrap_share_interval(values, ci=ci, n_boot=n_boot, seed=seed, normalization=normalization)
     return dict(zip(names, low.tolist())), dict(zip(names, high.tolist()))
+
+
+class ShareIntervals(MetricAnalysis):
+    """The ``ci`` option: keeps the per-sample values and writes the shares' bootstrap intervals.
+
+    Args:
+        modality_names: The measured modalities, in order.
+        ci: Coverage of the intervals.
+        n_boot: Bootstrap replicates.
+        max_samples: Most samples kept per process.
+        seed: Seed of the resampling.
+        normalization: The shares' normalization.
+    """
+
+    def __init__(
+        self, modality_names: tuple[str, ...], ci: float, n_boot: int, max_samples: int, seed: int, normalization: str
+    ) -> None:
+        self.modality_names, self.ci, self.n_boot, self.seed = modality_names, ci, n_boot, seed
+        self.normalization = normalization
+        self.metric = PerSampleRaw(max_samples)
+
+    @classmethod
+    def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> ShareIntervals | None:
+        """Built when ``ci`` is set."""
+        if options.ci is None:
+            return None
+        return cls(
+            modality_names, options.ci, options.n_boot, options.max_ci_samples, options.seed, options.normalization
+        )
+
+    def update(self, passes: Passes) -> None:
+        """Keeps the batch's per-sample values."""
+        self.metric.update(passes.per_sample)
+
+    def write(self, result: ContributionResult) -> ContributionResult:
+        """Fills ``ci``, ``share_low`` and ``share_high``."""
+        low, high = share_intervals(
+            self.metric, self.modality_names, self.ci, self.n_boot, self.seed, self.normalization
+        )
+        return dataclasses.replace(result, ci=self.ci, share_low=low, share_high=high)

@@ -31,6 +31,7 @@ from lightning_mc.analyses.perf_drop import TargetSpec, check_perf_arguments
 from lightning_mc.analyses.precision import check_tolerance
 from lightning_mc.analyses.shapley import check_num_modalities
 from lightning_mc.core.checks import check_int
+from lightning_mc.core.encoders import EncodersSpec, resolve_encoders
 from lightning_mc.core.engine import ForwardFn
 from lightning_mc.core.metric import Normalization, check_normalization
 from lightning_mc.core.occlusion import FillSpec, resolve_fill
@@ -49,37 +50,6 @@ def _check_forward_fn(forward_fn: Any) -> None:
         raise TypeError(f"forward_fn={forward_fn!r} must be a callable (model, batch) -> Tensor.")
 
 
-def check_encoders(encoders: Any) -> dict[str, tuple[str, ...]] | None:
-    """``encoders`` as ``modality -> tuple of submodule names`` (``None`` stays ``None``), or a clear error.
-
-    Raises:
-        TypeError: If ``encoders`` is not ``None`` or a non-empty mapping.
-        ValueError: If a key is not a non-empty string or a value is not a non-empty name or sequence of names.
-
-    Example:
-        >>> check_encoders({"image": "net.image", "table": ["net.table", "net.embed"]})
-        {'image': ('net.image',), 'table': ('net.table', 'net.embed')}
-    """
-    if encoders is None:
-        return None
-    if not isinstance(encoders, Mapping) or not encoders:
-        raise TypeError(
-            f"encoders={encoders!r} must be None or a non-empty mapping modality -> submodule name(s), e.g. "
-            "{'image': 'net.image_encoder', 'table': 'net.table_encoder'}."
-        )
-    checked: dict[str, tuple[str, ...]] = {}
-    for name, paths in encoders.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"encoders={dict(encoders)!r}: the keys must be modality names (non-empty strings).")
-        paths = (paths,) if isinstance(paths, str) else paths
-        if not isinstance(paths, Sequence) or not paths or not all(isinstance(path, str) and path for path in paths):
-            raise ValueError(
-                f"encoders[{name!r}]={encoders[name]!r} must be a submodule name or a non-empty list of names."
-            )
-        checked[name] = tuple(dict.fromkeys(paths))
-    return checked
-
-
 @dataclasses.dataclass(frozen=True)
 class MeasurementOptions:
     """How one measurement runs and what it computes besides the shares; every option checked on construction.
@@ -89,8 +59,8 @@ class MeasurementOptions:
 
     Raises:
         ValueError: On an invalid option (the message names it, the value received and what is valid).
-        TypeError: If ``forward_fn``, ``output_key``, ``occlusion``, ``perf_metric``, ``target`` or ``encoders`` has
-            the wrong type.
+        TypeError: If ``forward_fn``, ``output_key``, ``occlusion``, ``perf_metric`` or ``target`` has the wrong type
+            (``encoders``: when the measurement checks it against its modalities).
     """
 
     forward_fn: ForwardFn | None = field(
@@ -208,13 +178,13 @@ class MeasurementOptions:
             "are skipped; the half-widths are in ``share_half_width``. ``None``: every batch counts.",
         ),
     )
-    encoders: Mapping[str, str | Sequence[str]] | None = field(
+    encoders: EncodersSpec | None = field(
         default=None,
         metadata=_about(
             "``modality -> submodule name(s)`` as ``model.get_submodule`` reads them (for the monitor: on the "
             "LightningModule): the encoders whose outputs are recorded on the clean pass and replayed for the copies "
-            "that occlude another modality.",
-            check_encoders,
+            "that occlude another modality; ``'auto'`` finds them on the first batch; ``None``: every copy runs the "
+            "whole model (checked against the modalities by :func:`~lightning_mc.core.encoders.resolve_encoders`).",
             engine=True,
         ),
     )
@@ -224,7 +194,6 @@ class MeasurementOptions:
             check = option.metadata["check"]
             if check is not None:
                 check(getattr(self, option.name))
-        object.__setattr__(self, "encoders", check_encoders(self.encoders))
         check_ci_arguments(self.ci, self.n_boot, self.max_ci_samples, self.normalization)
         check_tolerance(self.tolerance, self.normalization)
         check_perf_arguments(self.perf_metric, self.target)
@@ -252,16 +221,11 @@ class MeasurementOptions:
     def check_modalities(self, names: Sequence[str]) -> None:
         """Raise a ``ValueError`` if an option does not fit the measured modalities ``names``.
 
-        ``shapley`` needs at most 6 modalities; every key of ``encoders`` must be one of ``names``.
+        ``shapley`` needs at most 6 modalities; ``encoders`` must map measured modalities to submodule names (or be ``"auto"``).
         """
         if self.shapley:
             check_num_modalities(len(names))
-        unknown = [name for name in self.encoders or () if name not in names]
-        if unknown:
-            raise ValueError(
-                f"encoders={dict(self.encoders or {})!r} names {unknown!r}, which are not measured; valid modalities: "
-                f"{list(names)!r}."
-            )
+        resolve_encoders(self.encoders, names)
 
 
 #: The option names, in declaration order (the order of every signature that takes them).
@@ -307,4 +271,4 @@ def _with_args(doc: str, entries: list[tuple[str, str]], after: str) -> str:
     return "\n".join(lines[:end] + added + lines[end:])
 
 
-__all__ = ["OPTION_NAMES", "MeasurementOptions", "check_encoders", "document_options"]
+__all__ = ["OPTION_NAMES", "MeasurementOptions", "document_options"]

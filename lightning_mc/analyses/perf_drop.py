@@ -20,16 +20,22 @@ This is separate from the label-free metric by design: it needs targets, and a m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_mc.analyses.part import Analysis, Passes
 from lightning_mc.core.engine import OccludedOutputs, OcclusionEngine
 from lightning_mc.core.modality import Batch
 from lightning_mc.core.occlusion import WholeModality
+from lightning_mc.core.result import ContributionResult
+
+if TYPE_CHECKING:
+    from lightning_mc.analyses.options import MeasurementOptions
 
 #: Where the targets are in a batch (a dict key, a tuple/list index, or ``batch -> Tensor``).
 TargetSpec = Union[str, int, Callable[[Batch], Tensor]]
@@ -156,3 +162,50 @@ class PerformanceDrop:
                 "average='macro' for a multiclass metric)."
             )
         return float(value)
+
+
+class PerfDropAnalysis(Analysis):
+    """The ``perf_metric`` option: the metric on the clean and on each whole-modality-occluded output.
+
+    Args:
+        metric: The performance metric (cloned).
+        target: Where the targets are in each batch.
+        modality_names: The measured modalities, in order.
+    """
+
+    needs = frozenset({"whole"})
+
+    def __init__(self, metric: Metric, target: TargetSpec, modality_names: tuple[str, ...]) -> None:
+        self.target = target
+        self.metric, self.modality_names = metric, modality_names
+        self.drop: PerformanceDrop | None = None
+
+    @classmethod
+    def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> PerfDropAnalysis | None:
+        """Built when ``perf_metric`` is set (``target`` too: the options check that)."""
+        if options.perf_metric is None or options.target is None:
+            return None
+        return cls(options.perf_metric, options.target, modality_names)
+
+    def prepare(self, outputs: OccludedOutputs) -> None:
+        """Clones the metric (once) onto the outputs' device."""
+        if self.drop is None:
+            self.drop = PerformanceDrop(self.metric, self.modality_names)
+        self.drop = self.drop.to(outputs.clean.device)
+
+    def update(self, passes: Passes) -> None:
+        """Adds the batch's targets, clean and whole-modality outputs."""
+        assert self.drop is not None and passes.whole is not None  # prepared; needs "whole"
+        targets = select_target(passes.batch, self.target)[: passes.num_samples]
+        self.drop.update(targets, passes.outputs.clean, passes.whole)
+
+    def reset(self) -> None:
+        """Resets every clone."""
+        if self.drop is not None:
+            self.drop.reset()
+
+    def write(self, result: ContributionResult) -> ContributionResult:
+        """Fills ``perf_clean`` and ``perf_drop``."""
+        assert self.drop is not None
+        perf_clean, perf_drop = self.drop.compute()
+        return dataclasses.replace(result, perf_clean=perf_clean, perf_drop=perf_drop)

@@ -30,14 +30,20 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mc.analyses.part import MetricAnalysis, Passes
 from lightning_mc.core.checks import check_fraction
+from lightning_mc.core.result import ContributionResult
+
+if TYPE_CHECKING:
+    from lightning_mc.analyses.options import MeasurementOptions
 
 #: ``z`` of a two-sided 95% normal interval.
 Z_95 = 1.959963984540054
@@ -90,7 +96,7 @@ class ShareHalfWidth(Metric):
             self.add_state("sum_t2", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, values: Tensor) -> None:
-        """Add per-sample values ``d`` ``(N, M)`` (:func:`~lightning_mc.analyses.bootstrap.per_sample_values`)."""
+        """Add per-sample values ``d`` ``(N, M)`` (:func:`~lightning_mc.core.metric.per_sample_values`)."""
         values = values.double()
         totals = values.sum(1)
         if self.normalization == "per_sample":  # d is replaced by each informative sample's ratios
@@ -120,3 +126,38 @@ class ShareHalfWidth(Metric):
         variance = residual.clamp_min(0) / (count - 1)
         mean_total = self.sum_t / count
         return Z_95 * (variance / count).sqrt() / mean_total
+
+
+class SharePrecision(MetricAnalysis):
+    """The ``tolerance`` option: half-widths of the shares after every batch; converged once all are small enough.
+
+    Args:
+        modality_names: The measured modalities, in order.
+        tolerance: The half-width asked for.
+        normalization: The shares' normalization.
+    """
+
+    def __init__(self, modality_names: tuple[str, ...], tolerance: float, normalization: str) -> None:
+        self.modality_names, self.tolerance = modality_names, tolerance
+        self.metric = ShareHalfWidth(len(modality_names), normalization)
+
+    @classmethod
+    def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> SharePrecision | None:
+        """Built when ``tolerance`` is set."""
+        if options.tolerance is None:
+            return None
+        return cls(modality_names, options.tolerance, options.normalization)
+
+    def update(self, passes: Passes) -> None:
+        """Adds the batch's per-sample values to the sums."""
+        self.metric.update(passes.per_sample)
+
+    def write(self, result: ContributionResult) -> ContributionResult:
+        """Fills ``share_half_width``."""
+        return dataclasses.replace(
+            result, share_half_width=dict(zip(self.modality_names, self.metric.compute().tolist()))
+        )
+
+    def converged(self) -> bool:
+        """Whether every half-width is at most ``tolerance`` (reduced across processes)."""
+        return bool((self.metric.compute() <= self.tolerance).all())

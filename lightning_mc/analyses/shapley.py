@@ -33,15 +33,20 @@ Sign convention (checked on the planted models in ``tests/test_shapley.py``): ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_mc.core.result import ShapleyResult
+from lightning_mc.analyses.part import MetricAnalysis, Passes
+from lightning_mc.core.result import ContributionResult, ShapleyResult
+
+if TYPE_CHECKING:
+    from lightning_mc.analyses.options import MeasurementOptions
 
 #: Most modalities for exact Shapley values: ``2^6 − 1 = 63`` occluded copies per batch.
 MAX_SHAPLEY_MODALITIES = 6
@@ -255,9 +260,39 @@ def redundancy_message(raw: dict[str, float], all_occluded: float, ratio: float 
     )
 
 
+class ShapleyAnalysis(MetricAnalysis):
+    """The ``shapley`` option: every coalition's movement summed; writes the Shapley values and ``v(all)``.
+
+    Args:
+        modality_names: The measured modalities, in order (at most 6).
+    """
+
+    needs = frozenset({"coalitions"})
+
+    def __init__(self, modality_names: tuple[str, ...]) -> None:
+        self.modality_names = modality_names
+        self.metric = ModalityShapley(modality_names)
+
+    @classmethod
+    def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> ShapleyAnalysis | None:
+        """Built when ``shapley`` is set."""
+        return cls(modality_names) if options.shapley else None
+
+    def update(self, passes: Passes) -> None:
+        """Adds every coalition's movement."""
+        self.metric.update(passes.outputs.clean, passes.coalitions)
+
+    def write(self, result: ContributionResult) -> ContributionResult:
+        """Fills ``shapley`` and ``all_occluded_raw`` (``v`` of the coalition of every modality)."""
+        shapley = ShapleyResult.from_values(self.metric.compute(), self.modality_names)
+        v_all = shapley.coalition_values["+".join(self.modality_names)]
+        return dataclasses.replace(result, shapley=shapley, all_occluded_raw=v_all)
+
+
 __all__ = [
     "AllOccludedMovement",
     "ModalityShapley",
+    "ShapleyAnalysis",
     "ShapleyResult",
     "coalitions",
     "redundancy_message",

@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
 from lightning_mc.core.checks import check_fraction, check_int
+from lightning_mc.core.result import HistoryEntry
 from lightning_mc.views.tensorboard import CollapseMarks, marks_from_stopper
 
 CollapseAction = Literal["stop", "warn"]
@@ -146,10 +147,10 @@ class CollapseEarlyStopping(MonitorReader):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "wait_count": dict(self.wait_count),
             "below_since": dict(self._below_since),
             "flagged": sorted(self._flagged),
-            "last_check": None if self._last_check is None else list(self._last_check),
             "collapsed_modality": self.collapsed_modality,
             "collapse_epoch": self.collapse_epoch,
             "collapse_start_epoch": self.collapse_start_epoch,
@@ -164,8 +165,7 @@ class CollapseEarlyStopping(MonitorReader):
         self.wait_count = dict(state_dict.get("wait_count", {}))
         self._below_since = dict(state_dict.get("below_since", {}))
         self._flagged = set(state_dict.get("flagged", []))
-        last_check = state_dict.get("last_check")
-        self._last_check = None if last_check is None else (int(last_check[0]), int(last_check[1]))
+        super().load_state_dict(state_dict)
         self.collapsed_modality = state_dict.get("collapsed_modality")
         self.collapse_epoch = state_dict.get("collapse_epoch")
         self.collapse_share = state_dict.get("collapse_share")
@@ -189,10 +189,10 @@ class CollapseEarlyStopping(MonitorReader):
         return start
 
     @override
-    def _on_monitor_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
+    def _on_monitor_check(self, trainer: pl.Trainer, entry: HistoryEntry) -> None:
         self._run_collapse_check(trainer, entry)
 
-    def _run_collapse_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
+    def _run_collapse_check(self, trainer: pl.Trainer, entry: HistoryEntry) -> None:
         """Updates the counts with one monitor check and tells the trainer to stop when a collapse is flagged."""
         epoch = int(entry["epoch"])
         shares = {name: float(entry["shares"][name]) for name in self._watched}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +16,7 @@ from lightning_mc.analyses.perf_drop import TargetSpec
 from lightning_mc.callbacks import options as monitor_options
 from lightning_mc.callbacks.options import ReuseOutputs
 from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
+from lightning_mc.core.encoders import EncodersSpec
 from lightning_mc.core.engine import ForwardFn, GivenCleanError, OcclusionEngine
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import ModalitiesSpec, Modality
@@ -98,7 +99,7 @@ class ModalityContributionMonitor(Callback):
         perf_metric: Metric | None = None,
         target: TargetSpec | None = None,
         tolerance: float | None = None,
-        encoders: Mapping[str, str | Sequence[str]] | None = None,
+        encoders: EncodersSpec | None = None,
         every_n_epochs: int = 1,
         limit_batches: int | float | None = None,
         dataloader_idx: int = 0,
@@ -156,7 +157,7 @@ class ModalityContributionMonitor(Callback):
     @property
     def encoders(self) -> dict[str, tuple[str, ...]] | None:
         """``modality -> submodule names`` of the LightningModule whose outputs are replayed (``encoders``)."""
-        return self.measurement.options.encoders
+        return self.engine.encoders
 
     @property
     def latest_shapley(self) -> Any:

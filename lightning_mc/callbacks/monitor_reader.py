@@ -10,6 +10,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
+from lightning_mc.core.result import HistoryEntry
 
 
 class MonitorReader(Callback):
@@ -17,7 +18,9 @@ class MonitorReader(Callback):
 
     Subclasses pass the ``monitor=`` argument (or ``None``) to ``__init__``, call :meth:`_find_monitor` in ``setup``
     and implement :meth:`_on_monitor_check`, which runs once per measured validation run of a fit (not during the
-    sanity check or ``fast_dev_run``), on every process, with the monitor's new history entry.
+    sanity check or ``fast_dev_run``), on every process, with the monitor's new history entry. The reader saves and
+    restores which check it saw last: a subclass's ``state_dict`` extends ``super().state_dict()`` and its
+    ``load_state_dict`` calls ``super().load_state_dict(state_dict)``.
 
     Args:
         monitor: The monitor to read, or ``None`` for the single one in ``trainer.callbacks``.
@@ -79,5 +82,16 @@ class MonitorReader(Callback):
         self._last_check = check
         self._on_monitor_check(trainer, entry)
 
-    def _on_monitor_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The last check read (subclasses add their own state to this dict)."""
+        return {"last_check": None if self._last_check is None else list(self._last_check)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the last check read (``None`` from a checkpoint without one); subclasses call it first."""
+        last_check = state_dict.get("last_check")
+        self._last_check = None if last_check is None else (int(last_check[0]), int(last_check[1]))
+
+    def _on_monitor_check(self, trainer: pl.Trainer, entry: HistoryEntry) -> None:
         raise NotImplementedError

@@ -48,6 +48,29 @@ def sum_per_modality(values: Tensor, attribute_counts: Sequence[int], dim: int) 
     return torch.stack([part.sum(dim=dim) for part in values.split(list(attribute_counts), dim=dim)], dim=dim)
 
 
+def per_sample_values(clean: Tensor, occluded: Mapping[str, Tensor]) -> Tensor:
+    """``d`` ``(N, M)`` float64: each sample's summed absolute output change per modality (summed over attributes).
+
+    Args:
+        clean: ``(N, C)`` clean outputs.
+        occluded: ``name -> (N, h_i, C)`` outputs with each attribute occluded, as from the engine.
+
+    Samples with a NaN or inf output are dropped, as in :class:`ModalityContribution`.
+
+    Example:
+        >>> per_sample_values(torch.zeros(2, 1), {"a": torch.ones(2, 1, 1), "b": torch.zeros(2, 1, 1)}).tolist()
+        [[1.0, 0.0], [1.0, 0.0]]
+    """
+    clean = clean.double()
+    finite = torch.isfinite(clean).all(-1)
+    columns = []
+    for value in occluded.values():
+        value = value.double()
+        finite &= torch.isfinite(value).all(-1).all(-1)
+        columns.append((clean.unsqueeze(1) - value).abs().sum(dim=(1, 2)))
+    return torch.stack(columns, dim=1)[finite]
+
+
 def share_balance(shares: Tensor) -> Tensor:
     """Normalised entropy of the shares: 1 when all modalities contribute equally, 0 when one does everything.
 

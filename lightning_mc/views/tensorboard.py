@@ -21,10 +21,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: Tag of the stacked-area figure of the shares over the checks (``<prefix>/shares_stacked``), default prefix.
-FIGURE_TAG = "mc/shares_stacked"
-#: Tag of the text summary written at the end of fit (``<prefix>/summary``), default prefix.
-SUMMARY_TAG = "mc/summary"
 #: Category title of the custom-scalars layout (a monitor with another prefix adds `` (<prefix>)``).
 LAYOUT_CATEGORY = "Modality contribution"
 
