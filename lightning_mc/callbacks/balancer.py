@@ -229,18 +229,15 @@ class ModalityBalancer(MonitorReader):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "coefficients": dict(self.coefficients),
-            "last_check": None if self._last_check is None else list(self._last_check),
             "history": [dict(entry) for entry in self.history],
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        stored = {name: float(value) for name, value in state_dict.get("coefficients", {}).items()}
-        names = self._encoders if self._encoders is not None else stored
-        self.coefficients = {name: stored.get(name, 1.0) for name in names}
-        # a checkpoint of 0.1 has no "active": the balancer acted exactly while a coefficient was below 1
-        self.active = bool(state_dict.get("active", any(value < 1.0 for value in self.coefficients.values())))
+        stored = state_dict.get("coefficients", {})
+        self.coefficients = {name: float(stored.get(name, 1.0)) for name in self.encoders}
         super().load_state_dict(state_dict)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
 
@@ -327,8 +324,6 @@ class ModalityBalancer(MonitorReader):
 def _keep_rows(tensor: Tensor, mask: Tensor) -> Tensor:
     if not tensor.is_floating_point() or tensor.dim() == 0 or tensor.shape[0] != mask.shape[0]:
         return tensor
-            **super().state_dict(),
-            "active": self.active,
     return tensor * mask.to(tensor.dtype).view(-1, *([1] * (tensor.dim() - 1)))
 
 
