@@ -1,9 +1,10 @@
-"""ModalityBalancer: the coefficient formula, exact gradient scaling, dropout, logging, resume, errors."""
+"""ModalityBalancer: the coefficient formula, engage/release, exact gradient scaling, dropout, logging, resume."""
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_mc import ModalityBalancer, ModalityContributionMonitor
-from lightning_mc.callbacks.balancer import balance_coefficients
+from lightning_mc.callbacks.balancer import DEFAULT_MIN_SHARE, RELEASE_FRACTION, balance_coefficients, next_active
 
-from helpers import NUM_CLASSES, loader, trainer_kwargs, two_modality_dataset
+from helpers import NUM_CLASSES, ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 ENCODERS = {"image": "image_branch", "table": "table_branch"}
@@ -97,10 +98,10 @@ def test_coefficients_of_planted_shares_follow_one_minus_tanh_of_the_excess_domi
     assert got["a"] == got["b"] == pytest.approx(1.0 - math.tanh(0.45 / 0.275 - 1.0)) and got["c"] == 1.0
 
 
-def test_equal_shares_and_shares_above_the_floor_leave_every_coefficient_at_one() -> None:
+def test_equal_shares_and_shares_at_or_above_min_share_leave_every_coefficient_at_one() -> None:
     assert balance_coefficients({"a": 0.5, "b": 0.5}, alpha=5.0) == {"a": 1.0, "b": 1.0}
-    assert balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, floor=0.2) == {"a": 1.0, "b": 1.0}
-    below = balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, floor=0.3)  # a is below the floor: act
+    assert balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, min_share=0.2) == {"a": 1.0, "b": 1.0}
+    below = balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, min_share=0.3)  # a is below min_share: act
     assert below == {"a": 1.0, "b": pytest.approx(1.0 - math.tanh(2.0))}
 
 
@@ -112,6 +113,115 @@ def test_a_modality_doing_everything_gets_coefficient_zero_and_nan_shares_are_re
         balance_coefficients({"a": 1.0}, alpha=1.0)
 
 
+# --- engage and release ------------------------------------------------------------------------------------------
+
+# planted image shares of helpers.ScheduledContributionNet at these (image, table) scales, measured: 0.546, 0.265, 0.002
+BALANCED, MODEST, COLLAPSED = (1.0, 1.0), (0.3, 1.0), (0.002, 1.0)
+SCHEDULED_ENCODERS = {"image": "image_head", "table": "table_head"}
+
+
+def test_next_active_engages_below_min_share_and_releases_only_at_release_share() -> None:
+    lowest = [0.30, 0.20, 0.09, 0.15, 0.30, 0.39, 0.40, 0.20, 0.11]
+    active, states = False, []
+    for share in lowest:
+        active = next_active(active, share, min_share=0.12, release_share=0.4)
+        states.append(active)
+    # 0.20 and 0.15 are between the thresholds: off before the collapse at 0.09, on after it until 0.40
+    assert states == [False, False, True, True, True, True, False, False, True]
+    assert all(next_active(False, share, None, 0.4) for share in (0.5, 0.01))  # min_share=None: always acting
+    assert next_active(True, 0.3, 0.3, 0.3) is False and next_active(False, 0.29, 0.3, 0.3) is True  # no hysteresis
+
+
+def test_fed_three_modality_checks_the_default_release_share_is_0_8_over_n() -> None:
+    balancer = ModalityBalancer({"a": "a_encoder"}, dropout=0.0)  # driven by hand: no trainer, no setup
+    planted = [(0.5, 0.3, 0.2), (0.8, 0.15, 0.05), (0.5, 0.25, 0.25), (0.4, 0.33, 0.27)]
+    for epoch, shares in enumerate(planted):
+        balancer._on_monitor_check(None, {"epoch": epoch, "global_step": epoch, "shares": dict(zip("abc", shares))})
+    # engaged by 0.05 < 0.12, kept at 0.25 (< 0.8 / 3 = 0.267), released at 0.27
+    assert [entry["active"] for entry in balancer.history] == [False, True, True, False]
+    assert balancer.history[1]["coefficients"] == {"a": pytest.approx(1.0 - math.tanh(0.8 / 0.1 - 1.0))}
+    assert balancer.history[3]["coefficients"] == {"a": 1.0} and balancer.history[3]["event"] == "released"
+
+
+def _scheduled_fit(tmp_path, schedule, balancer, *extra, ckpt_path=None, **overrides):
+    monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
+    kwargs = trainer_kwargs(tmp_path, **{"max_epochs": len(schedule), **overrides})
+    trainer = L.Trainer(callbacks=[monitor, balancer, *extra], **kwargs)
+    L.seed_everything(0, verbose=False)
+    trainer.fit(
+        ScheduledContributionNet(schedule),
+        loader(two_modality_dataset(32, seed=0)),
+        loader(two_modality_dataset(32, seed=1)),
+        ckpt_path=ckpt_path,
+    )
+    return trainer, monitor
+
+
+class LoggedActive(L.Callback):
+    """The balancer_active value logged at each training epoch end (after the balancer, which logs it)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.values.append(trainer.callback_metrics["mc/balancer_active"].item())
+
+
+def test_a_planted_collapse_engages_the_balancer_and_recovery_releases_it_with_one_line_each(tmp_path, caplog) -> None:
+    schedule = [BALANCED, MODEST, COLLAPSED, MODEST, MODEST, BALANCED, MODEST, COLLAPSED]
+    balancer = ModalityBalancer(SCHEDULED_ENCODERS, dropout=0.0)  # the defaults: min_share 0.12, release 0.4
+    logged = LoggedActive()
+    with caplog.at_level(logging.INFO):
+        _, monitor = _scheduled_fit(tmp_path, schedule, balancer, logged)
+
+    assert (DEFAULT_MIN_SHARE, RELEASE_FRACTION, balancer._release) == (0.12, 0.8, 0.4)  # 0.8 / 2 modalities
+    active = [False, False, True, True, True, False, False, True]  # MODEST (0.265) only acts after a collapse
+    assert [entry["active"] for entry in balancer.history] == active
+    assert logged.values == [float(value) for value in active]
+    events = [(entry["epoch"], entry["event"]) for entry in balancer.history if entry["event"]]
+    assert events == [(2, "engaged"), (5, "released"), (7, "engaged")]
+    for entry, check in zip(balancer.history, monitor.history):
+        shares = check["shares"]
+        if entry["active"]:  # the OGM coefficients of that check's shares, written out independently
+            want = {m: _ogm(shares[m], [shares[o] for o in shares if o != m], alpha=1.0) for m in shares}
+            assert entry["coefficients"] == pytest.approx(want) and want["table"] < 0.9
+        else:
+            assert entry["coefficients"] == {"image": 1.0, "table": 1.0}
+    lines = [record.getMessage() for record in caplog.records if "ModalityBalancer" in record.getMessage()]
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    assert lines[0].startswith("ModalityBalancer engaged at epoch 2: mc/share/image = 0.002 < min_share=0.12")
+    assert lines[1].startswith("ModalityBalancer released at epoch 5: mc/share/table = 0.454 ≥ release_share=0.4")
+    assert lines[2].startswith("ModalityBalancer engaged at epoch 7")
+
+
+class WeakTableNet(FusionNet):
+    """FusionNet reading its table at a third of its scale: the table keeps a modest share."""
+
+    def forward(self, image: Tensor, table: Tensor) -> Tensor:
+        return super().forward(image, table / 3)
+
+
+def test_a_model_whose_weaker_share_stays_above_min_share_trains_bit_identically_to_no_balancer(tmp_path) -> None:
+    # Bit-equality is the right check here, not a tolerance: with the balancer released, both runs execute the same
+    # kernels on the same rows in the same order (its hooks return None, it scales nothing and draws from its own
+    # generator, never from the global RNG), so any difference at all would mean the balancer touched the training.
+    torch.manual_seed(0)
+    plain = WeakTableNet()
+    plain_trainer = _fit(tmp_path / "plain", None, model=plain, max_epochs=3)
+    torch.manual_seed(0)
+    balanced = WeakTableNet()
+    balancer = ModalityBalancer(ENCODERS)  # the defaults, dropout=1.0: its forward hooks are in place
+    _fit(tmp_path / "balanced", balancer, model=balanced, max_epochs=3)
+
+    monitor = next(cb for cb in plain_trainer.callbacks if isinstance(cb, ModalityContributionMonitor))
+    lowest = min(min(entry["shares"].values()) for entry in monitor.history)
+    assert DEFAULT_MIN_SHARE <= lowest < 0.3  # a modest share, above the engage threshold
+    assert [entry["active"] for entry in balancer.history] == [False, False, False]
+    assert len(balancer._handles) == 0  # removed at teardown; they were there during fit (dropout hooks)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(balanced.state_dict()[name], value), name
+
+
 # --- gradients ---------------------------------------------------------------------------------------------------
 
 
@@ -120,7 +230,7 @@ def test_encoder_gradients_are_scaled_exactly_by_the_coefficient_and_other_gradi
     tmp_path, precision
 ) -> None:
     before, after = GradRecorder(), GradRecorder()
-    balancer = ModalityBalancer(ENCODERS, alpha=3.0, floor=None, dropout=0.0)
+    balancer = ModalityBalancer(ENCODERS, alpha=3.0, min_share=None, dropout=0.0)
     monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
     _fit(tmp_path, None, callbacks=[monitor, before, balancer, after], max_epochs=3, precision=precision)
 
@@ -149,7 +259,7 @@ def test_with_gradient_accumulation_the_step_equals_a_manual_step_on_the_scaled_
     torch.manual_seed(0)
     model = FusionNet()
     start = copy.deepcopy(model.state_dict())
-    balancer = ModalityBalancer(ENCODERS, floor=None, dropout=0.0)
+    balancer = ModalityBalancer(ENCODERS, min_share=None, dropout=0.0)
     balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.25}})  # in effect from the first step
     _fit(tmp_path, balancer, model=model, max_epochs=1, accumulate_grad_batches=2, num_train=64)
 
@@ -203,7 +313,7 @@ class OutputRecorder(L.Callback):
 
 
 def test_dropout_zeroes_whole_rows_of_the_slowed_encoder_in_training_only(tmp_path) -> None:
-    balancer = ModalityBalancer(ENCODERS, floor=None, dropout=0.8)
+    balancer = ModalityBalancer(ENCODERS, min_share=None, dropout=0.8)
     balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.375}})  # q = 0.8 × (1 − 0.375) = 0.5
     assert balancer.drop_probability("table") == pytest.approx(0.5) and balancer.drop_probability("image") == 0.0
     recorder = OutputRecorder()
@@ -221,7 +331,7 @@ def test_dropout_zeroes_whole_rows_of_the_slowed_encoder_in_training_only(tmp_pa
 
 def test_coefficients_are_logged_under_the_monitor_prefix_and_the_warmup_keeps_them_at_one(tmp_path) -> None:
     monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros", prefix="mc_ext")
-    balancer = ModalityBalancer(ENCODERS, alpha=3.0, floor=None, warmup_epochs=1, monitor=monitor)
+    balancer = ModalityBalancer(ENCODERS, alpha=3.0, min_share=None, warmup_epochs=1, monitor=monitor)
     trainer = _fit(tmp_path, balancer, monitor=monitor, max_epochs=2)
 
     assert [entry["epoch"] for entry in balancer.history] == [0, 1]
@@ -238,7 +348,7 @@ def test_nan_shares_leave_the_coefficients_unchanged_with_a_warning(tmp_path) ->
     model = FusionNet(lr=0.0)
     with torch.no_grad():
         model.head.weight.zero_()  # the outputs ignore both inputs: no occlusion moves them, the shares are NaN
-    balancer = ModalityBalancer(ENCODERS, floor=None, dropout=0.0)
+    balancer = ModalityBalancer(ENCODERS, min_share=None, dropout=0.0)
     balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.5}})
     with pytest.warns(UserWarning, match="coefficients stay as they are"):
         _fit(tmp_path, balancer, model=model, max_epochs=1)
@@ -255,9 +365,17 @@ class RankRecord(L.Callback):
         self.directory, self.balancer, self.rows = directory, balancer, []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        logged = {key: value.item() for key, value in trainer.callback_metrics.items() if "/coef/" in key}
+        metrics = trainer.callback_metrics.items()
+        logged = {key: value.item() for key, value in metrics if "/coef/" in key or key.endswith("balancer_active")}
         shares = self.balancer.monitor.history[-1]["shares"]
-        self.rows.append({"coefficients": dict(self.balancer.coefficients), "logged": logged, "shares": shares})
+        self.rows.append(
+            {
+                "coefficients": dict(self.balancer.coefficients),
+                "logged": logged,
+                "shares": shares,
+                "history": [dict(entry) for entry in self.balancer.history],
+            }
+        )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         weights = {name: value.tolist() for name, value in pl_module.state_dict().items()}
@@ -265,19 +383,24 @@ class RankRecord(L.Callback):
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def test_ddp_spawn_ranks_apply_the_same_coefficients_and_stay_in_sync(tmp_path) -> None:
-    balancer = ModalityBalancer(ENCODERS, alpha=3.0, floor=None, dropout=1.0)  # spawn pickles it after __init__
+def test_ddp_spawn_ranks_engage_together_apply_the_same_coefficients_and_stay_in_sync(tmp_path) -> None:
+    # min_share 0.49: any imbalance engages it, and only near-equal shares (≥ 0.499) release it
+    balancer = ModalityBalancer(ENCODERS, alpha=3.0, min_share=0.49, release_share=0.499)  # pickled after __init__
     monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
     callbacks = [monitor, balancer, RankRecord(str(tmp_path), balancer)]
     _fit(tmp_path, None, callbacks=callbacks, max_epochs=2, strategy="ddp_spawn", devices=2, accumulate_grad_batches=2)
 
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ranks[0] == ranks[1]  # same shares, coefficients, logged values and (so) weights on both processes
+    assert ranks[0] == ranks[1]  # same shares, engagements, coefficients, logged values and weights on both ranks
+    history = ranks[0]["rows"][-1]["history"]
+    assert history[0]["event"] == "engaged" and [entry["active"] for entry in history] == [True, True]
     for row in ranks[0]["rows"]:
         shares = row["shares"]
+        assert min(shares.values()) < 0.49  # what engaged it
         want = {m: _ogm(shares[m], [shares[o] for o in shares if o != m], alpha=3.0) for m in shares}
         assert row["coefficients"] == pytest.approx(want)
-        assert row["logged"] == pytest.approx({f"mc/coef/{m}": k for m, k in want.items()}, abs=1e-6)
+        logged = {**{f"mc/coef/{m}": k for m, k in want.items()}, "mc/balancer_active": 1.0}
+        assert row["logged"] == pytest.approx(logged, abs=1e-6)
     assert min(min(row["coefficients"].values()) for row in ranks[0]["rows"]) < 0.9
 
 
@@ -295,11 +418,11 @@ class CoefficientsAtEpochStart(L.Callback):
 
 def test_resume_restores_the_coefficients_in_effect_and_the_history(tmp_path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    first = ModalityBalancer(ENCODERS, alpha=3.0, floor=None)
+    first = ModalityBalancer(ENCODERS, alpha=3.0, min_share=None)
     _fit(tmp_path, first, checkpoint, max_epochs=2, enable_checkpointing=True)
     assert min(first.coefficients.values()) < 1.0  # something to restore
 
-    resumed = ModalityBalancer(ENCODERS, alpha=3.0, floor=None)  # a new process: coefficients 1
+    resumed = ModalityBalancer(ENCODERS, alpha=3.0, min_share=None)  # a new process: coefficients 1
     seen = CoefficientsAtEpochStart(resumed)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     _fit(
@@ -315,12 +438,104 @@ def test_resume_restores_the_coefficients_in_effect_and_the_history(tmp_path) ->
     assert resumed.history[:2] == first.history and [entry["epoch"] for entry in resumed.history] == [0, 1, 2]
 
 
+def test_a_resumed_fit_stays_engaged_between_the_thresholds_because_the_checkpoint_holds_the_state(tmp_path) -> None:
+    schedule = [BALANCED, COLLAPSED, MODEST, MODEST, BALANCED]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    first = ModalityBalancer(SCHEDULED_ENCODERS, dropout=0.0)
+    _scheduled_fit(tmp_path, schedule, first, checkpoint, max_epochs=2, enable_checkpointing=True)
+    assert first.active and first.history[-1]["event"] == "engaged"  # engaged by the collapse at epoch 1
+
+    resumed = ModalityBalancer(SCHEDULED_ENCODERS, dropout=0.0)  # a new process: released
+    seen = ActiveAtEpochStart(resumed)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    ckpt_path = tmp_path / "ckpt" / "last.ckpt"
+    _scheduled_fit(tmp_path, schedule, resumed, checkpoint, seen, enable_checkpointing=True, ckpt_path=ckpt_path)
+    assert seen.active == {2: True, 3: True, 4: True}  # in effect from the first resumed step
+    # MODEST (0.265) is between min_share and release_share: only the restored state keeps it engaged
+    assert [entry["active"] for entry in resumed.history] == [False, True, True, True, False]
+    assert resumed.history[:2] == first.history and resumed.history[-1]["event"] == "released"
+
+
+class ActiveAtEpochStart(L.Callback):
+    def __init__(self, balancer: ModalityBalancer) -> None:
+        self.balancer = balancer
+        self.active: dict[int, bool] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.active[trainer.current_epoch] = self.balancer.active
+
+
+def test_a_checkpoint_of_the_floor_balancer_loads_as_engaged_exactly_when_a_coefficient_was_below_one() -> None:
+    balancer = ModalityBalancer(ENCODERS)
+    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.2}})  # 0.1 saved no "active"
+    assert balancer.active is True
+    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 1.0}})
+    assert balancer.active is False
+    balancer.load_state_dict({"active": True, "coefficients": {"image": 1.0, "table": 1.0}})
+    assert balancer.active is True and "active" in balancer.state_dict()
+
+
 def test_a_checkpoint_without_balancer_state_starts_with_coefficients_one() -> None:
     balancer = ModalityBalancer(ENCODERS)
     balancer.load_state_dict({})
-    assert balancer.coefficients == {"image": 1.0, "table": 1.0} and balancer.history == []
+    assert balancer.coefficients == {"image": 1.0, "table": 1.0} and balancer.history == [] and not balancer.active
     balancer.load_state_dict({"coefficients": {"table": 0.3, "gone": 0.1}})  # a modality no longer balanced
     assert balancer.coefficients == {"image": 1.0, "table": 0.3}
+
+
+# --- encoders from the monitor, deprecated floor -----------------------------------------------------------------
+
+
+def _monitor_with_encoders(encoders: dict[str, str]) -> ModalityContributionMonitor:
+    """A monitor whose ``encoders`` attribute is ``encoders`` (the keyword once the monitor takes it)."""
+    try:
+        return ModalityContributionMonitor(MODALITIES, occlusion="zeros", encoders=encoders)
+    except TypeError:  # a monitor without the keyword: the attribute the balancer reads
+        monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
+        monitor.encoders = encoders
+        return monitor
+
+
+def test_a_balancer_without_encoders_slows_the_encoders_its_monitor_names(tmp_path) -> None:
+    monitor = _monitor_with_encoders(ENCODERS)
+    before, after = GradRecorder(), GradRecorder()
+    balancer = ModalityBalancer(alpha=3.0, min_share=None, dropout=0.0)
+    _fit(tmp_path, None, callbacks=[monitor, before, balancer, after], max_epochs=2)
+
+    explicit = ModalityBalancer(ENCODERS)
+    explicit.monitor = monitor
+    assert balancer.state_key == explicit.state_key  # checkpoints of either spelling load into the other
+    shares = monitor.history[0]["shares"]
+    want = {m: _ogm(shares[m], [shares[o] for o in shares if o != m], alpha=3.0) for m in shares}
+    assert min(want.values()) < 0.99  # far from 1 at rtol=1e-6: the comparisons below can fail
+    for step_before, step_after in zip(before.steps[3:], after.steps[3:]):  # epoch 1: the coefficients of check 0
+        torch.testing.assert_close(
+            step_after["table_branch.weight"], step_before["table_branch.weight"] * want["table"], rtol=1e-6, atol=0.0
+        )
+        torch.testing.assert_close(
+            step_after["image_branch.1.weight"],
+            step_before["image_branch.1.weight"] * want["image"],
+            rtol=1e-6,
+            atol=0.0,
+        )
+
+
+def test_setup_fails_when_neither_the_balancer_nor_its_monitor_has_encoders(tmp_path) -> None:
+    monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
+    assert getattr(monitor, "encoders", None) is None
+    with pytest.raises(ValueError, match=r"ModalityBalancer\(encoders=None\) takes its monitor's encoders, but the"):
+        _fit(tmp_path, ModalityBalancer(), monitor=monitor, max_epochs=1)
+
+
+def test_the_floor_keyword_still_works_as_min_share_without_hysteresis_and_warns() -> None:
+    with pytest.warns(DeprecationWarning, match=r"floor=0\.3\) is deprecated.*pass min_share=0\.3, release_share=0\.3"):
+        balancer = ModalityBalancer(ENCODERS, floor=0.3)
+    assert (balancer.min_share, balancer.release_share) == (0.3, 0.3)
+    with pytest.warns(DeprecationWarning, match="floor=None"):
+        assert ModalityBalancer(ENCODERS, floor=None).min_share is None
+    with pytest.warns(DeprecationWarning, match=r"balance_coefficients\(floor=0\.3\) is deprecated"):
+        old = balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, floor=0.3)
+    assert old == balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, min_share=0.3) and old["b"] < 1.0
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -341,12 +556,16 @@ def test_a_trainer_without_a_monitor_fails_at_setup(tmp_path) -> None:
         _fit(tmp_path, None, callbacks=[*monitors, ModalityBalancer(ENCODERS)], max_epochs=1)
 
 
-def test_setup_refuses_unmeasured_modalities_and_parameters_shared_by_two_modalities(tmp_path) -> None:
+def test_setup_refuses_unmeasured_modalities_shared_parameters_and_an_unreachable_release_share(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"names \['audio'\], which the monitor does not measure"):
         _fit(tmp_path, ModalityBalancer({"audio": "image_branch"}), max_epochs=1)
     shared = ModalityBalancer({"image": ["image_branch", "head"], "table": ["table_branch", "head"]})
     with pytest.raises(ValueError, match="share parameters"):
         _fit(tmp_path, shared, max_epochs=1)
+    with pytest.raises(
+        ValueError, match=r"release_share=0\.5 can never be reached: the lowest share of the monitor's 2"
+    ):
+        _fit(tmp_path, ModalityBalancer(ENCODERS, release_share=0.5), max_epochs=1)
 
 
 @pytest.mark.parametrize(
@@ -355,7 +574,9 @@ def test_setup_refuses_unmeasured_modalities_and_parameters_shared_by_two_modali
         ({"encoders": {}}, TypeError, "non-empty mapping"),
         ({"encoders": {"image": []}}, ValueError, "submodule name or a non-empty list"),
         ({"alpha": 0.0}, ValueError, "alpha=0.0 must be a positive"),
-        ({"floor": 1.5}, ValueError, "floor=1.5 must be None or a number in"),
+        ({"min_share": 1.5}, ValueError, r"min_share=1\.5 must be a number in \(0, 1\)"),
+        ({"release_share": 0.0}, ValueError, r"release_share=0\.0 must be a number in \(0, 1\)"),
+        ({"min_share": 0.2, "release_share": 0.1}, ValueError, r"release_share=0\.1 must be >= min_share=0\.2"),
         ({"dropout": 2}, ValueError, r"dropout=2 must be a number in \[0, 1\]"),
         ({"warmup_epochs": -1}, ValueError, "warmup_epochs=-1"),
         ({"monitor": "mc"}, TypeError, "must be a ModalityContributionMonitor"),

@@ -14,12 +14,13 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
@@ -29,8 +30,40 @@ from lightning_mc.callbacks.monitor_reader import MonitorReader
 
 EncoderSpec = Mapping[str, "str | Sequence[str]"]
 
+#: The default of ``ModalityBalancer(min_share=...)``: engage when a share falls below it (``docs/how-to/collapse.md``).
+DEFAULT_MIN_SHARE = 0.12
+#: ``release_share=None`` releases at this fraction of an equal share, ``RELEASE_FRACTION / N`` (0.4 for two).
+RELEASE_FRACTION = 0.8
 
-def balance_coefficients(shares: Mapping[str, float], alpha: float, floor: float | None = None) -> dict[str, float]:
+
+class _Deprecated:
+    """The default of a deprecated keyword: tells "not given" apart from every value a user can pass."""
+
+    def __init__(self, replacement: str) -> None:
+        self.replacement = replacement
+
+    def __repr__(self) -> str:
+        return f"<deprecated: use {self.replacement}>"
+
+
+_FLOOR = _Deprecated("min_share")
+
+
+def _floor_as_min_share(floor: float | None, caller: str) -> float | None:
+    """Warns that ``floor=`` is deprecated and returns it, the value ``min_share`` takes in its place."""
+    warnings.warn(
+        f"{caller}(floor={floor!r}) is deprecated and will be removed; the share threshold is called min_share, as "
+        f"in CollapseEarlyStopping: pass min_share={floor!r}"
+        + ("." if caller == "balance_coefficients" else f", release_share={floor!r} for the same behaviour."),
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return floor
+
+
+def balance_coefficients(
+    shares: Mapping[str, float], alpha: float, min_share: float | None = None, *, floor: Any = _FLOOR
+) -> dict[str, float]:
     r"""One coefficient per modality from its contribution share: ``< 1`` slows a dominant modality, ``1`` leaves it.
 
     With ``N`` modalities and shares ``s`` (summing to 1), modality ``m``'s dominance is its share over the mean share
@@ -41,14 +74,16 @@ def balance_coefficients(shares: Mapping[str, float], alpha: float, floor: float
 
     the continuous form of OGM-GE's coefficient used by OGM/OPM (TPAMI 2024; OGM-GE's own code applies
     ``1 − tanh(α·ρ)`` for ``ρ > 1``, which jumps at ``ρ = 1``). The modality with the lowest share always has
-    ``ρ ≤ 1``, so at least one coefficient is 1. With ``floor``, every coefficient is 1 unless some modality's share
-    is below ``floor``: the balancer acts on a collapse, not on every imbalance (a label-free share cannot tell a
-    shortcut from a modality that is genuinely more informative).
+    ``ρ ≤ 1``, so at least one coefficient is 1. With ``min_share``, every coefficient is 1 unless some modality's
+    share is below it. This function has no memory: :class:`~lightning_mc.ModalityBalancer` adds the hysteresis
+    (it keeps acting until the share is back above ``release_share``).
 
     Args:
         shares: ``modality -> share`` (at least two modalities, finite, non-negative).
         alpha: Strength, ``> 0``.
-        floor: ``None`` (act on any imbalance) or a share in ``(0, 1)`` below which a modality counts as collapsing.
+        min_share: ``None`` (act on any imbalance) or a share in ``(0, 1)`` below which a modality counts as
+            collapsed.
+        floor: Deprecated name of ``min_share`` (a ``DeprecationWarning``).
 
     Returns:
         ``modality -> coefficient`` in ``[0, 1]``, in the order of ``shares``.
@@ -59,14 +94,16 @@ def balance_coefficients(shares: Mapping[str, float], alpha: float, floor: float
     Example:
         >>> balance_coefficients({"image": 0.25, "table": 0.75}, alpha=0.5)["table"]  # ρ = 3: 1 − tanh(1)
         0.23840584404423515
-        >>> balance_coefficients({"image": 0.25, "table": 0.75}, alpha=0.5, floor=0.2)  # nothing below the floor
+        >>> balance_coefficients({"image": 0.25, "table": 0.75}, alpha=0.5, min_share=0.2)  # none below 0.2
         {'image': 1.0, 'table': 1.0}
     """
+    if floor is not _FLOOR:
+        min_share = _floor_as_min_share(floor, "balance_coefficients")
     if len(shares) < 2:
         raise ValueError(f"shares={dict(shares)!r}: balancing needs the shares of at least two modalities.")
     if any(math.isnan(share) or share < 0 for share in shares.values()):
         raise ValueError(f"shares={dict(shares)!r} must be non-negative numbers (not NaN).")
-    if floor is not None and min(shares.values()) >= floor:
+    if min_share is not None and min(shares.values()) >= min_share:
         return dict.fromkeys(shares, 1.0)
     total = sum(shares.values())
     coefficients: dict[str, float] = {}
@@ -79,13 +116,42 @@ def balance_coefficients(shares: Mapping[str, float], alpha: float, floor: float
     return coefficients
 
 
-class ModalityBalancer(MonitorReader):
-    r"""Slow down the modality that dominates a multimodal model, from the monitor's label-free contribution shares.
+def next_active(active: bool, lowest: float, min_share: float | None, release_share: float) -> bool:
+    """The balancer's hysteresis: engage when the lowest share falls below ``min_share``, release at ``release_share``.
 
-    After each check of a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer the balancer sets one
-    coefficient ``kₘ`` per modality from the shares (:func:`balance_coefficients`: ``1`` for a modality that does not
-    dominate, towards ``0`` the more it dominates; with ``floor``, only while some modality's share is below it) and
-    applies it during the following training steps, in two ways:
+    Args:
+        active: Whether the balancer acts now.
+        lowest: The lowest share of the check (not NaN).
+        min_share: Engage below it; ``None``: always active.
+        release_share: Once active, stay active until ``lowest >= release_share`` (``>= min_share``).
+
+    Returns:
+        Whether the balancer acts after this check.
+
+    Example:
+        >>> [next_active(active, share, 0.1, 0.3) for active, share in [(False, 0.2), (False, 0.05), (True, 0.2)]]
+        [False, True, True]
+        >>> next_active(True, 0.31, 0.1, 0.3)  # recovered: released
+        False
+    """
+    if min_share is None:
+        return True
+    return lowest < release_share if active else lowest < min_share
+
+
+class ModalityBalancer(MonitorReader):
+    r"""Rescue a modality that a multimodal model has abandoned, from the monitor's label-free contribution shares.
+
+    After each check of a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer the balancer decides
+    whether to act, with hysteresis: it **engages** when the lowest share falls below ``min_share`` (a deep collapse:
+    the modality has been abandoned) and stays engaged until the lowest share is back at ``release_share`` or above
+    (then it **releases**). A modality that keeps a modest share is being used, and a label-free share cannot tell a
+    shortcut from a modality that is genuinely less informative, so the defaults leave such a model alone: a model whose
+    shares all stay at ``min_share`` or above trains exactly as it would without the balancer.
+
+    While engaged it sets one coefficient ``kₘ`` per modality (:func:`balance_coefficients`: ``1`` for a modality that
+    does not dominate, towards ``0`` the more it dominates) and applies it during the following training steps, in two
+    ways:
 
     - **gradient** (OGM-GE): before each optimizer step, the gradients of the parameters of modality ``m``'s encoders
       are multiplied by ``kₘ``. Lightning calls ``on_before_optimizer_step`` once per optimizer step, after the
@@ -95,40 +161,49 @@ class ModalityBalancer(MonitorReader):
     - **dropout** (OPM): in training, each sample's encoder output of modality ``m`` is replaced by zeros with
       probability ``dropout · (1 − kₘ)`` (one draw per sample and modality per micro-batch, shared by the modality's
       encoders). The fusion layers then have to predict from the other modalities on those samples, which gradient
-      scaling alone does not make them do: the fusion head keeps reading the dominant modality. The least-contributing
-      modality has ``k = 1`` and is never dropped. ``dropout=0`` turns this off.
+      scaling alone does not make them do. The least-contributing modality has ``k = 1`` and is never dropped.
+      ``dropout=0`` turns this off.
 
-    The evidence behind the defaults (``docs/how-to/collapse.md``, ``examples/balancer_shortcut.py``): on a shortcut
-    that vanishes at deployment, gradient scaling alone closed a quarter of the gap to an images-only network and the
-    defaults 70 %, at a cost of 0.06 accuracy where the dominant modality stays informative (a label-free share cannot
-    tell a shortcut from a genuinely better modality). With ``floor``, a model whose modalities all keep a share
-    above it is never touched.
+    Released, every coefficient is 1. The evidence behind the defaults is in ``docs/how-to/collapse.md``
+    (``examples/balancer_evidence.py``, two tasks, three seeds): they rescue most of a collapse onto a shortcut and do
+    no harm where the weaker modality keeps a modest share.
 
-    Logged at the end of each training epoch (the same values on every process): ``<prefix>/coef/<m>`` for every
-    modality in ``encoders``, ``<prefix>`` being the monitor's ``prefix``.
+    Logged at the end of each training epoch (the same keys and values on every process), ``<prefix>`` being the
+    monitor's ``prefix``: ``<prefix>/coef/<m>`` for every balanced modality and ``<prefix>/balancer_active`` (1 while
+    engaged, else 0). Each engage and release is reported in one line (``rank_zero_info``) with the share behind it.
 
     Args:
         encoders: ``modality -> name`` (or names) of the submodule(s) of the LightningModule that encode it, as
             ``pl_module.get_submodule`` reads them (``"net.image_encoder"``). Every key must be a modality of the
-            monitor; the monitor's other modalities count in the shares but are not acted on.
+            monitor; the monitor's other modalities count in the shares but are not acted on. ``None`` takes the
+            monitor's ``encoders`` at ``setup``.
         alpha: Strength of the coefficient, ``> 0`` (``kₘ = 1 − tanh(α · max(ρₘ − 1, 0))``).
         monitor: The monitor whose shares are read; ``None`` finds the single
             :class:`~lightning_mc.ModalityContributionMonitor` in ``trainer.callbacks``.
-        floor: Act only while some modality's share is below this value, in ``(0, 1)``; ``None`` acts on any
-            imbalance (as OGM-GE does).
+        min_share: Engage when a modality's share falls below this value, in ``(0, 1)`` (the word of
+            :class:`~lightning_mc.CollapseEarlyStopping`); ``None`` acts on any imbalance from the first counted check
+            (as OGM-GE does) and never releases.
+        release_share: Once engaged, keep acting until every share is at least this value, in ``[min_share, 1/N)``
+            for ``N`` modalities (``release_share=min_share``: no hysteresis). ``None``: ``0.8 / N``, 0.4 for two
+            modalities (but at least ``min_share``).
         dropout: Largest probability, in ``[0, 1]``, of dropping a modality's encoder output; the probability used is
             ``dropout · (1 − kₘ)``. ``0`` scales gradients only.
-        warmup_epochs: Checks of epochs ``< warmup_epochs`` leave the coefficients at 1 (early shares are noisy).
+        warmup_epochs: Checks of epochs ``< warmup_epochs`` leave the balancer released (early shares are noisy).
         seed: Seed of the dropout draws (a private generator, offset by the process rank).
+        floor: Deprecated (``DeprecationWarning``): ``floor=x`` is ``min_share=x, release_share=x``, the balancer of
+            0.1, which acted exactly while a share was below ``x``.
 
     Attributes:
-        coefficients: ``modality -> coefficient`` in effect (1 until the first counted check).
-        history: One entry per check the balancer read: ``epoch``, ``global_step``, ``shares``, ``coefficients``.
+        active: Whether the balancer is engaged (acting) now.
+        coefficients: ``modality -> coefficient`` in effect (1 while released).
+        history: One entry per check the balancer read: ``epoch``, ``global_step``, ``shares``, ``coefficients``,
+            ``active`` (after the check) and ``event`` (``"engaged"``, ``"released"`` or ``None``).
 
     Raises:
-        ValueError: If an argument is invalid (at construction); at ``setup``, if ``encoders`` names a modality the
-            monitor does not measure, a submodule the model does not have (the message lists its top-level
-            submodules), or a parameter that belongs to the encoders of two modalities.
+        ValueError: If an argument is invalid (at construction); at ``setup``, if neither the balancer nor its monitor
+            has ``encoders``, if ``encoders`` names a modality the monitor does not measure, a submodule the model does
+            not have (the message lists its top-level submodules) or a parameter that belongs to the encoders of two
+            modalities, or if ``release_share`` (or ``min_share``) is out of reach of the monitor's modalities.
         TypeError: If ``encoders`` or ``monitor`` has the wrong type.
         RuntimeError: At ``setup``, if the trainer has no :class:`~lightning_mc.ModalityContributionMonitor`, or
             several and ``monitor`` does not say which one.
@@ -139,31 +214,32 @@ class ModalityBalancer(MonitorReader):
         from lightning_mc import ModalityBalancer, ModalityContributionMonitor
 
         monitor = ModalityContributionMonitor({"image": 0, "table": 1}, output_transform="softmax")
-        balancer = ModalityBalancer({"image": "net.image_encoder", "table": "net.table_encoder"}, floor=0.3)
+        balancer = ModalityBalancer({"image": "net.image_encoder", "table": "net.table_encoder"})
         trainer = Trainer(max_epochs=20, callbacks=[monitor, balancer])
         trainer.fit(model, train_loader, val_loader)
-        balancer.coefficients  # {'image': 1.0, 'table': 0.13} while the image share is below 0.3
+        balancer.history[-1]["active"], balancer.coefficients  # engaged: {'image': 1.0, 'table': 0.13}
     """
 
     def __init__(
         self,
-        encoders: EncoderSpec,
+        encoders: EncoderSpec | None = None,
         alpha: float = 1.0,
         monitor: ModalityContributionMonitor | None = None,
         *,
-        floor: float | None = 0.3,
+        min_share: float | None = DEFAULT_MIN_SHARE,
+        release_share: float | None = None,
         dropout: float = 1.0,
         warmup_epochs: int = 0,
         seed: int = 0,
+        floor: Any = _FLOOR,
     ) -> None:
         super().__init__(monitor)
-        self.encoders = _check_encoders(encoders)
+        if floor is not _FLOOR:
+            min_share = release_share = _floor_as_min_share(floor, "ModalityBalancer")
+        self.encoders = None if encoders is None else _check_encoders(encoders)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha={alpha!r} must be a positive, finite number.")
-        if floor is not None and (
-            isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 < floor < 1.0
-        ):
-            raise ValueError(f"floor={floor!r} must be None or a number in (0, 1).")
+        self.min_share, self.release_share = _check_thresholds(min_share, release_share)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout={dropout!r} must be a number in [0, 1].")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
@@ -171,12 +247,14 @@ class ModalityBalancer(MonitorReader):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} must be an int.")
         self.alpha = float(alpha)
-        self.floor = None if floor is None else float(floor)
         self.dropout = float(dropout)
         self.warmup_epochs = warmup_epochs
         self.seed = seed
-        self.coefficients: dict[str, float] = dict.fromkeys(self.encoders, 1.0)
+        self.active = False
+        self._release: float | None = self.release_share  # release_share=None is resolved at setup (0.8 / N)
+        self.coefficients: dict[str, float] = dict.fromkeys(self.encoders or {}, 1.0)
         self.history: list[dict[str, Any]] = []
+        self._encoders: dict[str, tuple[str, ...]] | None = self.encoders  # resolved at setup
         self._parameters: dict[str, list[nn.Parameter]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, Tensor] = {}
@@ -192,29 +270,47 @@ class ModalityBalancer(MonitorReader):
     @property
     @override
     def state_key(self) -> str:
-        return self._monitor_state_key(encoders={name: list(modules) for name, modules in self.encoders.items()})
+        encoders = None if self._encoders is None else {name: list(paths) for name, paths in self._encoders.items()}
+        return self._monitor_state_key(encoders=encoders)
 
     def drop_probability(self, modality: str) -> float:
         """The probability with which ``modality``'s encoder output is dropped in training now."""
-        return self.dropout * (1.0 - self.coefficients[modality])
+        return self.dropout * (1.0 - self.coefficients.get(modality, 1.0))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.monitor = self._find_monitor(trainer)
-        unknown = [name for name in self.encoders if name not in self.monitor.modality_names]
-        if unknown:
-            raise ValueError(
-                f"ModalityBalancer(encoders=...) names {unknown!r}, which the monitor does not measure; valid "
-                f"modalities: {list(self.monitor.modality_names)!r}."
-            )
+        self._encoders = self._resolve_encoders(self.monitor)
+        self._release = _release_share(self.min_share, self.release_share, len(self.monitor.modality_names))
+        self.coefficients = {name: float(self.coefficients.get(name, 1.0)) for name in self._encoders}
         self._remove_hooks()
-        modules = {name: [_submodule(pl_module, path) for path in paths] for name, paths in self.encoders.items()}
-        self._parameters = _encoder_parameters(modules, self.encoders)
+        modules = {name: [_submodule(pl_module, path) for path in paths] for name, paths in self._encoders.items()}
+        self._parameters = _encoder_parameters(modules, self._encoders)
         self._generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
         if stage == "fit":
             for name, encoders in modules.items():
                 for module in encoders:
                     self._handles.append(module.register_forward_hook(self._dropout_hook(name)))
+
+    def _resolve_encoders(self, monitor: ModalityContributionMonitor) -> dict[str, tuple[str, ...]]:
+        """The balancer's own ``encoders``, else its monitor's; checked against the monitor's modalities."""
+        encoders = self.encoders
+        if encoders is None:
+            spec = getattr(monitor, "encoders", None)
+            if spec is None:
+                raise ValueError(
+                    f"ModalityBalancer(encoders=None) takes its monitor's encoders, but the monitor (prefix "
+                    f"{monitor.prefix!r}) has encoders=None. Name the submodules that encode each modality on one of "
+                    "them, e.g. encoders={'image': 'net.image_encoder', 'table': 'net.table_encoder'}."
+                )
+            encoders = _check_encoders(spec)
+        unknown = [name for name in encoders if name not in monitor.modality_names]
+        if unknown:
+            raise ValueError(
+                f"ModalityBalancer(encoders=...) names {unknown!r}, which the monitor does not measure; valid "
+                f"modalities: {list(monitor.modality_names)!r}."
+            )
+        return encoders
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -230,52 +326,89 @@ class ModalityBalancer(MonitorReader):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
+            "active": self.active,
             "coefficients": dict(self.coefficients),
             "history": [dict(entry) for entry in self.history],
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        stored = state_dict.get("coefficients", {})
-        self.coefficients = {name: float(stored.get(name, 1.0)) for name in self.encoders}
+        stored = {name: float(value) for name, value in state_dict.get("coefficients", {}).items()}
+        names = self._encoders if self._encoders is not None else stored
+        self.coefficients = {name: stored.get(name, 1.0) for name in names}
+        # a checkpoint of 0.1 has no "active": the balancer acted exactly while a coefficient was below 1
+        self.active = bool(state_dict.get("active", any(value < 1.0 for value in self.coefficients.values())))
         super().load_state_dict(state_dict)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
 
     @override
     def _on_monitor_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
-        self._update_coefficients(entry)
+        self._update(entry)
 
-    def _update_coefficients(self, entry: dict[str, Any]) -> None:
-        """Sets the coefficients from one monitor check (unchanged when a share is NaN, 1 during the warm-up)."""
+    def _update(self, entry: dict[str, Any]) -> None:
+        """Engages, releases and sets the coefficients from one monitor check (nothing changes on a NaN share)."""
         shares = {name: float(share) for name, share in entry["shares"].items()}
         epoch = int(entry["epoch"])
         if any(math.isnan(share) for share in shares.values()):
-            if not self._warned_nan:
-                self._warned_nan = True
-                rank_zero_warn(
-                    f"ModalityBalancer: a {self._prefix}/share is NaN at epoch {epoch} (no occlusion moved any "
-                    f"output); the coefficients stay as they are ({self.coefficients})."
-                )
+            self._warn_nan(epoch)
             return
-        if epoch < self.warmup_epochs:
-            coefficients = dict.fromkeys(self.encoders, 1.0)
-        else:
-            every = balance_coefficients(shares, self.alpha, self.floor)
-            coefficients = {name: every[name] for name in self.encoders}
-        self.coefficients = coefficients
+        was_active = self.active
+        if self._release is None:  # not set up (a check fed by hand): the default for these shares
+            self._release = _release_share(self.min_share, self.release_share, len(shares))
+        self.active = epoch >= self.warmup_epochs and next_active(
+            self.active, min(shares.values()), self.min_share, self._release or 0.0
+        )
+        names = self._encoders if self._encoders is not None else self.coefficients
+        every = balance_coefficients(shares, self.alpha) if self.active else dict.fromkeys(shares, 1.0)
+        self.coefficients = {name: every[name] for name in names}
+        event = None if self.active == was_active else ("engaged" if self.active else "released")
+        if event is not None:
+            rank_zero_info(self._event_message(event, epoch, shares))
         self.history.append(
             {
                 "epoch": epoch,
                 "global_step": int(entry["global_step"]),
                 "shares": shares,
-                "coefficients": dict(coefficients),
+                "coefficients": dict(self.coefficients),
+                "active": self.active,
+                "event": event,
             }
         )
+
+    def _warn_nan(self, epoch: int) -> None:
+        if not self._warned_nan:
+            self._warned_nan = True
+            rank_zero_warn(
+                f"ModalityBalancer: a {self._prefix}/share is NaN at epoch {epoch} (no occlusion moved any output); "
+                f"the balancer stays {'engaged' if self.active else 'released'} and the coefficients stay as they "
+                f"are ({self.coefficients})."
+            )
+
+    def _event_message(self, event: str, epoch: int, shares: dict[str, float]) -> str:
+        """One line: engaged or released at ``epoch``, the share that decided it and what the balancer does now."""
+        weakest = min(shares, key=shares.__getitem__)
+        share = f"{self._prefix}/share/{weakest} = {shares[weakest]:.3f}"
+        if event == "released":
+            return (
+                f"ModalityBalancer released at epoch {epoch}: {share} ≥ release_share={self._release:.3g} (the lowest "
+                "share has recovered); every coefficient is back to 1."
+            )
+        slowed = ", ".join(f"{name} ×{value:.3f}" for name, value in self.coefficients.items() if value < 1.0) or "none"
+        reason = (
+            f"{share} < min_share={self.min_share}"
+            if self.min_share is not None
+            else f"min_share=None acts on any imbalance (lowest: {share})"
+        )
+        until = f" until every share is ≥ release_share={self._release:.3g}" if self.min_share is not None else ""
+        return f"ModalityBalancer engaged at epoch {epoch}: {reason}; slowing {slowed}{until}."
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name, coefficient in self.coefficients.items():
             pl_module.log(f"{self._prefix}/coef/{name}", coefficient, on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log(
+            f"{self._prefix}/balancer_active", float(self.active), on_step=False, on_epoch=True, sync_dist=True
+        )
 
     @override
     def on_train_batch_start(
@@ -319,6 +452,42 @@ class ModalityBalancer(MonitorReader):
             return apply_to_collection(output, Tensor, _keep_rows, mask)
 
         return hook
+
+
+def _check_thresholds(min_share: float | None, release_share: float | None) -> tuple[float | None, float | None]:
+    """``(min_share, release_share)`` checked (``release_share=None`` is resolved at ``setup``)."""
+    if min_share is None:
+        return None, None
+    for name, value in (("min_share", min_share), ("release_share", release_share)):
+        if value is None and name == "release_share":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"{name}={value!r} must be a number in (0, 1) (min_share may also be None).")
+    if release_share is not None and release_share < min_share:
+        raise ValueError(
+            f"release_share={release_share!r} must be >= min_share={min_share!r}: the balancer engages below "
+            "min_share and releases once every share is back at release_share."
+        )
+    return float(min_share), None if release_share is None else float(release_share)
+
+
+def _release_share(min_share: float | None, release_share: float | None, modalities: int) -> float | None:
+    """The release threshold for ``modalities`` shares: ``release_share``, or ``0.8 / N`` (at least ``min_share``).
+
+    The lowest of ``N`` shares summing to 1 is at most ``1/N``: a release threshold at or above it could never be
+    reached, and is refused.
+    """
+    if min_share is None:
+        return None
+    if release_share is None:
+        return max(min_share, RELEASE_FRACTION / modalities)
+    if release_share < 1.0 / modalities:
+        return release_share
+    raise ValueError(
+        f"release_share={release_share!r} can never be reached: the lowest share of the monitor's {modalities} "
+        f"modalities is at most 1/{modalities} = {1.0 / modalities:.3f} (the shares sum to 1), so the balancer would "
+        f"never release; choose a release_share below {1.0 / modalities:.3f}."
+    )
 
 
 def _keep_rows(tensor: Tensor, mask: Tensor) -> Tensor:
@@ -384,4 +553,4 @@ def _encoder_parameters(
     return parameters
 
 
-__all__ = ["ModalityBalancer", "balance_coefficients"]
+__all__ = ["ModalityBalancer", "balance_coefficients", "next_active"]
