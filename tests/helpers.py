@@ -89,7 +89,28 @@ def trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
-class ScheduledContributionNet(L.LightningModule):
+class PlantedModule(L.LightningModule):
+    """The Lightning boilerplate of the tests' planted models; a subclass defines ``forward`` and its parameters.
+
+    Training: cross-entropy of ``self(*inputs)`` on ``(*inputs, label)`` batches, SGD with learning rate :attr:`lr` on
+    the parameters that require gradients. Validation computes nothing itself: only the monitor's passes run.
+    """
+
+    #: Learning rate of the SGD step.
+    lr = 0.1
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        *inputs, label = batch
+        return nn.functional.cross_entropy(self(*inputs), label)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class ScheduledContributionNet(PlantedModule):
     """Frozen linear branches whose weights follow a per-epoch schedule: the shares are planted, not learned.
 
     ``forward = image_scale · A(image) + table_scale · B(table)`` with ``A``, ``B`` fixed linear maps and
@@ -104,7 +125,8 @@ class ScheduledContributionNet(L.LightningModule):
         self.image_scale, self.table_scale = schedule[0]
         self.image_head = nn.Linear(64, NUM_CLASSES)
         self.table_head = nn.Linear(5, NUM_CLASSES)
-        self.bias = nn.Parameter(torch.zeros(NUM_CLASSES))  # the only trained parameter: shares stay as planted
+        self.bias = nn.Parameter(torch.zeros(NUM_CLASSES))  # the only trainable parameter, and it stays: lr = 0
+        self.lr = 0.0
         for parameter in (*self.image_head.parameters(), *self.table_head.parameters()):
             parameter.requires_grad_(False)
 
@@ -115,16 +137,6 @@ class ScheduledContributionNet(L.LightningModule):
         return (
             self.image_scale * self.image_head(image.flatten(1)) + self.table_scale * self.table_head(table) + self.bias
         )
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        image, table, label = batch
-        return nn.functional.cross_entropy(self(image, table), label)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD([self.bias], lr=0.0)
 
 
 class Lambda(nn.Module):

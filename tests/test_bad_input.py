@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_mc import Modality, ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import PlantedModule, TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 
 
 class Sum(nn.Module):
@@ -130,7 +130,7 @@ class TwoLoaderNet(TwoModalityNet):
         super().validation_step(batch, batch_idx)
 
 
-class Constant(L.LightningModule):
+class Constant(PlantedModule):
     """Ignores its inputs: no occlusion moves its outputs."""
 
     def __init__(self) -> None:
@@ -139,15 +139,6 @@ class Constant(L.LightningModule):
 
     def forward(self, image: Tensor, table: Tensor) -> Tensor:
         return 0.0 * self.net(image, table) + 1.0
-
-    def training_step(self, batch, batch_idx):
-        return self.net.training_step(batch, batch_idx)
-
-    def validation_step(self, batch, batch_idx) -> None:
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_when_nothing_moves_shares_are_nan_with_a_warning_and_the_raw_values_are_logged(tmp_path) -> None:

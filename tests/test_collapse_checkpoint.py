@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
@@ -14,14 +13,14 @@ from torch import Tensor, nn
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
-from helpers import NUM_CLASSES, ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import NUM_CLASSES, PlantedModule, ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 BALANCED = (1.0, 1.0)
 COLLAPSED = (0.002, 1.0)
 
 
-class PlantedCollapseNet(L.LightningModule):
+class PlantedCollapseNet(PlantedModule):
     """Fixed linear branches scaled per epoch by a schedule; the scales are buffers, so a checkpoint holds them.
 
     The shares at an epoch follow the schedule (see ``helpers.ScheduledContributionNet``); a trained bias makes the
@@ -44,16 +43,6 @@ class PlantedCollapseNet(L.LightningModule):
 
     def forward(self, image: Tensor, table: Tensor) -> Tensor:
         return self.scales[0] * self.image_head(image.flatten(1)) + self.scales[1] * self.table_head(table) + self.bias
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        image, table, label = batch
-        return nn.functional.cross_entropy(self(image, table), label)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD([self.bias], lr=0.1)
 
 
 def _fit(tmp_path: Path, model: L.LightningModule, stopper: CollapseEarlyStopping, *extra: L.Callback, **overrides):

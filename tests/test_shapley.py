@@ -29,7 +29,7 @@ from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.functional import modality_contribution
 from lightning_mc.shapley import modality_shapley
 
-from helpers import TwoModalityNet, assert_same_numbers, loader, trainer_kwargs, two_modality_dataset
+from helpers import PlantedModule, TwoModalityNet, assert_same_numbers, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 
@@ -250,8 +250,10 @@ def test_empty_data_and_a_coalition_of_unknown_modalities_are_refused() -> None:
         engine.run_coalitions(RedundantMax(), (torch.rand(2, 2), torch.rand(2, 2)), [frozenset({2})])
 
 
-class RedundantModule(L.LightningModule):
+class RedundantModule(PlantedModule):
     """A trainable scale on the max of two branches that see the same evidence (either modality alone suffices)."""
+
+    lr = 1e-3
 
     def __init__(self) -> None:
         super().__init__()
@@ -262,12 +264,6 @@ class RedundantModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return (self(batch[0], batch[1]) - 1.0).pow(2).mean()
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
 def test_functional_redundancy_warning_fires_on_redundant_and_not_on_additive() -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import field
-from typing import Any, TypeVar
+from typing import Any
 
 from torchmetrics import Metric
 
@@ -36,8 +36,6 @@ from lightning_mc.core.engine import ForwardFn
 from lightning_mc.core.metric import Normalization, check_normalization
 from lightning_mc.core.occlusion import FillSpec, resolve_fill
 from lightning_mc.core.outputs import OutputTransform, check_output_key, resolve_output_transform
-
-_T = TypeVar("_T")
 
 
 def _about(doc: str, check: Callable[[Any], Any] | None = None, engine: bool = False) -> dict[str, Any]:
@@ -221,7 +219,8 @@ class MeasurementOptions:
     def check_modalities(self, names: Sequence[str]) -> None:
         """Raise a ``ValueError`` if an option does not fit the measured modalities ``names``.
 
-        ``shapley`` needs at most 6 modalities; ``encoders`` must map measured modalities to submodule names (or be ``"auto"``).
+        ``shapley`` needs at most 6 modalities; ``encoders`` must map measured modalities to submodule names (or be
+        ``"auto"``).
         """
         if self.shapley:
             check_num_modalities(len(names))
@@ -236,7 +235,7 @@ OPTION_DOCS: dict[str, str] = {option.name: option.metadata["doc"] for option in
 
 def document_options(
     names: Iterable[str] | None = None, after: str = "modalities", docs: Mapping[str, str] | None = None
-) -> Callable[[_T], _T]:
+) -> Callable[[Any], Any]:
     """Decorator: add the docs of the arguments ``names`` to the ``Args:`` of a docstring.
 
     The entry point's own arguments stay in its docstring; the docs of the options come from their declaration
@@ -251,7 +250,7 @@ def document_options(
     docs = OPTION_DOCS if docs is None else docs
     chosen = tuple(docs) if names is None else tuple(names)
 
-    def decorate(obj: _T) -> _T:
+    def decorate(obj: Any) -> Any:
         if obj.__doc__:
             obj.__doc__ = _with_args(obj.__doc__, [(name, docs[name]) for name in chosen], after)
         return obj

@@ -116,7 +116,7 @@ class Analysis:
 
 
 class MetricAnalysis(Analysis):
-    """An analysis whose accumulator is one torchmetrics ``Metric`` (:attr:`metric`), built in ``__init__``."""
+    """An analysis whose accumulator is one torchmetrics ``Metric`` (its ``metric``), built in ``__init__``."""
 
     metric: Metric
 

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 class RedundancyCheck(MetricAnalysis):
     """Sums ``v(all)`` and warns (once per measurement object) when the one-at-a-time raw values fall short of it.
 
-    With ``shapley`` too, ``v(all)`` is the one :class:`~lightning_mc.analyses.shapley.ShapleyAnalysis` wrote (it runs
-    first), so both report the same number.
+    With ``shapley`` too, ``v(all)`` is the one ``ShapleyAnalysis`` (:mod:`lightning_mc.analyses.shapley`) wrote (it
+    runs first), so both report the same number.
     """
 
     needs = frozenset({"all_occluded"})

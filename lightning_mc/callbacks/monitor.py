@@ -57,9 +57,6 @@ class ModalityContributionMonitor(Callback):
     by ``every_n_epochs``. Under DDP the sums are reduced before logging and ``DistributedSampler``'s padding is not
     counted, so the numbers equal one process's on the whole set; every rank must run the same number of batches.
 
-    Several monitors (e.g. an internal and an external validation set) live in one Trainer when their prefixes
-    differ: ``ModalityContributionMonitor(..., dataloader_idx=1, prefix="mc_external")``.
-
     Args:
         modalities: ``name -> dict key`` (dict batches), ``name -> index`` (tuple/list batches), or
             :class:`lightning_mc.Modality` objects (nested batches, per-modality fills, attribute masks).
@@ -116,16 +113,14 @@ class ModalityContributionMonitor(Callback):
         self.schedule = CheckSchedule(
             every_n_epochs, limit_batches, dataloader_idx, run_on_sanity_check, run_on_fast_dev_run, run_on_validate
         )
-        monitor_options.check_prefix(prefix)
         self.measurement = ContributionMeasurement(modalities, **MeasurementOptions.pick(locals()))
         self.dataloader_idx = dataloader_idx
         self.per_output = monitor_options.check_per_output(per_output)
-        self.prefix = prefix
+        self.prefix = monitor_options.check_prefix(prefix)
         self.reuse_outputs = monitor_options.check_reuse_outputs(reuse_outputs)
-        margins = self.modality_names if ci is not None else ()
         #: The dashboard and figures (:class:`~lightning_mc.views.monitor_views.MonitorViews`).
-        self.views = MonitorViews(self.modalities, prefix, margins, enabled=dashboard)
-        #: One entry per measured validation run (:class:`~lightning_mc.core.result.HistoryEntry`).
+        self.views = MonitorViews(self.modalities, prefix, self.modality_names if ci is not None else (), dashboard)
+        #: One entry per measured validation run (:class:`~lightning_mc.HistoryEntry`).
         self.history: list[HistoryEntry] = []
         #: The latest measurement, with attribute values and per-output shares.
         self.latest: ContributionResult | None = None
@@ -165,10 +160,8 @@ class ModalityContributionMonitor(Callback):
         return None if self.latest is None else self.latest.shapley
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(modalities={list(self.modality_names)}, dataloader_idx={self.dataloader_idx}, "
-            f"prefix={self.prefix!r})"
-        )
+        names, index = list(self.modality_names), self.dataloader_idx
+        return f"{type(self).__name__}(modalities={names}, dataloader_idx={index}, prefix={self.prefix!r})"
 
     @override
     def state_dict(self) -> dict[str, Any]:

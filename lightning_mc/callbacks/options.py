@@ -21,21 +21,28 @@ MONITOR_DOCS = {
     "dashboard": "With a ``TensorBoardLogger``, also write the dashboard (:mod:`lightning_mc.views.tensorboard`).",
     "per_output": "Log each output's shares, ``<prefix>/output_share/<output>/<m>``: ``True`` names outputs by index, "
     "a sequence of names names them so (at most 16 outputs are logged).",
-    "prefix": "First part of every logged key and TensorBoard tag (letters, digits, ``_``, ``-``, ``.``).",
+    "prefix": "First part of every logged key and TensorBoard tag (letters, digits, ``_``, ``-``, ``.``). Several "
+    "monitors (e.g. an internal and an external validation set) live in one Trainer when their prefixes differ: "
+    "``ModalityContributionMonitor(..., dataloader_idx=1, prefix='mc_external')``.",
     "reuse_outputs": "Take the clean outputs from what ``validation_step`` returned (only the occluded copies run): "
     "``True`` (it returns the output tensor), the key or attribute holding it, or a callable ``outputs -> Tensor``. It "
     "must be what ``forward_fn``/``output_key`` give, before ``output_transform``.",
 }
 
 
-def check_prefix(prefix: Any) -> None:
-    """Raise a ``ValueError`` unless ``prefix`` is a non-empty string of letters, digits, ``_``, ``-`` or ``.``.
+def check_prefix(prefix: Any) -> str:
+    """Return ``prefix`` if it is a non-empty string of letters, digits, ``_``, ``-`` or ``.``; else raise.
+
+    Raises:
+        ValueError: If ``prefix`` is not such a string.
 
     Example:
         >>> check_prefix("mc_external")
+        'mc_external'
     """
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix={prefix!r} must be a non-empty string of letters, digits, '_', '-' or '.'.")
+    return prefix
 
 
 def check_unique_prefix(monitor: Any, monitors: Sequence[Any]) -> None:
