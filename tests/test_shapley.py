@@ -361,9 +361,9 @@ def test_monitor_with_shapley_takes_v_all_from_its_last_coalition_without_a_seco
         assert sum(fully_occluded_rows) == 32  # each validation sample occluded whole once, with or without Shapley
         results[shapley] = trainer.callback_metrics["mc/all_occluded_raw"].item()
         assert monitor.latest is not None and monitor.latest.all_occluded_raw == pytest.approx(results[shapley])
-    assert results[True] == pytest.approx(results[False], rel=1e-6)
+    assert_same_numbers(results[True], results[False], "v(all) with and without Shapley")
     assert monitor.latest_shapley is not None
-    assert results[True] == pytest.approx(monitor.latest_shapley.coalition_values["a+b"], rel=1e-6)
+    assert_same_numbers(results[True], monitor.latest_shapley.coalition_values["a+b"], "v(all) as logged")
 
 
 def test_monitor_shapley_logs_values_equal_to_the_functional_api(tmp_path) -> None:

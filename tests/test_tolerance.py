@@ -168,7 +168,7 @@ def test_limit_batches_caps_a_measurement_that_has_not_converged(tmp_path: Path)
         limit_batches=limit,
     )
     assert functional.num_samples == 16 * limit
-    assert functional.share_half_width == pytest.approx(monitor.latest.share_half_width, rel=1e-6)
+    assert_same_numbers(functional.share_half_width, monitor.latest.share_half_width, "share_half_width")
 
 
 class TwoAPlusB(nn.Module):
