@@ -13,6 +13,8 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -72,8 +74,31 @@ def loader(dataset: TensorDataset, batch_size: int = 16) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+class CleanExitDDPSpawn(DDPStrategy):
+    """Lightning's ``"ddp_spawn"`` strategy, whose workers destroy their process group before they exit.
+
+    With torch 2.13 and gloo a ``ddp_spawn`` worker that exits with its process group alive sometimes dies in the
+    interpreter's shutdown with ``terminate called without an active exception`` (SIGABRT), after the fit finished;
+    a plain Lightning fit with no lightning-mc callback does it too (upstream behaviour, see
+    docs/how-to/ddp-mixed-precision.md). Destroying the group in the worker's teardown ends it cleanly. The strategy's
+    teardown is the last place Lightning talks to the group: what runs after it (``on_fit_end``, the callbacks'
+    ``teardown``) runs on each rank alone.
+    """
+
+    strategy_name = "ddp_spawn_clean_exit"
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
+
+    def teardown(self) -> None:
+        """Lightning's teardown, then the process group destroyed (in a worker; the parent process has none)."""
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    """A fast, quiet CPU trainer configuration."""
+    """A fast, quiet CPU trainer configuration; ``strategy="ddp_spawn"`` becomes :class:`CleanExitDDPSpawn`."""
     kwargs: dict[str, Any] = {
         "default_root_dir": tmp_path,
         "max_epochs": 2,
@@ -86,6 +111,8 @@ def trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
         "num_sanity_val_steps": 0,
     }
     kwargs.update(overrides)
+    if kwargs.get("strategy") == "ddp_spawn":
+        kwargs["strategy"] = CleanExitDDPSpawn()
     return kwargs
 
 
