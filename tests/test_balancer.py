@@ -520,6 +520,14 @@ def test_a_balancer_without_encoders_slows_the_encoders_its_monitor_names(tmp_pa
         )
 
 
+def test_a_balancer_without_encoders_takes_the_ones_its_monitor_found_with_auto(tmp_path) -> None:
+    monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros", encoders="auto")
+    balancer = ModalityBalancer(alpha=3.0, min_share=None, dropout=0.0)
+    _fit(tmp_path, balancer, monitor=monitor, max_epochs=2)
+    assert balancer._encoders == monitor.encoders and set(balancer._encoders) == {"image", "table"}
+    assert [entry["active"] for entry in balancer.history] == [True, True] and min(balancer.coefficients.values()) < 1
+
+
 def test_setup_fails_when_neither_the_balancer_nor_its_monitor_has_encoders(tmp_path) -> None:
     monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
     assert getattr(monitor, "encoders", None) is None

@@ -176,7 +176,7 @@ class ModalityBalancer(MonitorReader):
         encoders: ``modality -> name`` (or names) of the submodule(s) of the LightningModule that encode it, as
             ``pl_module.get_submodule`` reads them (``"net.image_encoder"``). Every key must be a modality of the
             monitor; the monitor's other modalities count in the shares but are not acted on. ``None`` takes the
-            monitor's ``encoders`` at ``setup``.
+            monitor's ``encoders`` at ``setup`` (its ``"auto"`` ones at its first check, once it has found them).
         alpha: Strength of the coefficient, ``> 0`` (``kₘ = 1 − tanh(α · max(ρₘ − 1, 0))``).
         monitor: The monitor whose shares are read; ``None`` finds the single
             :class:`~lightning_mc.ModalityContributionMonitor` in ``trainer.callbacks``.
@@ -259,6 +259,7 @@ class ModalityBalancer(MonitorReader):
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, Tensor] = {}
         self._generator: torch.Generator | None = None  # made in setup: a Generator cannot travel to spawned workers
+        self._stage = "fit"
         self._warned_nan = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -280,23 +281,34 @@ class ModalityBalancer(MonitorReader):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.monitor = self._find_monitor(trainer)
-        self._encoders = self._resolve_encoders(self.monitor)
         self._release = _release_share(self.min_share, self.release_share, len(self.monitor.modality_names))
-        self.coefficients = {name: float(self.coefficients.get(name, 1.0)) for name in self._encoders}
         self._remove_hooks()
+        self._generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
+        self._stage = stage
+        encoders = self._resolve_encoders(self.monitor)
+        if (
+            encoders is not None
+        ):  # None: the monitor's encoders="auto", found on its first batch (see _on_monitor_check)
+            self._attach(pl_module, encoders)
+
+    def _attach(self, pl_module: pl.LightningModule, encoders: dict[str, tuple[str, ...]]) -> None:
+        """Finds the encoders' parameters and, when fitting, hooks their outputs for the dropout."""
+        self._encoders = encoders
+        self.coefficients = {name: float(self.coefficients.get(name, 1.0)) for name in encoders}
         modules = {name: [_submodule(pl_module, path) for path in paths] for name, paths in self._encoders.items()}
         self._parameters = _encoder_parameters(modules, self._encoders)
-        self._generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
-        if stage == "fit":
+        if self._stage == "fit":
             for name, encoders in modules.items():
                 for module in encoders:
                     self._handles.append(module.register_forward_hook(self._dropout_hook(name)))
 
-    def _resolve_encoders(self, monitor: ModalityContributionMonitor) -> dict[str, tuple[str, ...]]:
-        """The balancer's own ``encoders``, else its monitor's; checked against the monitor's modalities."""
+    def _resolve_encoders(self, monitor: ModalityContributionMonitor) -> dict[str, tuple[str, ...]] | None:
+        """The balancer's own ``encoders``, else its monitor's (``None`` while they are ``"auto"``), checked."""
         encoders = self.encoders
         if encoders is None:
             spec = getattr(monitor, "encoders", None)
+            if isinstance(spec, str) and spec == "auto":
+                return None
             if spec is None:
                 raise ValueError(
                     f"ModalityBalancer(encoders=None) takes its monitor's encoders, but the monitor (prefix "
@@ -343,6 +355,14 @@ class ModalityBalancer(MonitorReader):
 
     @override
     def _on_monitor_check(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
+        if self._encoders is None and self.monitor is not None:  # the monitor's "auto" encoders, found by now
+            encoders = self._resolve_encoders(self.monitor)
+            if encoders is None:
+                raise ValueError(
+                    "ModalityBalancer(encoders=None) takes its monitor's encoders, but the monitor's encoders='auto' "
+                    "found none (an early-fusion model?); pass ModalityBalancer(encoders={...}) naming them."
+                )
+            self._attach(trainer.lightning_module, encoders)
         self._update(entry)
 
     def _update(self, entry: dict[str, Any]) -> None:
