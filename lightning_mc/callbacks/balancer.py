@@ -145,9 +145,10 @@ class ModalityBalancer(MonitorReader):
     After each check of a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer the balancer decides
     whether to act, with hysteresis: it **engages** when the lowest share falls below ``min_share`` (a deep collapse:
     the modality has been abandoned) and stays engaged until the lowest share is back at ``release_share`` or above
-    (then it **releases**). A modality that keeps a modest share is being used, and a label-free share cannot tell a
-    shortcut from a modality that is genuinely less informative, so the defaults leave such a model alone: a model whose
-    shares all stay at ``min_share`` or above trains exactly as it would without the balancer.
+    (then it **releases**). A label-free share cannot tell a shortcut from a modality that is genuinely more
+    informative, but its depth can: a modality that keeps a modest share is being used, and the defaults leave such a
+    model alone. A model whose shares all stay at ``min_share`` or above trains exactly as it would without the
+    balancer.
 
     While engaged it sets one coefficient ``kₘ`` per modality (:func:`balance_coefficients`: ``1`` for a modality that
     does not dominate, towards ``0`` the more it dominates) and applies it during the following training steps, in two
@@ -165,8 +166,8 @@ class ModalityBalancer(MonitorReader):
       ``dropout=0`` turns this off.
 
     Released, every coefficient is 1. The evidence behind the defaults is in ``docs/how-to/collapse.md``
-    (``examples/balancer_evidence.py``, two tasks, three seeds): they rescue most of a collapse onto a shortcut and do
-    no harm where the weaker modality keeps a modest share.
+    (``examples/balancer_evidence.py``, two tasks, three seeds): they win back half or more of the accuracy a collapse
+    onto a shortcut costs, and do no harm where the weaker modality keeps a modest share.
 
     Logged at the end of each training epoch (the same keys and values on every process), ``<prefix>`` being the
     monitor's ``prefix``: ``<prefix>/coef/<m>`` for every balanced modality and ``<prefix>/balancer_active`` (1 while
@@ -203,7 +204,7 @@ class ModalityBalancer(MonitorReader):
         ValueError: If an argument is invalid (at construction); at ``setup``, if neither the balancer nor its monitor
             has ``encoders``, if ``encoders`` names a modality the monitor does not measure, a submodule the model does
             not have (the message lists its top-level submodules) or a parameter that belongs to the encoders of two
-            modalities, or if ``release_share`` (or ``min_share``) is out of reach of the monitor's modalities.
+            modalities, or if ``release_share`` is at or above ``1/N`` (the lowest of ``N`` shares can never reach it).
         TypeError: If ``encoders`` or ``monitor`` has the wrong type.
         RuntimeError: At ``setup``, if the trainer has no :class:`~lightning_mc.ModalityContributionMonitor`, or
             several and ``monitor`` does not say which one.
