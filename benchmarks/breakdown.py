@@ -57,7 +57,7 @@ STEPS: tuple[tuple[Any, str, str, str], ...] = (
     (outputs_module.OutputReader, "check_same_width", "engine: compare output shapes", "batch"),
     (measurement_module.ContributionMeasurement, "update", "measurement.update + torchmetrics' wrapper", "batch"),
     (measurement_module.ContributionMeasurement, "_run", "measurement: choose the passes", "batch"),
-    (measurement_module.ContributionMeasurement, "_accumulators", "measurement: find the accumulators", "batch"),
+    (measurement_module.ContributionMeasurement, "_prepare", "measurement: find the accumulators", "batch"),
     (metric_module.ModalityContribution, "update", "metric.update (|Δ|, finite check, sums)", "batch"),
     (measurement_module.ContributionMeasurement, "compute", "measurement.compute + torchmetrics' wrapper", "check"),
     (metric_module.ModalityContribution, "compute", "metric.compute (raw, shares, balance, attributes)", "check"),
