@@ -486,18 +486,8 @@ def test_a_checkpoint_without_balancer_state_starts_with_coefficients_one() -> N
 # --- encoders from the monitor, deprecated floor -----------------------------------------------------------------
 
 
-def _monitor_with_encoders(encoders: dict[str, str]) -> ModalityContributionMonitor:
-    """A monitor whose ``encoders`` attribute is ``encoders`` (the keyword once the monitor takes it)."""
-    try:
-        return ModalityContributionMonitor(MODALITIES, occlusion="zeros", encoders=encoders)
-    except TypeError:  # a monitor without the keyword: the attribute the balancer reads
-        monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
-        monitor.encoders = encoders
-        return monitor
-
-
 def test_a_balancer_without_encoders_slows_the_encoders_its_monitor_names(tmp_path) -> None:
-    monitor = _monitor_with_encoders(ENCODERS)
+    monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros", encoders=ENCODERS)
     before, after = GradRecorder(), GradRecorder()
     balancer = ModalityBalancer(alpha=3.0, min_share=None, dropout=0.0)
     _fit(tmp_path, None, callbacks=[monitor, before, balancer, after], max_epochs=2)
