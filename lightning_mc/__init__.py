@@ -6,7 +6,8 @@ The package is layered; imports flow one way, from the top of this list to the b
   ``functional`` (offline: ``modality_contribution``, ``modality_shapley``): the entry points;
 - ``views``: logged keys, the TensorBoard dashboard and figures, drawn from results;
 - ``measurement``: :class:`ContributionMeasurement`, the one object every entry point drives;
-- ``analyses``: Shapley values, bootstrap intervals, the performance drop;
+- ``analyses``: the measurement options, declared once, and the analyses they enable (Shapley values, bootstrap
+  intervals, precision, the performance drop);
 - ``core``: modalities, fills, attribute masks, the occlusion engine, the metric and its result.
 
 ``lightning_mc.masks`` (attribute mask builders) and ``lightning_mc.shapley`` are public import paths too.

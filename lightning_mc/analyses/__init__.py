@@ -1,4 +1,6 @@
-"""Analyses beside the shares: exact Shapley values, bootstrap intervals, the label-aware performance drop.
+"""The measurement options and the analyses they enable (Shapley, redundancy, intervals, precision, performance).
 
-Each is a torchmetrics accumulator fed by :class:`lightning_mc.ContributionMeasurement`; imports only :mod:`core`.
+:mod:`~lightning_mc.analyses.options` declares every option once; each analysis (an
+:class:`~lightning_mc.analyses.part.Analysis`) owns a torchmetrics accumulator fed by
+:class:`lightning_mc.ContributionMeasurement`. Imports only :mod:`core`.
 """
