@@ -25,7 +25,7 @@ from lightning_mc.analyses.perf_drop import PerfDropAnalysis, TargetSpec, whole_
 from lightning_mc.analyses.precision import SharePrecision
 from lightning_mc.analyses.redundancy import RedundancyCheck
 from lightning_mc.analyses.shapley import ShapleyAnalysis, coalitions
-from lightning_mc.core.encoders import EncodersSpec
+from lightning_mc.core.encoders import EncodersSpec, Recording
 from lightning_mc.core.engine import ForwardFn, OccludedOutputs, OcclusionEngine
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, resolve_modalities
@@ -147,7 +147,12 @@ class ContributionMeasurement:
         return bool(opinions) and all(opinions)
 
     def update(
-        self, model: nn.Module, batch: Batch, num_samples: int | None = None, clean: Tensor | None = None
+        self,
+        model: nn.Module,
+        batch: Batch,
+        num_samples: int | None = None,
+        clean: Tensor | None = None,
+        encoder_outputs: Recording | None = None,
     ) -> None:
         """Run ``model`` on ``batch`` and its occluded copies and add the outputs to every accumulator.
 
@@ -162,8 +167,11 @@ class ContributionMeasurement:
             clean: The model's prediction on ``batch`` if it is already known (the validation step's output), as
                 ``forward_fn`` and ``output_key`` would give it, before ``output_transform``: only the occluded copies
                 are then run. ``None``: the clean batch runs too.
+            encoder_outputs: With ``encoders`` and ``clean``: the encoders' outputs recorded in the forward call that
+                gave ``clean`` (``with measurement.engine.recording_encoders(model) as encoder_outputs: ...``), so the
+                clean batch never runs again. ``None``: the clean batch's encoders run once more to be recorded.
         """
-        passes = self._run(model, batch, clean)
+        passes = self._run(model, batch, clean, encoder_outputs)
         batch_size = passes.num_samples
         keep = batch_size if num_samples is None else max(0, min(batch_size, num_samples))
         if keep < batch_size:
@@ -188,20 +196,24 @@ class ContributionMeasurement:
         return result
 
     def reset(self) -> None:
-        """Forget every batch added so far; the accumulators are kept and reused."""
+        """Forget every batch added so far; the accumulators are kept and reused.
+
+        With ``encoders``, the next batch checks the cached path against the plain one again.
+        """
+        self.engine.check_encoders_again()
         self.contribution.reset()
         for analysis in self.analyses:
             analysis.reset()
         self._num_updates = 0
 
-    def _run(self, model: nn.Module, batch: Batch, clean: Tensor | None) -> Passes:
+    def _run(self, model: nn.Module, batch: Batch, clean: Tensor | None, recorded: Recording | None) -> Passes:
         """The forward passes the analyses need, as few copies as possible."""
         engine, modalities = self.engine, self.modalities
         if "coalitions" in self._needs:
             every = coalitions(len(modalities))
             singletons = [2**index - 1 for index in range(len(modalities))]  # coalition k - 1 is bitmask k
             if all(m.attributes is None for m in modalities):  # the singletons are the one-at-a-time copies
-                clean_rows, by_coalition = engine.run_coalitions(model, batch, every, include_clean=clean is None)
+                clean_rows, by_coalition = engine.run_coalitions(model, batch, every, clean is None, recorded)
                 if clean is not None:
                     clean_rows = engine.given_clean(clean, by_coalition.shape[-1], by_coalition.shape[0])
                 assert clean_rows is not None
@@ -211,11 +223,11 @@ class ContributionMeasurement:
                     {m.name: ("all",) for m in modalities},
                 )
             else:
-                outputs = engine.run(model, batch, clean)
+                outputs = engine.run(model, batch, clean, recorded)
                 _, by_coalition = engine.run_coalitions(model, batch, every, include_clean=False)
             whole = {m.name: by_coalition[:, i] for m, i in zip(modalities, singletons)}
             return Passes(outputs, batch, outputs.clean.shape[0], by_coalition, whole)
-        outputs = engine.run(model, batch, clean)
+        outputs = engine.run(model, batch, clean, recorded)
         everything = None
         if "all_occluded" in self._needs:
             _, everything = engine.run_coalitions(

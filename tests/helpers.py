@@ -189,7 +189,7 @@ def assert_same_numbers(
 
     Walks dataclasses, mappings (same keys, in the same order), lists and tuples (same length). Floats and tensors are
     compared with ``|actual - expected| <= atol + rtol * |expected|`` (``torch.testing.assert_close``), NaN equal to
-    NaN; ints, bools, strings and ``None`` must be equal, and of the same type.
+    NaN, an infinity to the same infinity; ints, bools, strings and ``None`` must be equal, and of the same type.
 
     Args:
         actual: What the computation under test gave.
@@ -223,6 +223,8 @@ def assert_same_numbers(
         assert isinstance(actual, float), f"{what}: {actual!r} is not a float"
         if math.isnan(expected):
             assert math.isnan(actual), f"{what}: {actual!r} != nan"
+        elif math.isinf(expected):  # an unbounded half-width, say: the same infinity, no tolerance
+            assert actual == expected, f"{what}: {actual!r} != {expected!r}"
         else:
             assert abs(actual - expected) <= atol + rtol * abs(expected), (
                 f"{what}: {actual!r} != {expected!r} (tolerance {atol} + {rtol} * |expected|)"

@@ -137,3 +137,30 @@ def test_two_processes_with_encoders_log_the_single_process_numbers_without(tmp_
     for name in MODALITIES:
         assert_same_numbers(ranks[0][f"mc/share/{name}"], single.shares[name], f"mc/share/{name}")
         assert_same_numbers(ranks[0][f"mc/raw/{name}"], single.raw[name], f"mc/raw/{name}")
+
+
+class CountedEncoders(ReturnsLogits):
+    """Counts the rows the image branch computes while validating (a replayed branch does not run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validation_rows = 0
+        forward = self.image_branch.forward
+
+        def counting(image: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                self.validation_rows += image.shape[0]
+            return forward(image)
+
+        self.image_branch.forward = counting
+
+
+def test_with_reuse_outputs_the_monitor_replays_what_the_validation_step_computed(tmp_path) -> None:
+    """``"permute"`` replays the image branch for both copies: besides the validation step's own rows it runs only
+    the check's plain path (2 samples × 2 copies), never the clean batch again."""
+    model = CountedEncoders()
+    monitor = ModalityContributionMonitor(MODALITIES, occlusion="permute", encoders=ENCODERS, reuse_outputs=True)
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(model, loader(two_modality_dataset(16), batch_size=8), loader(two_modality_dataset(40, seed=1)))
+    assert model.validation_rows == 40 + 2 * 2
+    assert monitor.history[-1]["num_samples"] == 40

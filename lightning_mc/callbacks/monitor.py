@@ -17,7 +17,7 @@ from lightning_mc.callbacks import options as monitor_options
 from lightning_mc.callbacks.options import ReuseOutputs
 from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
 from lightning_mc.core.encoders import EncodersSpec
-from lightning_mc.core.engine import ForwardFn, GivenCleanError, OcclusionEngine
+from lightning_mc.core.engine import ForwardFn, OcclusionEngine
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import ModalitiesSpec, Modality
 from lightning_mc.core.occlusion import FillSpec
@@ -117,7 +117,8 @@ class ModalityContributionMonitor(Callback):
         self.dataloader_idx = dataloader_idx
         self.per_output = monitor_options.check_per_output(per_output)
         self.prefix = monitor_options.check_prefix(prefix)
-        self.reuse_outputs = monitor_options.check_reuse_outputs(reuse_outputs)
+        self._reuse = monitor_options.ValidationStepReuse(reuse_outputs)
+        self.reuse_outputs = self._reuse.reuse_outputs
         #: The dashboard and figures (:class:`~lightning_mc.views.monitor_views.MonitorViews`).
         self.views = MonitorViews(self.modalities, prefix, self.modality_names if ci is not None else (), dashboard)
         #: One entry per measured validation run (:class:`~lightning_mc.HistoryEntry`).
@@ -184,6 +185,13 @@ class ModalityContributionMonitor(Callback):
             self.views.start(trainer)
 
     @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.schedule.measures(trainer, batch_idx, dataloader_idx):
+            self._reuse.start(self.engine, pl_module)  # with encoders: what they compute in the validation step
+
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -215,6 +223,7 @@ class ModalityContributionMonitor(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a failed check leaves no partial sums behind (the history only ever holds completed checks)
         self.schedule.end()
+        self._reuse.stop()
         self.measurement.reset()
 
     @override
@@ -222,13 +231,9 @@ class ModalityContributionMonitor(Callback):
         self.views.finish(trainer, self.history, self)
 
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
-        clean = None if self.reuse_outputs is False else monitor_options.reused_prediction(self.reuse_outputs, outputs)
         real = self.schedule.padding.remaining
-        try:
-            with trainer.precision_plugin.val_step_context():
-                self.measurement.update(pl_module, batch, num_samples=real, clean=clean)
-        except GivenCleanError as err:
-            raise ValueError(f"reuse_outputs={self.reuse_outputs!r}: {err}") from None
+        with trainer.precision_plugin.val_step_context():
+            self._reuse.measure(self.measurement, pl_module, batch, real, outputs)
         self.schedule.padding.advance(self.modalities[0].select(batch).shape[0])
         self.views.add_batch(batch, real)
         self.schedule.converged = self.measurement.converged  # reduced: every rank stops after the same batch
@@ -243,6 +248,3 @@ class ModalityContributionMonitor(Callback):
         self.latest = result
         self.history.append(history_entry(result, trainer.current_epoch, trainer.global_step))
         self.views.show(trainer, result, self.history, self)
-
-
-__all__ = ["ModalityContributionMonitor"]

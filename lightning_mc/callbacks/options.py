@@ -9,8 +9,11 @@ from typing import Any, Union
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_mc.core.encoders import Recording
+from lightning_mc.core.engine import GivenCleanError, OcclusionEngine
 from lightning_mc.core.outputs import available_keys, select_prediction
 from lightning_mc.core.result import ContributionResult
+from lightning_mc.measurement import ContributionMeasurement
 from lightning_mc.views.scalars import MAX_LOGGED_ATTRIBUTES
 
 #: What ``validation_step`` returned → the model's prediction: ``True`` (the output itself), a key, or a callable.
@@ -53,6 +56,58 @@ def check_unique_prefix(monitor: Any, monitors: Sequence[Any]) -> None:
             f"Two monitors log under prefix={monitor.prefix!r}: {monitor!r} and {twins[0]!r}. Give each monitor its "
             "own prefix, e.g. prefix='mc_external' for a second validation set."
         )
+
+
+class ValidationStepReuse:
+    """What the monitor takes from the validation step (``reuse_outputs``): its prediction and its encoders' outputs.
+
+    With ``reuse_outputs`` and ``encoders`` the monitor calls :meth:`start` before a measured validation step;
+    :meth:`measure` stops it and hands the measurement the step's prediction with what the encoders computed in the
+    step's forward call, so the measurement never runs the clean batch again.
+
+    Args:
+        reuse_outputs: The monitor's ``reuse_outputs`` (checked by :func:`check_reuse_outputs`).
+    """
+
+    def __init__(self, reuse_outputs: Any) -> None:
+        self.reuse_outputs = check_reuse_outputs(reuse_outputs)
+        self._active: tuple[Any, Recording | None] | None = None
+
+    def start(self, engine: OcclusionEngine, model: Any) -> None:
+        """Record the encoders in the forward calls from now on (nothing without ``reuse_outputs``)."""
+        self.stop()
+        if self.reuse_outputs is not False:
+            context = engine.recording_encoders(model)
+            self._active = (context, context.__enter__())
+
+    def measure(
+        self, measurement: ContributionMeasurement, model: Any, batch: Any, num_samples: int, outputs: Any
+    ) -> None:
+        """Stop recording and update ``measurement`` with what the validation step gave (``outputs``), if reused.
+
+        Raises:
+            ValueError: If the reused prediction does not fit the batch or the model's outputs.
+        """
+        recording = self.stop()
+        if self.reuse_outputs is False:
+            measurement.update(model, batch, num_samples)
+            return
+        try:
+            measurement.update(model, batch, num_samples, reused_prediction(self.reuse_outputs, outputs), recording)
+        except GivenCleanError as err:
+            raise ValueError(f"reuse_outputs={self.reuse_outputs!r}: {err}") from None
+
+    def stop(self) -> Recording | None:
+        """Stop recording; what was recorded since :meth:`start` (``None`` if not started or without encoders)."""
+        if self._active is None:
+            return None
+        context, recording = self._active
+        self._active = None
+        context.__exit__(None, None, None)
+        return recording
+
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the monitor; a running recording stays behind
+        return {"reuse_outputs": self.reuse_outputs, "_active": None}
 
 
 class WarnOnce:

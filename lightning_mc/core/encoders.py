@@ -186,13 +186,18 @@ class EncoderCache:
         """
         replay = Replay(recorded)
         encoders = self.bind(model)
+        # a forward set on the instance (a wrapper, a patch of the user's) is put back as it was, not deleted
+        own = [vars(encoder.module).get("forward") for encoder in encoders]
         for encoder in encoders:
             encoder.module.forward = replay.forward_of(encoder.name, encoder.module.forward)
         try:
             yield replay
         finally:
-            for encoder in encoders:
-                vars(encoder.module).pop("forward", None)
+            for encoder, forward in zip(encoders, own):
+                if forward is None:
+                    del encoder.module.forward
+                else:
+                    encoder.module.forward = forward
 
 
 class Replay:
