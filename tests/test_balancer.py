@@ -557,8 +557,10 @@ def test_a_trainer_without_a_monitor_fails_at_setup(tmp_path) -> None:
 def test_setup_refuses_unmeasured_modalities_shared_parameters_and_an_unreachable_release_share(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"names \['audio'\], which the monitor does not measure"):
         _fit(tmp_path, ModalityBalancer({"audio": "image_branch"}), max_epochs=1)
-    shared = ModalityBalancer({"image": ["image_branch", "head"], "table": ["table_branch", "head"]})
-    with pytest.raises(ValueError, match="share parameters"):
+    with pytest.raises(ValueError, match=r"names \['head'\] for more than one modality"):  # at construction
+        ModalityBalancer({"image": ["image_branch", "head"], "table": ["table_branch", "head"]})
+    shared = ModalityBalancer({"image": ["image_branch"], "table": ["table_branch", "image_branch.1"]})
+    with pytest.raises(ValueError, match="share parameters"):  # a module inside another modality's encoder
         _fit(tmp_path, shared, max_epochs=1)
     with pytest.raises(
         ValueError, match=r"release_share=0\.5 can never be reached: the lowest share of the monitor's 2"

@@ -173,9 +173,10 @@ def test_an_exception_in_the_model_restores_the_encoders() -> None:
 @pytest.mark.parametrize(
     ("encoders", "error", "message"),
     [
-        ({"image": "nope"}, ValueError, "encoders\\['image'\\] names 'nope', which is not a submodule of LateFusion"),
+        ({"image": "nope"}, ValueError, r"encoders\['image'\]: LateFusion has no submodule 'nope'. Its top-level"),
         ({"audio": "image_encoder"}, ValueError, "encoders names modality 'audio'; the modalities are"),
-        ({"image": ""}, TypeError, "encoders\\['image'\\]='' must be a submodule name"),
+        ({"image": ""}, ValueError, r"encoders\['image'\]='' must be a submodule name or a non-empty list"),
+        ({"image": [1]}, TypeError, r"encoders\['image'\]=\[1\] must be a submodule name or a non-empty list"),
         ({"image": "head", "table": ["head"]}, ValueError, "names \\['head'\\] for more than one modality"),
         (["image_encoder"], TypeError, "must be None, 'auto' or a non-empty mapping modality -> submodule name"),
     ],

@@ -95,7 +95,7 @@ def test_a_call_written_before_the_declaration_still_configures_the_same_options
         ({"forward_fn": 3}, TypeError, "forward_fn=3 must be a callable (model, batch) -> Tensor."),
         ({"target": 1}, ValueError, "perf_metric and target go together"),
         ({"encoders": []}, TypeError, "encoders=[] must be None, 'auto' or a non-empty mapping"),
-        ({"encoders": {"image": ""}}, TypeError, "encoders['image']='' must be a submodule name"),
+        ({"encoders": {"image": ""}}, ValueError, "encoders['image']='' must be a submodule name"),
         ({"encoders": {"image": ["a", 2]}}, TypeError, "encoders['image']=['a', 2] must be a submodule name"),
         ({"encoders": {"text": "t"}}, ValueError, "encoders names modality 'text'; the modalities are"),
     ],

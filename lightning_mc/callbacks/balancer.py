@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
+from lightning_mc.core.encoders import resolve_encoders, submodule
 
 EncoderSpec = Mapping[str, "str | Sequence[str]"]
 
@@ -237,7 +238,7 @@ class ModalityBalancer(MonitorReader):
         super().__init__(monitor)
         if floor is not _FLOOR:
             min_share = release_share = _floor_as_min_share(floor, "ModalityBalancer")
-        self.encoders = None if encoders is None else _check_encoders(encoders)
+        self.encoders = resolve_encoders(encoders, None, "encoders", allow_auto=False)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha={alpha!r} must be a positive, finite number.")
         self.min_share, self.release_share = _check_thresholds(min_share, release_share)
@@ -296,7 +297,10 @@ class ModalityBalancer(MonitorReader):
         """Finds the encoders' parameters and, when fitting, hooks their outputs for the dropout."""
         self._encoders = encoders
         self.coefficients = {name: float(self.coefficients.get(name, 1.0)) for name in encoders}
-        modules = {name: [_submodule(pl_module, path) for path in paths] for name, paths in self._encoders.items()}
+        modules = {
+            name: [submodule(pl_module, path, "ModalityBalancer(encoders=...)") for path in paths]
+            for name, paths in self._encoders.items()
+        }
         self._parameters = _encoder_parameters(modules, self._encoders)
         if self._stage == "fit":
             for name, encoders in modules.items():
@@ -316,7 +320,7 @@ class ModalityBalancer(MonitorReader):
                     f"{monitor.prefix!r}) has encoders=None. Name the submodules that encode each modality on one of "
                     "them, e.g. encoders={'image': 'net.image_encoder', 'table': 'net.table_encoder'}."
                 )
-            encoders = _check_encoders(spec)
+            encoders = resolve_encoders(spec, monitor.modality_names, f"{monitor!r}.encoders", allow_auto=False)
         unknown = [name for name in encoders if name not in monitor.modality_names]
         if unknown:
             raise ValueError(
@@ -522,36 +526,6 @@ def _first_tensor(output: Any) -> Tensor | None:
     apply_to_collection(output, Tensor, lambda tensor: found.append(tensor) or tensor)
     floating = [tensor for tensor in found if tensor.is_floating_point()]
     return floating[0] if floating else None
-
-
-def _check_encoders(encoders: EncoderSpec) -> dict[str, tuple[str, ...]]:
-    if not isinstance(encoders, Mapping) or not encoders:
-        raise TypeError(
-            f"encoders={encoders!r} must be a non-empty mapping modality -> submodule name(s), e.g. "
-            "{'image': 'net.image_encoder', 'table': 'net.table_encoder'}."
-        )
-    checked: dict[str, tuple[str, ...]] = {}
-    for name, paths in encoders.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"encoders={dict(encoders)!r}: the keys must be modality names (non-empty strings).")
-        paths = (paths,) if isinstance(paths, str) else paths
-        if not isinstance(paths, Sequence) or not paths or not all(isinstance(path, str) and path for path in paths):
-            raise ValueError(
-                f"encoders[{name!r}]={encoders[name]!r} must be a submodule name or a non-empty list of names."
-            )
-        checked[name] = tuple(dict.fromkeys(paths))
-    return checked
-
-
-def _submodule(pl_module: pl.LightningModule, path: str) -> nn.Module:
-    try:
-        return pl_module.get_submodule(path)
-    except AttributeError:
-        children = [name for name, _ in pl_module.named_children()]
-        raise ValueError(
-            f"ModalityBalancer(encoders=...): {type(pl_module).__name__} has no submodule {path!r}. Its top-level "
-            f"submodules are {children!r}; name nested ones with dots (e.g. 'net.image_encoder')."
-        ) from None
 
 
 def _encoder_parameters(

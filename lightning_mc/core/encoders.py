@@ -48,39 +48,71 @@ HALF_GAP = 5e-2
 
 
 def resolve_encoders(
-    encoders: EncodersSpec | None, modality_names: Sequence[str], argument: str = "encoders"
+    encoders: EncodersSpec | None,
+    modality_names: Sequence[str] | None,
+    argument: str = "encoders",
+    allow_auto: bool = True,
 ) -> dict[str, tuple[str, ...]] | Literal["auto"] | None:
     """Check ``encoders`` (``modality -> submodule name(s)``, or ``"auto"``) and give each modality a tuple of names.
 
     ``"auto"`` is kept as it is: :func:`discover_encoders` finds the encoders on the first batch.
 
+    Args:
+        encoders: The spec, or ``None``.
+        modality_names: The measured modalities, every key must be one; ``None``: not known yet, not checked.
+        argument: The argument's name, for error messages.
+        allow_auto: Whether ``"auto"`` is accepted.
+
     Raises:
         TypeError: If ``encoders`` is not a mapping of modality names to a name or a sequence of names.
         ValueError: If it names an unknown modality, no module, or one module for two modalities.
     """
-    if encoders is None or encoders == "auto":
+    if encoders is None or (allow_auto and encoders == "auto"):
         return encoders
     if not isinstance(encoders, Mapping) or not encoders:
+        accepted = "None, 'auto'" if allow_auto else "None"
         raise TypeError(
-            f"{argument}={encoders!r} must be None, 'auto' or a non-empty mapping modality -> submodule name(s), "
-            "e.g. {'image': 'image_encoder', 'table': ['table_mlp']}."
+            f"{argument}={encoders!r} must be {accepted} or a non-empty mapping modality -> submodule name(s), e.g. "
+            "{'image': 'image_encoder', 'table': ['table_mlp']}."
         )
     resolved: dict[str, tuple[str, ...]] = {}
     for modality, names in encoders.items():
-        if modality not in modality_names:
+        if modality_names is not None and modality not in modality_names:
             raise ValueError(f"{argument} names modality {modality!r}; the modalities are {list(modality_names)}.")
         names = (names,) if isinstance(names, str) else names
-        if not isinstance(names, Sequence) or not names or not all(isinstance(name, str) and name for name in names):
+        if not isinstance(names, Sequence) or not all(isinstance(name, str) for name in names):
             raise TypeError(
-                f"{argument}[{modality!r}]={encoders[modality]!r} must be a submodule name (as model.get_submodule "
-                "reads it, e.g. 'net.image_encoder') or a non-empty list of them."
+                f"{argument}[{modality!r}]={encoders[modality]!r} must be a submodule name or a non-empty list of "
+                "names, as model.get_submodule reads them (e.g. 'net.image_encoder')."
             )
-        resolved[modality] = tuple(names)
+        if not names or not all(names):
+            raise ValueError(
+                f"{argument}[{modality!r}]={encoders[modality]!r} must be a submodule name or a non-empty list of "
+                "names, as model.get_submodule reads them (e.g. 'net.image_encoder')."
+            )
+        resolved[modality] = tuple(dict.fromkeys(names))
     every = [name for names in resolved.values() for name in names]
     repeated = sorted({name for name in every if every.count(name) > 1})
     if repeated:
         raise ValueError(f"{argument} names {repeated} for more than one modality; an encoder belongs to one modality.")
     return resolved
+
+
+def submodule(model: nn.Module, name: str, argument: str = "encoders") -> nn.Module:
+    """``model.get_submodule(name)``, or a ``ValueError`` that lists the model's top-level submodules.
+
+    Example:
+        >>> submodule(nn.Sequential(nn.Linear(2, 2)), "0")
+        Linear(in_features=2, out_features=2, bias=True)
+    """
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        children = [child for child, _ in model.named_children()]
+        raise ValueError(
+            f"{argument}: {type(model).__name__} has no submodule {name!r}. Its top-level submodules are "
+            f"{children!r}; name nested ones with dots (e.g. 'net.image_encoder')."
+        ) from None
 
 
 class Mode(enum.Enum):
@@ -152,15 +184,7 @@ class EncoderCache:
         found = []
         for modality, names in self.encoders.items():
             for name in names:
-                try:
-                    module = model.get_submodule(name)
-                except AttributeError:
-                    children = [child for child, _ in model.named_children()]
-                    raise ValueError(
-                        f"encoders[{modality!r}] names {name!r}, which is not a submodule of {type(model).__name__} "
-                        f"(its children: {children}); give names as model.get_submodule reads them, e.g. "
-                        "'net.image_encoder'."
-                    ) from None
+                module = submodule(model, name, f"encoders[{modality!r}]")
                 found.append(Encoder(name, self.modality_names.index(modality), module))
         return found
 
