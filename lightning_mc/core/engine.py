@@ -31,6 +31,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_mc.core.checks import check_int
 from lightning_mc.core.encoders import (
     CHECK_SAMPLES,
     EncoderCache,
@@ -144,10 +145,7 @@ class OcclusionEngine:
         output_key: str | None = None,
         encoders: EncodersSpec | None = None,
     ) -> None:
-        if max_batch_size is not None and (
-            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
-        ):
-            raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int or None.")
+        check_int("max_batch_size", max_batch_size, optional=True)
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"forward_fn={forward_fn!r} must be a callable (model, batch) -> Tensor.")
         self.outputs = OutputReader(output_key, output_transform)
@@ -157,7 +155,7 @@ class OcclusionEngine:
         self.fills = tuple(m.fill if m.fill is not None else default_fill for m in self.modalities)
         self.max_batch_size = max_batch_size
         self.seed = seed
-        self.encoders = resolve_encoders(encoders, [m.name for m in self.modalities])
+        self.encoders = resolve_encoders(encoders, self.modality_names)
         self._cache = None if not isinstance(self.encoders, dict) else EncoderCache(self.encoders, self.modality_names)
         self._check_pending = True
         self._last_recorded: tuple[tuple[Tensor, ...], dict[str, Any]] | None = None
