@@ -94,13 +94,15 @@ def test_cached_encoders_give_the_plain_outputs_under_every_fill(fill, attribute
 def test_each_encoder_runs_only_on_the_rows_it_must() -> None:
     """Rows each module computes on a batch after the first (the first also runs the check)."""
     model = LateFusion().eval()
-    for fill, image_rows, table_rows in [("zeros", N + 1, N + 1), ("mean", N + N, N + N), ("permute", N, N)]:
+    # zeros: the encoder's row for the constant fill was computed on the first batch and is kept for the measurement
+    for fill, image_rows, table_rows in [("zeros", N, N), ("mean", N + N, N + N), ("permute", N, N)]:
         engine = OcclusionEngine(modalities(), occlusion=fill, encoders=ENCODERS)
         engine.run(model, batch(0))
         model.reset_counts()
         engine.run(model, batch(1))
-        # clean: both encoders; image occluded: the image encoder (zeros: one row, expanded; mean: every row;
-        # permute: none, the recorded rows permuted), the table encoder replays; table occluded: the other way round
+        # clean: both encoders; image occluded: the image encoder (zeros: none, the first batch's row expanded;
+        # mean: every row; permute: none, the recorded rows permuted), the table encoder replays; table occluded: the
+        # other way round
         assert (model.image_encoder.rows, model.table_encoder.rows) == (image_rows, table_rows), fill
         assert model.head.rows == 3 * N  # the fusion head runs on every copy
 
@@ -215,3 +217,23 @@ def test_auto_on_an_early_fusion_model_finds_nothing_and_runs_the_plain_path() -
     with pytest.warns(UserWarning, match="encoders='auto' found no submodule"):
         engine.run(EarlyFusion().eval(), batch())
     assert engine.encoders is None
+
+
+def test_a_constant_fill_runs_its_encoder_on_one_row_per_measurement_and_again_when_the_weights_change() -> None:
+    model = LateFusion().eval()
+    engine = OcclusionEngine(modalities(), occlusion="zeros", encoders=ENCODERS)
+    engine.run(model, batch(0))  # the first batch: one row for each constant fill (and the check)
+    model.reset_counts()
+    engine.run(model, batch(1))
+    assert model.image_encoder.rows == N  # the clean rows only: the zeros row is kept
+    with torch.no_grad():
+        model.image_encoder.inner[0].weight.mul_(1.5)  # an optimizer step: the kept row is stale
+    model.reset_counts()
+    actual = engine.run(model, batch(2))
+    assert model.image_encoder.rows == N + 1
+    expected = OcclusionEngine(modalities(), occlusion="zeros").run(model, batch(2))
+    assert_same_numbers(actual.occluded, expected.occluded)
+    engine.check_encoders_again()  # a new measurement: computed again
+    model.reset_counts()
+    engine.run(model, batch(2))
+    assert model.image_encoder.rows > N + 1  # the row again, and the check's plain path

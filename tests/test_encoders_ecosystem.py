@@ -82,7 +82,8 @@ def test_monai_resnet10_encoder_gives_the_plain_numbers_on_metatensor_batches(fi
     assert_same_numbers(actual.clean, expected.clean)
     assert_same_numbers(actual.occluded, expected.occluded)
     patches = 8 if attributes else 1
-    ct_rows = {"zeros": 1, "mean": 4, "permute": 0}[fill] if not attributes else 4 * patches
+    # zeros: the one row of the constant fill was run on the first batch and is kept; permute: replayed
+    ct_rows = {"zeros": 0, "mean": 4, "permute": 0}[fill] if not attributes else 4 * patches
     assert model.ct.rows == 4 + ct_rows  # the clean batch, then the CT's own copies only: never for the labs' copy
     assert isinstance(batch["ct"], MetaTensor) and batch["ct"].meta["affine"].shape == (4, 4, 4)  # untouched
 

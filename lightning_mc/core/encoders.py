@@ -174,6 +174,13 @@ class EncoderCache:
     def __init__(self, encoders: Mapping[str, tuple[str, ...]], modality_names: Sequence[str]) -> None:
         self.encoders = dict(encoders)
         self.modality_names = tuple(modality_names)
+        #: ``encoder name -> (state, input row, output row)`` of a fill that is the same for every sample: the same
+        #: in every batch, so it runs once per measurement while the encoder's parameters stay as they are.
+        self.once: dict[str, tuple[Any, Any, Any]] = {}
+
+    def forget(self) -> None:
+        """Drop the outputs kept for constant fills (a new measurement starts)."""
+        self.once.clear()
 
     def bind(self, model: nn.Module) -> list[Encoder]:
         """The named encoders of ``model``.
@@ -208,12 +215,12 @@ class EncoderCache:
 
         The module does not run when it replays (a forward hook could only overwrite its result after it ran).
         """
-        replay = Replay(recorded)
         encoders = self.bind(model)
+        replay = Replay(recorded, self.once)
         # a forward set on the instance (a wrapper, a patch of the user's) is put back as it was, not deleted
         own = [vars(encoder.module).get("forward") for encoder in encoders]
         for encoder in encoders:
-            encoder.module.forward = replay.forward_of(encoder.name, encoder.module.forward)
+            encoder.module.forward = replay.forward_of(encoder.name, encoder.module)
         try:
             yield replay
         finally:
@@ -225,39 +232,57 @@ class EncoderCache:
 
 
 class Replay:
-    """The mode of each encoder in the forward call about to run, and the replaying forwards that read it."""
+    """The mode of each encoder in the forward call about to run, and the replaying forwards that read it.
 
-    def __init__(self, recorded: Mapping[str, Any]) -> None:
+    Args:
+        recorded: Each encoder's output on the clean rows.
+        once: Where a constant fill's output row is kept (:attr:`EncoderCache.once`).
+    """
+
+    def __init__(self, recorded: Mapping[str, Any], once: dict[str, tuple[Any, Any, Any]]) -> None:
         self.recorded = recorded
+        self.once = once
         #: ``encoder name -> (mode, sample of each row)`` for the next forward call.
         self.modes: dict[str, tuple[Mode, Tensor]] = {}
-        self._once: dict[str, tuple[Any, Any]] = {}
 
-    def forward_of(self, name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
-        """The replaying forward of encoder ``name``, whose own forward is ``forward``."""
+    def forward_of(self, name: str, module: nn.Module) -> Callable[..., Any]:
+        """The replaying forward of encoder ``name``, which is ``module``."""
+        forward = module.forward
 
         def replaying_forward(*args: Any, **kwargs: Any) -> Any:
             mode, samples = self.modes[name]
             if mode is Mode.REPLAY:
                 return _index_rows(self.recorded[name], samples)
             if mode is Mode.RUN_ONCE:
-                return self._run_once(name, forward, samples.numel(), args, kwargs)
+                return self._run_once(name, module, forward, samples.numel(), args, kwargs)
             return forward(*args, **kwargs)
 
         return replaying_forward
 
-    def _run_once(self, name: str, forward: Callable[..., Any], rows: int, args: Any, kwargs: Any) -> Any:
-        """Run the first row only when every row of every input is the same, and expand it to ``rows`` rows."""
+    def _run_once(
+        self, name: str, module: nn.Module, forward: Callable[..., Any], rows: int, args: Any, kwargs: Any
+    ) -> Any:
+        """Run the first row only when every row of every input is the same, and expand it to ``rows`` rows.
+
+        The row's output is kept and reused while the input row, the module's parameters and buffers (their version
+        counters move on every in-place update, an optimizer step) and the autocast state stay the same.
+        """
         inputs = pytree.tree_leaves((args, kwargs))
         batched = [leaf for leaf in inputs if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows]
         if not batched or not all(torch.equal(leaf, leaf[:1].expand_as(leaf)) for leaf in batched):
             return forward(*args, **kwargs)  # the fill is constant but the encoder also reads per-sample inputs
         first = pytree.tree_map(lambda leaf: _first_row(leaf, rows), (args, kwargs))
-        cached = self._once.get(name)
-        if cached is None or not _same_tree(cached[0], first):
-            cached = (first, forward(*first[0], **first[1]))
-            self._once[name] = cached
-        return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), cached[1])
+        device = batched[0].device.type
+        state = (
+            tuple(tensor._version for tensor in (*module.parameters(), *module.buffers())),
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
+        kept = self.once.get(name)
+        if kept is None or kept[0] != state or not _same_tree(kept[1], first):
+            kept = (state, first, forward(*first[0], **first[1]))
+            self.once[name] = kept
+        return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), kept[2])
 
 
 def discover_encoders(
@@ -382,7 +407,8 @@ def _rows_of(output: Any) -> int:
 
 
 def _first_row(leaf: Any, rows: int) -> Any:
-    return leaf[:1] if isinstance(leaf, Tensor) and leaf.ndim and leaf.shape[0] == rows else leaf
+    """Row 0 of a batch tensor, copied (a view would keep the whole chunk alive); anything else as it is."""
+    return leaf[:1].clone() if isinstance(leaf, Tensor) and leaf.ndim and leaf.shape[0] == rows else leaf
 
 
 def _expand_row(leaf: Any, rows: int) -> Any:

@@ -179,8 +179,13 @@ class OcclusionEngine:
         return self.outputs.output_transform
 
     def check_encoders_again(self) -> None:
-        """Compare the cached path with the plain one on the next batch (a new measurement starts)."""
+        """Compare the cached path with the plain one on the next batch, and run constant fills' encoders again.
+
+        Called when a new measurement starts (:meth:`ContributionMeasurement.reset`).
+        """
         self._check_pending = True
+        if self._cache is not None:
+            self._cache.forget()
 
     @contextmanager
     def recording_encoders(self, model: nn.Module) -> Iterator[Recording | None]:
