@@ -49,6 +49,14 @@ EXPLANATIONS: dict[str, str] = {
         "limit that suits both models (the high-noise model's), the saving on the low-noise model. The ≤ 1.05 "
         "target is the benchmarks' own: the issue sets none."
     ),
+    "P8": (
+        "check with encoders ÷ plain validation pass: one batch's check (clean copy and every occluded copy) with "
+        "encoders= over the model's plain forward on the batch; the note gives the same check without encoders, with "
+        "encoders and reuse_outputs (clean outputs and encoder outputs from the validation step), and with ÷ without. "
+        "Targets where a fill is the same for every sample and the encoder reads nothing else: ≤ 1.2 whole, ≤ 1.3 "
+        "per column, ≤ 0.3 with reuse_outputs. A per-sample fill, or an encoder that also reads a per-sample input "
+        "(BERT's attention mask), runs that encoder on every sample: no target."
+    ),
 }
 
 
