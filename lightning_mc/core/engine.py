@@ -181,7 +181,7 @@ class OcclusionEngine:
     def check_encoders_again(self) -> None:
         """Compare the cached path with the plain one on the next batch, and run constant fills' encoders again.
 
-        Called when a new measurement starts (:meth:`ContributionMeasurement.reset`).
+        Called when a new measurement starts (:meth:`lightning_mc.ContributionMeasurement.reset`).
         """
         self._check_pending = True
         if self._cache is not None:
