@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lightning_mc import Modality
 from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.core.modality import resolve_modalities
-from lightning_mc.masks import Columns, Patches2d
+from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Tokens, Words
 
 from helpers import assert_same_numbers
 
@@ -237,3 +237,50 @@ def test_a_constant_fill_runs_its_encoder_on_one_row_per_measurement_and_again_w
     model.reset_counts()
     engine.run(model, batch(2))
     assert model.image_encoder.rows > N + 1  # the row again, and the check's plain path
+
+
+class TokensAndTable(nn.Module):
+    """An embedding bag over token ids (0 pads) and an MLP over a table, fused by a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens_encoder = nn.EmbeddingBag(20, 6, mode="mean", padding_idx=0)
+        self.table_encoder = nn.Linear(COLUMNS, 6)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, tokens: Tensor, table: Tensor) -> Tensor:
+        return self.head(torch.cat([self.tokens_encoder(tokens), self.table_encoder(table)], dim=1))
+
+
+def token_batch() -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([6, 3, 5, 2, 6, 4])
+    real = torch.arange(6)[None] < lengths[:, None]
+    tokens = torch.where(real, torch.randint(1, 20, (N, 6), generator=generator), 0)
+    word_ids = torch.where(real, torch.arange(6)[None] // 2, -1)  # words of two tokens
+    table = torch.randn(N, COLUMNS, generator=generator)
+    return {"tokens": tokens, "mask": real.long(), "word_ids": word_ids, "table": table}
+
+
+@pytest.mark.parametrize(
+    "builders",
+    [
+        (Tokens(6, attention_mask="mask"), ColumnGroups({"ab": [0, 1], "cd": [2, 3]})),
+        (Words(3, word_ids="word_ids", attention_mask="mask"), CustomMasks([torch.tensor([True, False] * 2)], ["odd"])),
+    ],
+    ids=["tokens+column_groups", "words+custom_masks"],
+)
+def test_cached_encoders_give_the_plain_outputs_under_every_attribute_builder(builders) -> None:
+    token_builder, table_builder = builders
+    modalities_ = resolve_modalities(
+        [
+            Modality("tokens", key="tokens", occlusion=0, attributes=token_builder),
+            Modality("table", key="table", occlusion="mean", attributes=table_builder),
+        ]
+    )
+    model = TokensAndTable().eval()
+    encoders = {"tokens": "tokens_encoder", "table": "table_encoder"}
+    expected = OcclusionEngine(modalities_, max_batch_size=7).run(model, token_batch())
+    actual = OcclusionEngine(modalities_, max_batch_size=7, encoders=encoders).run(model, token_batch())
+    assert_same_numbers(actual.occluded, expected.occluded)
