@@ -167,6 +167,33 @@ class ScheduledContributionNet(PlantedModule):
         )
 
 
+def fit_scheduled(
+    tmp_path: Path,
+    schedule: list[tuple[float, float]],
+    *callbacks: L.Callback,
+    ckpt_path: str | None = None,
+    **overrides: Any,
+) -> tuple[L.Trainer, Any]:
+    """Fit a :class:`ScheduledContributionNet` with a zeros-fill monitor first, then ``callbacks``, seeded.
+
+    Returns the trainer and the monitor. ``overrides`` go to :func:`trainer_kwargs` (``max_epochs`` defaults to the
+    schedule's length).
+    """
+    from lightning_mc import ModalityContributionMonitor
+
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, occlusion="zeros")
+    kwargs = trainer_kwargs(tmp_path, **{"max_epochs": len(schedule), **overrides})
+    trainer = L.Trainer(callbacks=[monitor, *callbacks], **kwargs)
+    L.seed_everything(0, verbose=False)
+    trainer.fit(
+        ScheduledContributionNet(schedule),
+        loader(two_modality_dataset(32, seed=0)),
+        loader(two_modality_dataset(32, seed=1)),
+        ckpt_path=ckpt_path,
+    )
+    return trainer, monitor
+
+
 class Lambda(nn.Module):
     """A module that calls ``function``: a model written as one expression (``Lambda(lambda a, b: a.sum(1))``)."""
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_mc import ModalityBalancer, ModalityContributionMonitor
 from lightning_mc.callbacks.balancer import DEFAULT_MIN_SHARE, RELEASE_FRACTION, balance_coefficients, next_active
 
-from helpers import NUM_CLASSES, ScheduledContributionNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import NUM_CLASSES, fit_scheduled, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 ENCODERS = {"image": "image_branch", "table": "table_branch"}
@@ -143,20 +143,6 @@ def test_fed_three_modality_checks_the_default_release_share_is_0_8_over_n() -> 
     assert balancer.history[3]["coefficients"] == {"a": 1.0} and balancer.history[3]["event"] == "released"
 
 
-def _scheduled_fit(tmp_path, schedule, balancer, *extra, ckpt_path=None, **overrides):
-    monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
-    kwargs = trainer_kwargs(tmp_path, **{"max_epochs": len(schedule), **overrides})
-    trainer = L.Trainer(callbacks=[monitor, balancer, *extra], **kwargs)
-    L.seed_everything(0, verbose=False)
-    trainer.fit(
-        ScheduledContributionNet(schedule),
-        loader(two_modality_dataset(32, seed=0)),
-        loader(two_modality_dataset(32, seed=1)),
-        ckpt_path=ckpt_path,
-    )
-    return trainer, monitor
-
-
 class LoggedActive(L.Callback):
     """The balancer_active value logged at each training epoch end (after the balancer, which logs it)."""
 
@@ -172,7 +158,7 @@ def test_a_planted_collapse_engages_the_balancer_and_recovery_releases_it_with_o
     balancer = ModalityBalancer(SCHEDULED_ENCODERS, dropout=0.0)  # the defaults: min_share 0.12, release 0.4
     logged = LoggedActive()
     with caplog.at_level(logging.INFO):
-        _, monitor = _scheduled_fit(tmp_path, schedule, balancer, logged)
+        _, monitor = fit_scheduled(tmp_path, schedule, balancer, logged)
 
     assert (DEFAULT_MIN_SHARE, RELEASE_FRACTION, balancer._release) == (0.12, 0.8, 0.4)  # 0.8 / 2 modalities
     active = [False, False, True, True, True, False, False, True]  # MODEST (0.265) only acts after a collapse
@@ -442,14 +428,14 @@ def test_a_resumed_fit_stays_engaged_between_the_thresholds_because_the_checkpoi
     schedule = [BALANCED, COLLAPSED, MODEST, MODEST, BALANCED]
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     first = ModalityBalancer(SCHEDULED_ENCODERS, dropout=0.0)
-    _scheduled_fit(tmp_path, schedule, first, checkpoint, max_epochs=2, enable_checkpointing=True)
+    fit_scheduled(tmp_path, schedule, first, checkpoint, max_epochs=2, enable_checkpointing=True)
     assert first.active and first.history[-1]["event"] == "engaged"  # engaged by the collapse at epoch 1
 
     resumed = ModalityBalancer(SCHEDULED_ENCODERS, dropout=0.0)  # a new process: released
     seen = ActiveAtEpochStart(resumed)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     ckpt_path = tmp_path / "ckpt" / "last.ckpt"
-    _scheduled_fit(tmp_path, schedule, resumed, checkpoint, seen, enable_checkpointing=True, ckpt_path=ckpt_path)
+    fit_scheduled(tmp_path, schedule, resumed, checkpoint, seen, enable_checkpointing=True, ckpt_path=ckpt_path)
     assert seen.active == {2: True, 3: True, 4: True}  # in effect from the first resumed step
     # MODEST (0.265) is between min_share and release_share: only the restored state keeps it engaged
     assert [entry["active"] for entry in resumed.history] == [False, True, True, True, False]

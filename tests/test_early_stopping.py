@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
 
-from helpers import ScheduledContributionNet, load_example, loader, trainer_kwargs, two_modality_dataset
+from helpers import ScheduledContributionNet, fit_scheduled, load_example, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 BALANCED = (1.0, 1.0)
@@ -23,19 +23,8 @@ COLLAPSED = (0.002, 1.0)  # the image branch scaled down 500×: its share falls 
 def _fit(
     tmp_path: Path, schedule: list[tuple[float, float]], stopper: CollapseEarlyStopping | None, **overrides: Any
 ) -> tuple[L.Trainer, ModalityContributionMonitor]:
-    monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros")
-    ckpt_path = overrides.pop("ckpt_path", None)
-    callbacks: list[L.Callback] = [monitor] + ([stopper] if stopper is not None else [])
-    callbacks += overrides.pop("extra_callbacks", [])
-    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **{"max_epochs": 8, **overrides}))
-    L.seed_everything(0, verbose=False)
-    trainer.fit(
-        ScheduledContributionNet(schedule),
-        loader(two_modality_dataset(32, seed=0)),
-        loader(two_modality_dataset(32, seed=1)),
-        ckpt_path=ckpt_path,
-    )
-    return trainer, monitor
+    callbacks = ([stopper] if stopper is not None else []) + overrides.pop("extra_callbacks", [])
+    return fit_scheduled(tmp_path, schedule, *callbacks, **{"max_epochs": 8, **overrides})
 
 
 def _first_epoch_below(monitor: ModalityContributionMonitor, name: str, threshold: float) -> int:
