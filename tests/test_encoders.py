@@ -284,3 +284,15 @@ def test_cached_encoders_give_the_plain_outputs_under_every_attribute_builder(bu
     expected = OcclusionEngine(modalities_, max_batch_size=7).run(model, token_batch())
     actual = OcclusionEngine(modalities_, max_batch_size=7, encoders=encoders).run(model, token_batch())
     assert_same_numbers(actual.occluded, expected.occluded)
+
+
+def test_a_recording_of_two_forward_calls_cannot_be_replayed_so_the_clean_batch_runs_again_with_a_warning() -> None:
+    model = LateFusion().eval()
+    engine = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
+    with torch.no_grad(), engine.recording_encoders(model) as recording:
+        clean = model(*batch())
+        model(*batch())  # a validation step that runs the model twice
+    with pytest.warns(UserWarning, match="'image_encoder' ran 2 times in 1 forward calls.*the clean batch runs again"):
+        actual = engine.run(model, batch(), clean=clean, encoder_outputs=recording)
+    expected = OcclusionEngine(modalities(), occlusion="mean").run(model, batch())
+    assert_same_numbers(actual.occluded, expected.occluded)

@@ -456,12 +456,18 @@ class OcclusionEngine:
         of this same batch recorded (:meth:`run` then :meth:`run_coalitions`); else the clean copy runs, recorded.
         """
         assert self._cache is not None
+        recorded = None
         if given is not None:
-            recorded = given.concatenated([view.size])
-        elif self._last_recorded is not None and _same_tensors(self._last_recorded[0], view.originals):
+            try:
+                recorded = given.concatenated([view.size])
+            except ValueError as err:  # e.g. a validation step that calls the model twice: record by running again
+                rank_zero_warn(f"{err} (in the forward call that gave the clean outputs); the clean batch runs again.")
+        if (
+            recorded is None
+            and self._last_recorded is not None
+            and _same_tensors(self._last_recorded[0], view.originals)
+        ):
             recorded = self._last_recorded[1]
-        else:
-            recorded = None
         clean_rows = None
         if recorded is None or (copies and copies[0].name is None):
             with self._cache.record(model) as recording:
