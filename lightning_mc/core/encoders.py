@@ -154,7 +154,7 @@ class Recording:
                     "only, cannot be)."
                 )
             for output, rows in zip(outputs, rows_per_call):
-                if not any(leaf.shape[0] == rows for leaf in _batch_leaves(output, rows)):
+                if not _has_rows(output, rows):
                     raise ValueError(
                         f"encoders: {name!r} returned no tensor with the {rows} input rows along dimension 0; an "
                         "encoder must keep the samples along dimension 0 to be replayed."
@@ -305,9 +305,8 @@ def discover_encoders(
     names = [name for name, _ in model.named_modules() if name]
     clean = _all_outputs(model, forward, batch)
     moved: dict[str, set[str]] = {name: set() for name in names}
-    usable = {name for name in names if len(clean.get(name, ())) == 1 and _rows_of(clean[name][0]) > 0}
     size = modalities[0].select(batch).shape[0]
-    usable = {name for name in usable if _rows_of(clean[name][0]) == size}
+    usable = {name for name in names if len(clean.get(name, ())) == 1 and _rows_of(clean[name][0]) == size}
     for modality in modalities:
         rolled = _all_outputs(model, forward, modality.replace(batch, modality.select(batch).roll(1, 0)))
         for name in list(usable):
@@ -371,8 +370,9 @@ def _recorder(calls: list[Any]) -> Callable[[nn.Module, Any, Any], None]:
     return hook
 
 
-def _batch_leaves(output: Any, rows: int) -> list[Tensor]:
-    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor) and leaf.ndim and leaf.shape[0]]
+def _has_rows(output: Any, rows: int) -> bool:
+    """Whether one of ``output``'s tensors has ``rows`` rows along dimension 0."""
+    return any(isinstance(leaf, Tensor) and leaf.ndim and leaf.shape[0] == rows for leaf in pytree.tree_leaves(output))
 
 
 def _concatenate(outputs: Sequence[Any], rows_per_call: Sequence[int]) -> Any:

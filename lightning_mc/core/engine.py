@@ -501,7 +501,7 @@ class OcclusionEngine:
         samples = torch.cat([samples_of(copies[piece.copy].rows(piece.start, piece.stop), device) for piece in chunk])
         modes = {}
         for modality, names in self._cache.encoders.items():
-            owner = [m.name for m in self.modalities].index(modality)
+            owner = self.modality_names.index(modality)
             if owner not in first.occluded:
                 mode = (Mode.REPLAY, samples)
             elif first.mask is None and fills.sources[owner] is not None:  # permute: other samples' clean rows
