@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from benchmarks.suites import Config, Row, Table
 from benchmarks.timing import Stat, interleaved, ratio
-from lightning_mc import Modality
-from lightning_mc.core.engine import OcclusionEngine
+from lightning_mc import ContributionMeasurement, Modality
 from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.masks import Columns, Patches3d
 
@@ -182,8 +181,10 @@ def p8_encoders(config: Config) -> tuple[list[Row], Table]:
         torch.manual_seed(0)
         model = build().to(config.device).eval()
         resolved = resolve_modalities(modalities)
-        plain = OcclusionEngine(resolved, forward_fn=forward_fn, output_transform="softmax")
-        cached = OcclusionEngine(resolved, forward_fn=forward_fn, output_transform="softmax", encoders=encoders)
+        plain = ContributionMeasurement(resolved, forward_fn=forward_fn, output_transform="softmax").engine
+        cached = ContributionMeasurement(
+            resolved, forward_fn=forward_fn, output_transform="softmax", encoders=encoders
+        ).engine
         difference = _max_difference(cached.run(model, batch), plain.run(model, batch))  # also runs the check
         if difference > OUTPUTS_TOLERANCE:
             raise AssertionError(f"{name}: the encoder cache gives other outputs (max |Δ| = {difference:.2e})")
@@ -268,14 +269,16 @@ def p8_monai_occlusion(config: Config) -> Table:
         [Modality("ct", key="ct", attributes=Patches3d((8, 8, 8))), Modality("table", key="table")]
     )
     engines = {
-        "ours": OcclusionEngine(modalities, forward_fn=_volume_forward, output_transform="softmax", occlusion="mean"),
-        "ours, encoders": OcclusionEngine(
+        "ours": ContributionMeasurement(
+            modalities, forward_fn=_volume_forward, output_transform="softmax", occlusion="mean"
+        ).engine,
+        "ours, encoders": ContributionMeasurement(
             modalities,
             forward_fn=_volume_forward,
             output_transform="softmax",
             occlusion="mean",
             encoders={"ct": "ct", "table": "table"},
-        ),
+        ).engine,
     }
 
     def monai_maps() -> None:

@@ -13,7 +13,7 @@ from captum.attr import FeatureAblation
 from torch import Tensor, nn
 
 from lightning_mc import ContributionMeasurement
-from lightning_mc.core.engine import DEFAULT_COPIES_PER_CALL, OcclusionEngine
+from lightning_mc.core.engine import DEFAULT_COPIES_PER_CALL
 from lightning_mc.core.modality import Modality
 from lightning_mc.core.occlusion import occlude
 
@@ -76,7 +76,7 @@ class Floor:
         include_clean: bool = True,
     ) -> None:
         self.model = model
-        engine = OcclusionEngine(modalities, output_transform="softmax")
+        engine = ContributionMeasurement(modalities, output_transform="softmax").engine
         self.chunks: list[list[tuple[Tensor, ...]]] = []
         with torch.inference_mode():
             for batch in batches:
@@ -105,7 +105,7 @@ def reference_loop(model: nn.Module, batches: Sequence[Batch], modalities: Seque
     Fills are computed on the single sample, as a batch-size-1 loop would (the per-sample mean equals the engine's);
     differences are accumulated in tensors, without a host sync per pass, which only favours the loop.
     """
-    engine = OcclusionEngine(modalities, output_transform="softmax")
+    engine = ContributionMeasurement(modalities, output_transform="softmax").engine
     generator = torch.Generator(batches[0][0].device)
     totals = {m.name: torch.zeros((), device=batches[0][0].device) for m in modalities}
     count = 0

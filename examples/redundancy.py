@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mc.functional import modality_contribution
-from lightning_mc.shapley import modality_shapley
+from lightning_mc.functional import modality_shapley
 
 
 class MaxOfTwoBranches(nn.Module):

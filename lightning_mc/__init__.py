@@ -10,7 +10,7 @@ The package is layered; imports flow one way, from the top of this list to the b
   intervals, precision, the performance drop);
 - ``core``: modalities, fills, attribute masks, the occlusion engine, the metric and its result.
 
-``lightning_mc.masks`` (attribute mask builders) and ``lightning_mc.shapley`` are public import paths too.
+``lightning_mc.masks`` (attribute mask builders) is a public import path too.
 """
 
 from lightning_mc.analyses.shapley import ModalityShapley, ShapleyResult

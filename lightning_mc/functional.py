@@ -13,15 +13,13 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES
-from lightning_mc.analyses.options import MeasurementOptions, document_options
-from lightning_mc.analyses.perf_drop import TargetSpec
+from lightning_mc.analyses.options import DEFAULT_MAX_CI_SAMPLES, MeasurementOptions, document_options
 from lightning_mc.analyses.shapley import ShapleyResult
 from lightning_mc.core.batches import batches_on_device
 from lightning_mc.core.encoders import EncodersSpec
 from lightning_mc.core.engine import ForwardFn
 from lightning_mc.core.metric import Normalization
-from lightning_mc.core.modality import Batch, ModalitiesSpec, resolve_modalities
+from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
 from lightning_mc.core.outputs import OutputTransform
 from lightning_mc.core.result import ContributionResult

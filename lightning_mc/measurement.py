@@ -17,20 +17,21 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES, ShareIntervals
+from lightning_mc.analyses.bootstrap import ShareIntervals
 from lightning_mc.analyses.contribution import ContributionSums
-from lightning_mc.analyses.options import OPTION_NAMES, MeasurementOptions, document_options
-from lightning_mc.analyses.part import Analysis, Passes, PassName
-from lightning_mc.analyses.perf_drop import PerfDropAnalysis, TargetSpec, whole_modality_outputs
+from lightning_mc.analyses.options import DEFAULT_MAX_CI_SAMPLES, MeasurementOptions, document_options
+from lightning_mc.analyses.part import Analysis, Passes
+from lightning_mc.analyses.perf_drop import PerfDropAnalysis
 from lightning_mc.analyses.precision import SharePrecision
 from lightning_mc.analyses.redundancy import RedundancyCheck
-from lightning_mc.analyses.shapley import ShapleyAnalysis, coalitions
-from lightning_mc.core.encoders import EncodersSpec, Recording
+from lightning_mc.analyses.shapley import ShapleyAnalysis
+from lightning_mc.core.encoders import EncodersSpec
 from lightning_mc.core.engine import ForwardFn, OccludedOutputs, OcclusionEngine
 from lightning_mc.core.metric import Normalization
-from lightning_mc.core.modality import Batch, ModalitiesSpec, resolve_modalities
+from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
 from lightning_mc.core.outputs import OutputTransform
+from lightning_mc.core.replay import Recording
 from lightning_mc.core.result import ContributionResult
 
 #: The analyses a measurement runs when its options ask for them, in the order they write the result (Shapley values
@@ -107,22 +108,19 @@ class ContributionMeasurement:
         encoders: EncodersSpec | None = None,
     ) -> None:
         self.modalities = resolve_modalities(modalities)
-        #: The checked options (:class:`~lightning_mc.analyses.options.MeasurementOptions`).
+        #: The checked options (:class:`~lightning_mc.analyses.options.MeasurementOptions`), resolved once.
         self.options = MeasurementOptions(**MeasurementOptions.pick(locals()))
-        self.options.check_modalities(self.modality_names)
-        self.engine = OcclusionEngine(self.modalities, **self.options.engine_arguments())
+        #: Runs the occluded copies, with the options' :attr:`~.MeasurementOptions.engine` settings.
+        self.engine = OcclusionEngine(self.modalities, self.options.engine)
         self.contribution = ContributionSums(self.options.normalization)
+        # every analysis checks its own options, enabled or not
+        built = [kind.from_options(self.options, self.modality_names) for kind in ANALYSES]
         #: The enabled analyses besides the contribution sums, in :data:`ANALYSES` order.
-        self.analyses = [a for kind in ANALYSES if (a := kind.from_options(self.options, self.modality_names))]
-        self._needs: frozenset[PassName] = frozenset().union(*(analysis.needs for analysis in self.analyses))
+        self.analyses: list[Analysis] = [analysis for analysis in built if analysis is not None]
+        #: The coalitions of whole modalities the analyses read, each run once per batch.
+        self.coalitions = tuple(dict.fromkeys(c for analysis in self.analyses for c in analysis.coalitions()))
         self._prepared_for: tuple[Any, ...] | None = None
         self._num_updates = 0
-
-    def __getattr__(self, name: str) -> Any:  # measurement.ci, measurement.seed, ...: the options, read-only
-        options = self.__dict__.get("options")  # absent while unpickling
-        if name in OPTION_NAMES and options is not None:
-            return getattr(options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def modality_names(self) -> tuple[str, ...]:
@@ -198,43 +196,25 @@ class ContributionMeasurement:
     def reset(self) -> None:
         """Forget every batch added so far; the accumulators are kept and reused.
 
-        With ``encoders``, the next batch checks the cached path against the plain one again.
+        The encoder cache keeps what it checked (a new fit checks again: :meth:`check_encoders_again`) and forgets
+        what it computed with the old weights.
         """
-        self.engine.check_encoders_again()
+        if self.engine.cache is not None:
+            self.engine.cache.forget_weights()
         self.contribution.reset()
         for analysis in self.analyses:
             analysis.reset()
         self._num_updates = 0
 
+    def check_encoders_again(self) -> None:
+        """With ``encoders``: check the cached path against the plain one on the next batch (e.g. on a new fit)."""
+        if self.engine.cache is not None:
+            self.engine.cache.check_again()
+
     def _run(self, model: nn.Module, batch: Batch, clean: Tensor | None, recorded: Recording | None) -> Passes:
-        """The forward passes the analyses need, as few copies as possible."""
-        engine, modalities = self.engine, self.modalities
-        if "coalitions" in self._needs:
-            every = coalitions(len(modalities))
-            singletons = [2**index - 1 for index in range(len(modalities))]  # coalition k - 1 is bitmask k
-            if all(m.attributes is None for m in modalities):  # the singletons are the one-at-a-time copies
-                clean_rows, by_coalition = engine.run_coalitions(model, batch, every, clean is None, recorded)
-                if clean is not None:
-                    clean_rows = engine.given_clean(clean, by_coalition.shape[-1], by_coalition.shape[0])
-                assert clean_rows is not None
-                outputs = OccludedOutputs(
-                    clean_rows,
-                    {m.name: by_coalition[:, [i]] for m, i in zip(modalities, singletons)},
-                    {m.name: ("all",) for m in modalities},
-                )
-            else:
-                outputs = engine.run(model, batch, clean, recorded)
-                _, by_coalition = engine.run_coalitions(model, batch, every, include_clean=False)
-            whole = {m.name: by_coalition[:, i] for m, i in zip(modalities, singletons)}
-            return Passes(outputs, batch, outputs.clean.shape[0], by_coalition, whole)
-        outputs = engine.run(model, batch, clean, recorded)
-        everything = None
-        if "all_occluded" in self._needs:
-            _, everything = engine.run_coalitions(
-                model, batch, [frozenset(range(len(modalities)))], include_clean=False
-            )
-        whole = whole_modality_outputs(engine, model, batch, outputs) if "whole" in self._needs else None
-        return Passes(outputs, batch, outputs.clean.shape[0], everything, whole)
+        """The clean, one-at-a-time and coalition outputs the analyses read, in one engine run."""
+        outputs = self.engine.run(model, batch, clean, recorded, self.coalitions)
+        return Passes(outputs, batch, outputs.clean.shape[0])
 
     def _prepare(self, outputs: OccludedOutputs) -> None:
         """Build the accumulators on the first batch (they need its attributes, outputs and device).

@@ -18,6 +18,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mc.analyses.options import MeasurementOptions
+from lightning_mc.core.engine import OcclusionEngine
+from lightning_mc.core.modality import ModalitiesSpec, resolve_modalities
+
 NUM_CLASSES = 3
 
 #: Relative tolerance of :func:`assert_same_numbers`: about 80 float32 ulps (eps = 1.2e-7). Two computations of the
@@ -58,6 +62,19 @@ class TwoModalityNet(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def make_engine(modalities: ModalitiesSpec, **options: Any) -> OcclusionEngine:
+    """An engine with ``options`` resolved as a measurement resolves them (monitor → measurement → engine)."""
+    return OcclusionEngine(resolve_modalities(modalities), MeasurementOptions(**options).engine)
+
+
+def coalition_outputs(
+    engine: OcclusionEngine, model: nn.Module, batch: Any, coalitions: list[frozenset[int]]
+) -> tuple[Tensor, Tensor]:
+    """``(clean (N, C), occluded (N, K, C))``: the outputs with each of ``coalitions`` occluded, in their order."""
+    outputs = engine.run(model, batch, coalitions=coalitions)
+    return outputs.clean, torch.stack([outputs.coalitions[members] for members in coalitions], dim=1)
 
 
 def two_modality_dataset(num_samples: int = 48, seed: int = 0) -> TensorDataset:

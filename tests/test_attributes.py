@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from torch import Tensor, nn
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.core.masks import ColumnGroups, Columns, Patches2d, Tokens, Words
+from lightning_mc.core.attribute_builders import ColumnGroups, Columns, Patches2d, Tokens, Words
 from lightning_mc.functional import modality_contribution
 from lightning_mc.views.attribute_figures import MeanImages, attribute_figures, patch_share_map
 

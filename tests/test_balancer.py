@@ -500,7 +500,11 @@ def test_a_balancer_without_encoders_takes_the_ones_its_monitor_found_with_auto(
     monitor = ModalityContributionMonitor(MODALITIES, occlusion="zeros", encoders="auto")
     balancer = ModalityBalancer(alpha=3.0, min_share=None, dropout=0.0)
     _fit(tmp_path, balancer, monitor=monitor, max_epochs=2)
-    assert balancer._encoders == monitor.encoders and set(balancer._encoders) == {"image", "table"}
+    assert (
+        monitor.encoders == "auto"
+        and balancer._encoders == monitor.found_encoders
+        and set(balancer._encoders) == {"image", "table"}
+    )
     assert [entry["active"] for entry in balancer.history] == [True, True] and min(balancer.coefficients.values()) < 1
 
 

@@ -68,7 +68,7 @@ def test_intervals_depend_on_the_seed_not_the_batch_order_and_keep_at_most_max_c
 
 def test_per_sample_normalization_interval_matches_its_point_share() -> None:
     values = torch.tensor([[1.0, 1.0], [3.0, 1.0], [0.0, 0.0], [1.0, 3.0], [2.0, 0.0]])
-    shares, low, high = bootstrap_share_interval(values, n_boot=500, normalization="per_sample")
+    shares, low, high = bootstrap_share_interval(values, ci=0.95, n_boot=500, seed=0, normalization="per_sample")
     # mean over the 4 informative samples of d_a / (d_a + d_b): (0.5 + 0.75 + 0.25 + 1) / 4
     assert shares.tolist() == pytest.approx([0.625, 0.375])
     assert (low <= shares).all() and (shares <= high).all()
@@ -79,20 +79,22 @@ def test_per_sample_normalization_interval_matches_its_point_share() -> None:
 def test_wider_with_fewer_samples_and_higher_coverage() -> None:
     generator = torch.Generator().manual_seed(0)
     values = torch.rand(2000, 3, generator=generator)
-    _, low_small, high_small = bootstrap_share_interval(values[:50], ci=0.9, n_boot=500)
-    _, low_big, high_big = bootstrap_share_interval(values, ci=0.9, n_boot=500)
-    _, low_99, high_99 = bootstrap_share_interval(values, ci=0.99, n_boot=500)
+    _, low_small, high_small = bootstrap_share_interval(
+        values[:50], ci=0.9, n_boot=500, seed=0, normalization="ratio_of_sums"
+    )
+    _, low_big, high_big = bootstrap_share_interval(values, ci=0.9, n_boot=500, seed=0, normalization="ratio_of_sums")
+    _, low_99, high_99 = bootstrap_share_interval(values, ci=0.99, n_boot=500, seed=0, normalization="ratio_of_sums")
     assert ((high_small - low_small) > (high_big - low_big)).all()
     assert ((high_99 - low_99) > (high_big - low_big)).all()
 
 
 def test_an_invalid_ci_n_boot_or_max_ci_samples_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="ci="):
-        bootstrap_share_interval(torch.ones(3, 2), ci=1.0)
+        bootstrap_share_interval(torch.ones(3, 2), ci=1.0, n_boot=10, seed=0, normalization="ratio_of_sums")
     with pytest.raises(ValueError, match="n_boot="):
-        bootstrap_share_interval(torch.ones(3, 2), n_boot=0)
+        bootstrap_share_interval(torch.ones(3, 2), ci=0.95, n_boot=0, seed=0, normalization="ratio_of_sums")
     with pytest.raises(ValueError, match="non-empty"):
-        bootstrap_share_interval(torch.ones(0, 2))
+        bootstrap_share_interval(torch.ones(0, 2), ci=0.95, n_boot=10, seed=0, normalization="ratio_of_sums")
     with pytest.raises(ValueError, match="ci="):
         modality_contribution(Linear2(), _data(0), AB, ci=95)
     with pytest.raises(ValueError, match="max_ci_samples="):

@@ -286,7 +286,7 @@ def test_lightning_cli_yaml_configures_the_monitor_and_the_stopper(tmp_path, mon
     cli = _cli(tmp_path, TRAINER_YAML + CALLBACKS_YAML, monkeypatch)
     monitor = _only(cli.trainer.callbacks, ModalityContributionMonitor)
     stopper = _only(cli.trainer.callbacks, CollapseEarlyStopping)
-    assert monitor.prefix == "mc_val" and monitor.engine.output_transform == "softmax"
+    assert monitor.prefix == "mc_val" and monitor.engine.outputs.output_transform == "softmax"
     assert [entry["epoch"] for entry in monitor.history] == [0, 1]
     assert stopper.monitor is monitor and stopper.watched_modalities == ("image",)
     assert [entry["epoch"] for entry in stopper.history] == [0, 1] and stopper.action == "warn"

@@ -8,11 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mc import Modality
-from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Tokens, Words
 
-from helpers import assert_same_numbers
+from helpers import assert_same_numbers, coalition_outputs, make_engine
 
 N, COLUMNS = 6, 4
 ENCODERS = {"image": "image_encoder", "table": "table_encoder"}
@@ -83,8 +82,8 @@ FILLS = ["zeros", "mean", 0.5, "noise", "permute", halve]
 def test_cached_encoders_give_the_plain_outputs_under_every_fill(fill, attributes) -> None:
     """Same seed, so "noise" and "permute" draw the same fills on both paths; two batches: the check, then none."""
     model = LateFusion().eval()
-    plain = OcclusionEngine(modalities(attributes), occlusion=fill, max_batch_size=10)
-    cached = OcclusionEngine(modalities(attributes), occlusion=fill, max_batch_size=10, encoders=ENCODERS)
+    plain = make_engine(modalities(attributes), occlusion=fill, max_batch_size=10)
+    cached = make_engine(modalities(attributes), occlusion=fill, max_batch_size=10, encoders=ENCODERS)
     for seed in (0, 1):
         expected, actual = plain.run(model, batch(seed)), cached.run(model, batch(seed))
         assert_same_numbers(actual.clean, expected.clean, what="clean")
@@ -96,7 +95,7 @@ def test_each_encoder_runs_only_on_the_rows_it_must() -> None:
     model = LateFusion().eval()
     # zeros: the encoder's row for the constant fill was computed on the first batch and is kept for the measurement
     for fill, image_rows, table_rows in [("zeros", N, N), ("mean", N + N, N + N), ("permute", N, N)]:
-        engine = OcclusionEngine(modalities(), occlusion=fill, encoders=ENCODERS)
+        engine = make_engine(modalities(), occlusion=fill, encoders=ENCODERS)
         engine.run(model, batch(0))
         model.reset_counts()
         engine.run(model, batch(1))
@@ -106,7 +105,7 @@ def test_each_encoder_runs_only_on_the_rows_it_must() -> None:
         assert (model.image_encoder.rows, model.table_encoder.rows) == (image_rows, table_rows), fill
         assert model.head.rows == 3 * N  # the fusion head runs on every copy
 
-    engine = OcclusionEngine(modalities(attributes=True), occlusion="zeros", encoders=ENCODERS)
+    engine = make_engine(modalities(attributes=True), occlusion="zeros", encoders=ENCODERS)
     engine.run(model, batch(0))
     model.reset_counts()
     engine.run(model, batch(1))
@@ -117,27 +116,27 @@ def test_each_encoder_runs_only_on_the_rows_it_must() -> None:
 
 def test_the_plain_path_runs_every_encoder_on_every_copy() -> None:
     model = LateFusion().eval()
-    OcclusionEngine(modalities(attributes=True), occlusion="zeros").run(model, batch(1))
+    make_engine(modalities(attributes=True), occlusion="zeros").run(model, batch(1))
     assert model.image_encoder.rows == model.table_encoder.rows == model.head.rows == (1 + 4 + COLUMNS) * N
 
 
 def test_coalitions_replay_every_encoder_outside_the_coalition() -> None:
     model = LateFusion().eval()
     coalitions = [frozenset({0}), frozenset({1}), frozenset({0, 1})]
-    expected = OcclusionEngine(modalities(), occlusion="mean").run_coalitions(model, batch(), coalitions)
-    cached = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
-    cached.run_coalitions(model, batch(1), coalitions)
+    expected = coalition_outputs(make_engine(modalities(), occlusion="mean"), model, batch(), coalitions)
+    cached = make_engine(modalities(), occlusion="mean", encoders=ENCODERS)
+    coalition_outputs(cached, model, batch(1), coalitions)
     model.reset_counts()
-    actual = cached.run_coalitions(model, batch(), coalitions)
+    actual = coalition_outputs(cached, model, batch(), coalitions)
     assert_same_numbers(actual, expected)
     assert (model.image_encoder.rows, model.table_encoder.rows) == (N + 2 * N, N + 2 * N)
 
 
 def test_reused_clean_outputs_and_recorded_encoders_never_run_the_clean_batch_again() -> None:
     model = LateFusion().eval()
-    engine = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
+    engine = make_engine(modalities(), occlusion="mean", encoders=ENCODERS)
     engine.run(model, batch(1))
-    expected = OcclusionEngine(modalities(), occlusion="mean").run(model, batch())
+    expected = make_engine(modalities(), occlusion="mean").run(model, batch())
     model.reset_counts()
     with torch.no_grad(), engine.recording_encoders(model) as recording:
         clean = model(*batch())  # what the validation step computes
@@ -149,14 +148,14 @@ def test_reused_clean_outputs_and_recorded_encoders_never_run_the_clean_batch_ag
 
 def test_an_encoder_that_also_reads_another_modality_is_refused_by_name() -> None:
     model = FiLM().eval()
-    engine = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
+    engine = make_engine(modalities(), occlusion="mean", encoders=ENCODERS)
     with pytest.raises(
         ValueError, match=r"'table_encoder' \(given for modality 'table'\).*also depends on modality 'image'"
     ):
         engine.run(model, batch())
     # the user's module is left as it was: its own forward, no replaying one
     assert "forward" not in vars(model.table_encoder) and "forward" not in vars(model.image_encoder)
-    OcclusionEngine(modalities(), occlusion="mean", encoders={"image": "image_encoder"}).run(model, batch())
+    make_engine(modalities(), occlusion="mean", encoders={"image": "image_encoder"}).run(model, batch())
 
 
 def test_an_exception_in_the_model_restores_the_encoders() -> None:
@@ -168,7 +167,7 @@ def test_an_exception_in_the_model_restores_the_encoders() -> None:
 
     model = Failing().eval()
     with pytest.raises(RuntimeError, match="no zeros here"):
-        OcclusionEngine(modalities(), occlusion="zeros", encoders=ENCODERS).run(model, batch())
+        make_engine(modalities(), occlusion="zeros", encoders=ENCODERS).run(model, batch())
     assert "forward" not in vars(model.table_encoder) and "forward" not in vars(model.image_encoder)
 
 
@@ -185,23 +184,23 @@ def test_an_exception_in_the_model_restores_the_encoders() -> None:
 )
 def test_a_wrong_encoders_spec_is_refused_with_the_argument_and_what_is_valid(encoders, error, message) -> None:
     with pytest.raises(error, match=message):
-        OcclusionEngine(modalities(), encoders=encoders).run(LateFusion(), batch())
+        make_engine(modalities(), encoders=encoders).run(LateFusion(), batch())
 
 
 def test_auto_finds_the_outermost_module_of_each_modality_alone_and_gives_the_plain_numbers() -> None:
     model = LateFusion().eval()
-    engine = OcclusionEngine(modalities(attributes=True), occlusion="zeros", encoders="auto")
-    expected = OcclusionEngine(modalities(attributes=True), occlusion="zeros").run(model, batch())
+    engine = make_engine(modalities(attributes=True), occlusion="zeros", encoders="auto")
+    expected = make_engine(modalities(attributes=True), occlusion="zeros").run(model, batch())
     actual = engine.run(model, batch())
     # the Counted wrappers, not their inner Sequential or its layers; never the head, which reads both
-    assert engine.encoders == {"image": ("image_encoder",), "table": ("table_encoder",)}
+    assert engine.cache.found == {"image": ("image_encoder",), "table": ("table_encoder",)}
     assert_same_numbers(actual.occluded, expected.occluded)
 
 
 def test_auto_leaves_out_a_module_that_also_reads_another_modality() -> None:
-    engine = OcclusionEngine(modalities(), occlusion="mean", encoders="auto")
+    engine = make_engine(modalities(), occlusion="mean", encoders="auto")
     engine.run(FiLM().eval(), batch())
-    assert engine.encoders == {"image": ("image_encoder",)}  # the FiLM-conditioned table encoder is not the table's
+    assert engine.cache.found == {"image": ("image_encoder",)}  # the FiLM-conditioned table encoder is not the table's
 
 
 def test_auto_on_an_early_fusion_model_finds_nothing_and_runs_the_plain_path() -> None:
@@ -213,15 +212,15 @@ def test_auto_on_an_early_fusion_model_finds_nothing_and_runs_the_plain_path() -
         def forward(self, image: Tensor, table: Tensor) -> Tensor:
             return self.net(torch.cat([image.flatten(1), table], dim=1))
 
-    engine = OcclusionEngine(modalities(), encoders="auto")
+    engine = make_engine(modalities(), encoders="auto")
     with pytest.warns(UserWarning, match="encoders='auto' found no submodule"):
         engine.run(EarlyFusion().eval(), batch())
-    assert engine.encoders is None
+    assert engine.cache.found is None
 
 
 def test_a_constant_fill_runs_its_encoder_on_one_row_per_measurement_and_again_when_the_weights_change() -> None:
     model = LateFusion().eval()
-    engine = OcclusionEngine(modalities(), occlusion="zeros", encoders=ENCODERS)
+    engine = make_engine(modalities(), occlusion="zeros", encoders=ENCODERS)
     engine.run(model, batch(0))  # the first batch: one row for each constant fill (and the check)
     model.reset_counts()
     engine.run(model, batch(1))
@@ -231,9 +230,9 @@ def test_a_constant_fill_runs_its_encoder_on_one_row_per_measurement_and_again_w
     model.reset_counts()
     actual = engine.run(model, batch(2))
     assert model.image_encoder.rows == N + 1
-    expected = OcclusionEngine(modalities(), occlusion="zeros").run(model, batch(2))
+    expected = make_engine(modalities(), occlusion="zeros").run(model, batch(2))
     assert_same_numbers(actual.occluded, expected.occluded)
-    engine.check_encoders_again()  # a new measurement: computed again
+    engine.cache.check_again()  # a new measurement: computed again
     model.reset_counts()
     engine.run(model, batch(2))
     assert model.image_encoder.rows > N + 1  # the row again, and the check's plain path
@@ -281,18 +280,18 @@ def test_cached_encoders_give_the_plain_outputs_under_every_attribute_builder(bu
     )
     model = TokensAndTable().eval()
     encoders = {"tokens": "tokens_encoder", "table": "table_encoder"}
-    expected = OcclusionEngine(modalities_, max_batch_size=7).run(model, token_batch())
-    actual = OcclusionEngine(modalities_, max_batch_size=7, encoders=encoders).run(model, token_batch())
+    expected = make_engine(modalities_, max_batch_size=7).run(model, token_batch())
+    actual = make_engine(modalities_, max_batch_size=7, encoders=encoders).run(model, token_batch())
     assert_same_numbers(actual.occluded, expected.occluded)
 
 
 def test_a_recording_of_two_forward_calls_cannot_be_replayed_so_the_clean_batch_runs_again_with_a_warning() -> None:
     model = LateFusion().eval()
-    engine = OcclusionEngine(modalities(), occlusion="mean", encoders=ENCODERS)
+    engine = make_engine(modalities(), occlusion="mean", encoders=ENCODERS)
     with torch.no_grad(), engine.recording_encoders(model) as recording:
         clean = model(*batch())
         model(*batch())  # a validation step that runs the model twice
     with pytest.warns(UserWarning, match="'image_encoder' ran 2 times in 1 forward calls.*the clean batch runs again"):
         actual = engine.run(model, batch(), clean=clean, encoder_outputs=recording)
-    expected = OcclusionEngine(modalities(), occlusion="mean").run(model, batch())
+    expected = make_engine(modalities(), occlusion="mean").run(model, batch())
     assert_same_numbers(actual.occluded, expected.occluded)

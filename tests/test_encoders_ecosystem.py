@@ -13,11 +13,10 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_mc import Modality
-from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.masks import Patches3d, Tokens
 
-from helpers import assert_same_numbers
+from helpers import assert_same_numbers, make_engine
 
 PAD_ID, MASK_ID, LENGTH = 0, 4, 8
 
@@ -69,8 +68,8 @@ def test_monai_resnet10_encoder_gives_the_plain_numbers_on_metatensor_batches(fi
             Modality("labs", key="labs"),
         ]
     )
-    plain = OcclusionEngine(modalities, occlusion=fill, forward_fn=lambda m, b: m(b["ct"], b["labs"]))
-    cached = OcclusionEngine(
+    plain = make_engine(modalities, occlusion=fill, forward_fn=lambda m, b: m(b["ct"], b["labs"]))
+    cached = make_engine(
         modalities, occlusion=fill, forward_fn=lambda m, b: m(b["ct"], b["labs"]), encoders={"ct": "ct", "labs": "labs"}
     )
     plain.run(model, ct_batch(1))  # the same batches in the same order: "permute" draws the same shuffles
@@ -142,8 +141,8 @@ def test_a_hugging_face_bert_encoder_gives_the_plain_numbers_and_runs_only_for_t
         ]
     )
     model = ReportAndImage().eval()
-    plain = OcclusionEngine(modalities, forward_fn=call, output_transform="softmax")
-    cached = OcclusionEngine(
+    plain = make_engine(modalities, forward_fn=call, output_transform="softmax")
+    cached = make_engine(
         modalities, forward_fn=call, output_transform="softmax", encoders={"report": "report", "image": "image"}
     )
     first, second = report_batches()

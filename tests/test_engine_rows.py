@@ -11,12 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mc import Modality
-from lightning_mc.core.engine import OcclusionEngine
-from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.functional import modality_contribution
 from lightning_mc.masks import CustomMasks, Tokens, Words
 
-from helpers import assert_same_numbers
+from helpers import assert_same_numbers, make_engine
 
 MAX_LENGTH = 6
 
@@ -53,7 +51,7 @@ def token_modalities(attention_mask: str | None = "attention_mask") -> list[Moda
 
 def test_token_copies_run_one_row_per_real_token_and_padding_gets_exactly_zero() -> None:
     model, batch = RowCounter(), text_batch()
-    engine = OcclusionEngine(resolve_modalities(token_modalities()), occlusion="zeros")
+    engine = make_engine(token_modalities(), occlusion="zeros")
     outputs = engine.run(model, batch)
 
     real_tokens = int(batch["attention_mask"].sum())
@@ -70,9 +68,9 @@ def test_token_copies_run_one_row_per_real_token_and_padding_gets_exactly_zero()
 def test_the_rows_that_run_give_the_numbers_of_running_every_row() -> None:
     """Without the attention mask every position runs (the padding included): the real tokens' numbers match."""
     model, batch = RowCounter(), text_batch()
-    skipping = OcclusionEngine(resolve_modalities(token_modalities()), occlusion="zeros").run(model, batch)
+    skipping = make_engine(token_modalities(), occlusion="zeros").run(model, batch)
     model.rows = 0
-    everything = OcclusionEngine(resolve_modalities(token_modalities(None)), occlusion="zeros").run(model, batch)
+    everything = make_engine(token_modalities(None), occlusion="zeros").run(model, batch)
     assert model.rows == 4 + 4 * MAX_LENGTH + 4
     real = batch["attention_mask"] == 1
     assert_same_numbers(skipping.occluded["tokens"][real], everything.occluded["tokens"][real])
@@ -104,7 +102,7 @@ def test_a_word_a_sample_does_not_have_is_not_run() -> None:
     model = RowCounter()
     words = Words(max_words=4, word_ids="word_ids")
     modalities = [Modality("tokens", key="tokens", occlusion=0, attributes=words), Modality("table", key="table")]
-    engine = OcclusionEngine(resolve_modalities(modalities), occlusion="zeros")
+    engine = make_engine(modalities, occlusion="zeros")
     outputs = engine.run(model, batch)
     assert model.rows == 4 + (1 + 2 + 3 + 4) + 4  # word w runs on the 4 - w samples that have it
     occluded = outputs.occluded["tokens"]
@@ -132,7 +130,7 @@ def test_a_shared_mask_that_occludes_nothing_runs_no_row_and_a_per_sample_mask_r
 
     model = Model()
 
-    engine = OcclusionEngine(resolve_modalities(modalities), occlusion="zeros", max_batch_size=100)
+    engine = make_engine(modalities, occlusion="zeros", max_batch_size=100)
     outputs = engine.run(model, (table, torch.randn(5, 3)))
     assert sum(calls) == 5 + 0 + 5 + 2  # clean, "none" (no row), "c0" (every sample), "some" (samples 1 and 3)
     assert torch.equal(outputs.occluded["a"][:, 0], outputs.clean)

@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning_mc
 
 PACKAGE = Path(lightning_mc.__file__).parent
-#: Lower layers never import higher ones. ``lightning_mc.masks`` and ``lightning_mc.shapley`` are public import paths
-#: (re-exports), at the level of the entry points.
+#: Lower layers never import higher ones. ``lightning_mc.masks`` is a public import path (a re-export), at the level of
+#: the entry points.
 LAYERS = {
     "core": 0,
     "analyses": 1,
@@ -20,7 +20,6 @@ LAYERS = {
     "callbacks": 4,
     "functional": 4,
     "masks": 4,
-    "shapley": 4,
 }
 
 
@@ -87,8 +86,8 @@ def test_the_layer_check_sees_type_checking_imports_and_the_public_import_paths(
     )
     assert _imports(module, runtime_only=False) >= {"lightning_mc.callbacks.monitor", "lightning_mc.core.result"}
     assert "lightning_mc.callbacks.monitor" not in _imports(module, runtime_only=True)
-    assert _layer("lightning_mc.masks") == _layer("lightning_mc.shapley") == LAYERS["functional"]
-    assert "lightning_mc.functional" in IMPORTS["lightning_mc.shapley"]
+    assert _layer("lightning_mc.masks") == LAYERS["functional"]
+    assert "lightning_mc.core.attribute_builders" in IMPORTS["lightning_mc.masks"]
 
 
 def test_the_import_graph_has_no_cycle() -> None:
@@ -110,3 +109,13 @@ def test_the_import_graph_has_no_cycle() -> None:
         if module not in state:
             visit(module, [])
     assert cycles == []
+
+
+def test_no_two_modules_share_a_name() -> None:
+    names = [module.rsplit(".", 1)[-1] for module, path in MODULES.items() if path.name != "__init__.py"]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
+
+
+def test_the_options_declaration_imports_no_analysis() -> None:
+    analyses = {module for module in MODULES if module.startswith("lightning_mc.analyses.")}
+    assert IMPORTS["lightning_mc.analyses.options"] & analyses == set()

@@ -1,4 +1,4 @@
-"""Attribute masks (lightning_mc.core.masks) through the engine and the metric: planted models with known answers."""
+"""Attribute masks (lightning_mc.core.attribute_builders) through the engine and the metric: planted known answers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from captum.attr import FeatureAblation
 from torch import Tensor, nn
 
 from lightning_mc import Modality, ModalityContribution
-from lightning_mc.core.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
+from lightning_mc.core.attribute_builders import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
 from lightning_mc.functional import modality_contribution
 
 from helpers import Lambda

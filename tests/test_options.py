@@ -17,13 +17,18 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_mc import ContributionMeasurement, ModalityContributionMonitor
+from lightning_mc import ContributionMeasurement, ModalityContribution, ModalityContributionMonitor
 from lightning_mc.analyses.options import OPTION_NAMES, MeasurementOptions
-from lightning_mc.callbacks.options import MONITOR_DOCS
+from lightning_mc.callbacks.monitor_keys import MONITOR_DOCS
 from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
+from lightning_mc.core.engine import EngineSettings, OcclusionEngine
+from lightning_mc.core.outputs import OutputReader
 from lightning_mc.functional import SHAPLEY_OPTIONS, modality_contribution, modality_shapley
 
 FIELDS = {field.name: field for field in dataclasses.fields(MeasurementOptions)}
+#: The options MeasurementOptions checks itself (the analyses check the others when a measurement builds them).
+CHECKED_ON_DECLARATION = {name for name, field in FIELDS.items() if field.metadata["check"] is not None}
+CHECKED_ON_DECLARATION |= {"output_key", "output_transform", "encoders"}  # by the reader and the encoders' resolution
 #: entry point -> (its callable whose signature users see, the options it takes)
 ENTRY_POINTS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "ContributionMeasurement": (ContributionMeasurement.__init__, OPTION_NAMES),
@@ -79,8 +84,26 @@ def test_the_monitor_takes_the_schedule_arguments_with_the_schedule_defaults() -
 def test_a_call_written_before_the_declaration_still_configures_the_same_options() -> None:
     monitor = ModalityContributionMonitor({"image": 0, "table": 1}, output_transform="softmax", ci=0.95)
     assert monitor.measurement.options == MeasurementOptions(output_transform="softmax", ci=0.95)
-    assert monitor.measurement.ci == 0.95 and monitor.measurement.n_boot == 1000
-    assert monitor.engine.output_transform == "softmax"
+    assert monitor.measurement.options.ci == 0.95 and monitor.measurement.options.n_boot == 1000
+    assert monitor.engine.outputs.output_transform == "softmax"
+
+
+def test_below_the_public_signatures_no_option_has_a_default() -> None:
+    for function in (EngineSettings, OcclusionEngine.__init__, OutputReader.__init__):
+        parameters = inspect.signature(function).parameters.values()
+        assert all(p.default is inspect.Parameter.empty for p in parameters), function
+    # the metric is public too: its one option agrees with the declaration
+    normalization = inspect.signature(ModalityContribution.__init__).parameters["normalization"]
+    assert (normalization.annotation, normalization.default) == (FIELDS["normalization"].type, "ratio_of_sums")
+    assert FIELDS["normalization"].default == "ratio_of_sums"
+
+
+def test_occlusion_is_resolved_once_on_its_way_from_the_monitor_to_the_fill() -> None:
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, occlusion=0.5)
+    settings = monitor.measurement.options.engine
+    assert monitor.engine.settings is settings
+    assert monitor.engine.fills == (settings.fill, settings.fill)
+    assert all(fill is settings.fill for fill in monitor.engine.fills)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +124,9 @@ def test_a_call_written_before_the_declaration_still_configures_the_same_options
     ],
 )
 def test_an_invalid_option_is_refused_by_every_entry_point_with_the_same_message(options, error, message) -> None:
-    builds = [] if "encoders" in options else [lambda: MeasurementOptions(**options)]  # encoders need the modalities
+    # the declaration checks the options the engine takes; the analyses check theirs, the engine the modalities
+    checked_by_the_declaration = set(options) <= CHECKED_ON_DECLARATION and "modalities" not in message
+    builds = [lambda: MeasurementOptions(**options)] if checked_by_the_declaration else []
     for build in (
         *builds,
         lambda: ContributionMeasurement({"image": 0, "table": 1}, **options),
@@ -116,7 +141,8 @@ def test_an_invalid_option_is_refused_by_every_entry_point_with_the_same_message
 def test_encoders_reach_the_engine_and_the_monitor_exposes_them_as_tuples_of_names() -> None:
     monitor = ModalityContributionMonitor({"image": 0, "table": 1}, encoders={"image": "image_branch"})
     assert monitor.measurement.options.encoders == {"image": "image_branch"}
-    assert monitor.encoders == monitor.engine.encoders == {"image": ("image_branch",)}
+    assert monitor.encoders == monitor.found_encoders == {"image": ("image_branch",)}
+    assert ModalityContributionMonitor({"image": 0, "table": 1}, encoders="auto").encoders == "auto"
     options = inspect.signature(modality_shapley).parameters["encoders"]
     assert options.default is None and "encoders" in SHAPLEY_OPTIONS
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.core.masks import Columns
+from lightning_mc.core.attribute_builders import Columns
 from lightning_mc.functional import modality_contribution
 
 from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset

@@ -137,8 +137,9 @@ def _everything() -> dict[str, Any]:
 
 
 COLUMNS = [Modality("image", key=0), Modality("table", key=1, attributes=Columns())]
-#: 1 image copy + 5 column copies + 3 Shapley coalitions (which include the all-occluded and whole-table copies).
-EVERYTHING_COPIES = 9
+#: 1 image copy (also the Shapley coalition {image}) + 5 column copies + the coalitions {table} and {image, table}
+#: (the latter also the all-occluded copy of check_redundancy).
+EVERYTHING_COPIES = 8
 EVERYTHING_KEYS = ("share_low/image", "shapley/image", "all_occluded_raw", "perf_clean", "output_share/0/image")
 CASES: dict[str, Case] = {
     "defaults": Case(ReturningNet, MODALITIES, dict, True, copies=2),

@@ -24,12 +24,19 @@ from lightning_mc.analyses.shapley import (
     shapley_interactions,
     shapley_values,
 )
-from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.core.modality import resolve_modalities
-from lightning_mc.functional import modality_contribution
-from lightning_mc.shapley import modality_shapley
+from lightning_mc.functional import modality_contribution, modality_shapley
 
-from helpers import PlantedModule, TwoModalityNet, assert_same_numbers, loader, trainer_kwargs, two_modality_dataset
+from helpers import (
+    PlantedModule,
+    TwoModalityNet,
+    assert_same_numbers,
+    coalition_outputs,
+    loader,
+    make_engine,
+    trainer_kwargs,
+    two_modality_dataset,
+)
 
 MODALITIES = {"image": 0, "table": 1}
 
@@ -183,12 +190,12 @@ def test_run_coalitions_chunking_does_not_change_outputs_and_respects_max_batch_
     batch = (torch.randn(6, 4), torch.randn(6, 2), torch.randn(6, 3))
     modalities = resolve_modalities({"a": 0, "b": 1, "c": 2})
     model = Mixed()
-    reference = OcclusionEngine(modalities, occlusion="zeros", max_batch_size=1000).run_coalitions(
-        model, batch, coalitions(3)
+    reference = coalition_outputs(
+        make_engine(modalities, occlusion="zeros", max_batch_size=1000), model, batch, coalitions(3)
     )
-    clean, occluded = OcclusionEngine(
-        modalities, forward_fn=forward, occlusion="zeros", max_batch_size=7
-    ).run_coalitions(model, batch, coalitions(3))
+    clean, occluded = coalition_outputs(
+        make_engine(modalities, forward_fn=forward, occlusion="zeros", max_batch_size=7), model, batch, coalitions(3)
+    )
     assert max(calls) <= 7 and sum(calls) == 8 * 6
     torch.testing.assert_close(clean, reference[0])
     torch.testing.assert_close(occluded, reference[1])
@@ -245,9 +252,9 @@ def test_more_than_six_modalities_are_refused_with_the_limit_in_the_message() ->
 def test_empty_data_and_a_coalition_of_unknown_modalities_are_refused() -> None:
     with pytest.raises(ValueError, match="no batch"):
         modality_shapley(RedundantMax(), [], {"a": 0, "b": 1})
-    engine = OcclusionEngine(resolve_modalities({"a": 0, "b": 1}))
+    engine = make_engine({"a": 0, "b": 1})
     with pytest.raises(ValueError, match="non-empty set"):
-        engine.run_coalitions(RedundantMax(), (torch.rand(2, 2), torch.rand(2, 2)), [frozenset({2})])
+        coalition_outputs(engine, RedundantMax(), (torch.rand(2, 2), torch.rand(2, 2)), [frozenset({2})])
 
 
 class RedundantModule(PlantedModule):

@@ -13,11 +13,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_mc import Modality, ModalityContributionMonitor
-from lightning_mc.core.engine import OcclusionEngine
-from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.core.occlusion import AttributeMasks
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import TwoModalityNet, loader, make_engine, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 
@@ -52,7 +50,7 @@ def test_the_batch_is_bit_identical_and_the_global_rngs_untouched_after_the_engi
     before = {key: value.clone() for key, value in batch.items() if isinstance(value, Tensor)}
     pointers = {key: value.data_ptr() for key, value in batch.items() if isinstance(value, Tensor)}
     modalities = [Modality("image", key="image"), Modality("table", key="table", attributes=Columns())]
-    engine = OcclusionEngine(modalities, occlusion=fill, max_batch_size=10)
+    engine = make_engine(modalities, occlusion=fill, max_batch_size=10)
     model = TwoModalityNet()
     torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
     engine.run(model, batch)
@@ -73,7 +71,7 @@ def test_modes_requires_grad_and_gradients_are_restored_by_the_engine() -> None:
     modes = [m.training for m in model.modules()]
     requires = [p.requires_grad for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    OcclusionEngine(resolve_modalities(MODALITIES)).run(model, (torch.randn(4, 1, 8, 8), torch.randn(4, 5)))
+    make_engine(MODALITIES).run(model, (torch.randn(4, 1, 8, 8), torch.randn(4, 5)))
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == requires
     for grad, p in zip(grads, model.parameters()):

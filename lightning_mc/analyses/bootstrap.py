@@ -19,33 +19,33 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import MetricAnalysis, Passes
 from lightning_mc.core.checks import check_fraction, check_int
 from lightning_mc.core.result import ContributionResult
-
-if TYPE_CHECKING:
-    from lightning_mc.analyses.options import MeasurementOptions
 
 #: Bootstrap replicates drawn per block (bounds the ``block × N`` index tensor).
 _BLOCK = 64
 #: Normalizations a bootstrap interval is available for.
 BOOTSTRAP_NORMALIZATIONS: tuple[str, ...] = ("ratio_of_sums", "per_sample")
-#: Default cap on the per-sample values kept per process.
-DEFAULT_MAX_CI_SAMPLES = 100_000
 
 
-def check_ci_arguments(ci: float | None, n_boot: int, max_samples: int, normalization: str = "ratio_of_sums") -> None:
+def check_ci_arguments(ci: float | None, n_boot: int, max_samples: int, normalization: str) -> None:
     """Validate the confidence-interval options; raise a ValueError naming the argument.
 
     Example:
-        >>> check_ci_arguments(0.95, 1000, 100_000)
+        >>> check_ci_arguments(0.95, 1000, 100_000, "ratio_of_sums")
+        >>> check_ci_arguments(0.95, 0, 100_000, "ratio_of_sums")
+        Traceback (most recent call last):
+        ...
+        ValueError: n_boot=0 must be a positive int.
     """
     check_fraction("ci", ci, optional=True, what="a coverage", hint=", e.g. 0.95")
     check_int("n_boot", n_boot)
@@ -84,7 +84,7 @@ def _statistic(values: Tensor, index: Tensor, normalization: str) -> Tensor:
 
 
 def bootstrap_share_interval(
-    per_sample: Tensor, ci: float = 0.95, n_boot: int = 1000, seed: int = 0, normalization: str = "ratio_of_sums"
+    per_sample: Tensor, *, ci: float, n_boot: int, seed: int, normalization: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Shares and their percentile bootstrap interval.
 
@@ -104,7 +104,10 @@ def bootstrap_share_interval(
         ValueError: On an empty ``per_sample``, ``ci`` outside ``(0, 1)``, ``n_boot < 1`` or another normalization.
 
     Example:
-        >>> shares, low, high = bootstrap_share_interval(torch.tensor([[1.0, 1.0], [2.0, 0.0], [1.0, 3.0]]), n_boot=200)
+        >>> shares, low, high = bootstrap_share_interval(
+        ...     torch.tensor([[1.0, 1.0], [2.0, 0.0], [1.0, 3.0]]),
+        ...     ci=0.95, n_boot=200, seed=0, normalization="ratio_of_sums",
+        ... )
         >>> shares.tolist()
         [0.5, 0.5]
         >>> bool((low <= shares).all() and (shares <= high).all())
@@ -156,9 +159,9 @@ class PerSampleRaw(Metric):
     is_differentiable = False
     higher_is_better = None
 
-    def __init__(self, max_samples: int = DEFAULT_MAX_CI_SAMPLES, **kwargs: Any) -> None:
+    def __init__(self, max_samples: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        check_ci_arguments(None, 1, max_samples)
+        check_int("max_samples", max_samples)
         self.max_samples = max_samples
         self.add_state("values", default=[], dist_reduce_fx="cat")
         self.add_state("num_dropped", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
@@ -218,7 +221,8 @@ class ShareIntervals(MetricAnalysis):
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> ShareIntervals | None:
-        """Built when ``ci`` is set."""
+        """Checks ``ci``, ``n_boot`` and ``max_ci_samples``; built when ``ci`` is set."""
+        check_ci_arguments(options.ci, options.n_boot, options.max_ci_samples, options.normalization)
         if options.ci is None:
             return None
         return cls(

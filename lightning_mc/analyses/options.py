@@ -7,40 +7,47 @@ checkers, Sphinx and LightningCLI's jsonargparse read), collect them with :meth:
 ``Args`` documentation from :func:`document_options`; ``tests/test_options.py`` fails if a signature's name, type,
 default or order differs from this declaration.
 
+Each option is checked once, on construction, by the check declared with it; the options an analysis owns (``ci``,
+``tolerance``, ``perf_metric``, ...) are checked by that analysis when the measurement builds it
+(:meth:`~lightning_mc.analyses.part.Analysis.from_options`). What the engine needs is resolved once, into
+:attr:`MeasurementOptions.engine`, and the engine takes that object.
+
 Example:
-    >>> options = MeasurementOptions(ci=0.95)
+    >>> options = MeasurementOptions(ci=0.95, occlusion="zeros")
     >>> options.ci, options.n_boot
     (0.95, 1000)
-    >>> MeasurementOptions(n_boot=0)
+    >>> type(options.engine.fill).__name__
+    'ZerosFill'
+    >>> MeasurementOptions(max_batch_size=0)
     Traceback (most recent call last):
     ...
-    ValueError: n_boot=0 must be a positive int.
+    ValueError: max_batch_size=0 must be a positive int or None.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import field
 from typing import Any
 
 from torchmetrics import Metric
 
-from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES, check_ci_arguments
-from lightning_mc.analyses.perf_drop import TargetSpec, check_perf_arguments
-from lightning_mc.analyses.precision import check_tolerance
-from lightning_mc.analyses.shapley import check_num_modalities
 from lightning_mc.core.checks import check_int
 from lightning_mc.core.encoders import EncodersSpec, resolve_encoders
-from lightning_mc.core.engine import ForwardFn
+from lightning_mc.core.engine import EngineSettings, ForwardFn
 from lightning_mc.core.metric import Normalization, check_normalization
+from lightning_mc.core.modality import TargetSpec
 from lightning_mc.core.occlusion import FillSpec, resolve_fill
-from lightning_mc.core.outputs import OutputTransform, check_output_key, resolve_output_transform
+from lightning_mc.core.outputs import OutputReader, OutputTransform
+
+#: Default of ``max_ci_samples``: the most samples per process whose per-sample values are kept for the intervals.
+DEFAULT_MAX_CI_SAMPLES = 100_000
 
 
-def _about(doc: str, check: Callable[[Any], Any] | None = None, engine: bool = False) -> dict[str, Any]:
-    """An option's metadata: its one-line doc, its check (``value -> None``) and whether the engine takes it too."""
-    return {"doc": doc, "check": check, "engine": engine}
+def _about(doc: str, check: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """An option's metadata: its one-line doc and its check (``value -> None``; ``None``: an analysis checks it)."""
+    return {"doc": doc, "check": check}
 
 
 def _check_forward_fn(forward_fn: Any) -> None:
@@ -67,7 +74,6 @@ class MeasurementOptions:
             "``(model, batch) -> output``. Default: ``model(*modality_tensors)``, the modality tensors as positional "
             "arguments in the order of ``modalities``, e.g. ``model(batch['image'], batch['table'])``.",
             _check_forward_fn,
-            engine=True,
         ),
     )
     output_key: str | None = field(
@@ -76,8 +82,7 @@ class MeasurementOptions:
             "Where the prediction is in the model's output: a dict key, a Hugging Face ``ModelOutput`` field or an "
             "attribute, e.g. ``'logits'`` (applied after ``forward_fn``). ``None``: the output is the prediction "
             "tensor.",
-            check_output_key,
-            engine=True,
+            None,  # checked by OutputReader, built once in __post_init__
         ),
     )
     output_transform: OutputTransform = field(
@@ -85,8 +90,7 @@ class MeasurementOptions:
         metadata=_about(
             "Activation applied to the outputs before they are compared: ``None`` (regression, or a model that already "
             "returns probabilities), ``'softmax'``, ``'sigmoid'`` or a callable.",
-            resolve_output_transform,
-            engine=True,
+            None,  # checked by OutputReader, built once in __post_init__
         ),
     )
     occlusion: FillSpec = field(
@@ -95,7 +99,6 @@ class MeasurementOptions:
             "Default fill of modalities that set none: ``'mean'`` (per-sample mean, the paper's image fill), "
             "``'zeros'``, ``'noise'``, ``'permute'``, a number or a callable.",
             resolve_fill,
-            engine=True,
         ),
     )
     normalization: Normalization = field(
@@ -110,14 +113,13 @@ class MeasurementOptions:
         metadata=_about(
             "Most rows per forward call (``None``: 4 × the batch size).",
             lambda value: check_int("max_batch_size", value, optional=True),
-            engine=True,
         ),
     )
     seed: int = field(
         default=0,
         metadata=_about(
             "Seed of the ``'noise'`` and ``'permute'`` fills and of the bootstrap (the global RNG is never touched).",
-            engine=True,
+            lambda value: check_int("seed", value, minimum=0),
         ),
     )
     check_redundancy: bool = field(
@@ -183,7 +185,6 @@ class MeasurementOptions:
             "LightningModule): the encoders whose outputs are recorded on the clean pass and replayed for the copies "
             "that occlude another modality; ``'auto'`` finds them on the first batch; ``None``: every copy runs the "
             "whole model (checked against the modalities by :func:`~lightning_mc.core.encoders.resolve_encoders`).",
-            engine=True,
         ),
     )
 
@@ -192,9 +193,20 @@ class MeasurementOptions:
             check = option.metadata["check"]
             if check is not None:
                 check(getattr(self, option.name))
-        check_ci_arguments(self.ci, self.n_boot, self.max_ci_samples, self.normalization)
-        check_tolerance(self.tolerance, self.normalization)
-        check_perf_arguments(self.perf_metric, self.target)
+        settings = EngineSettings(
+            forward_fn=self.forward_fn,
+            outputs=OutputReader(self.output_key, self.output_transform),
+            fill=resolve_fill(self.occlusion),
+            max_batch_size=self.max_batch_size,
+            seed=self.seed,
+            encoders=resolve_encoders(self.encoders, None),
+        )
+        object.__setattr__(self, "_engine", settings)
+
+    @property
+    def engine(self) -> EngineSettings:
+        """The settings the engine takes (the fill, the output reader, the encoders spec), resolved on construction."""
+        return self._engine  # type: ignore[attr-defined]
 
     @classmethod
     def pick(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,22 +221,6 @@ class MeasurementOptions:
     def arguments(self) -> dict[str, Any]:
         """``option -> value``, the keyword arguments that rebuild these options (no copies are made)."""
         return {name: getattr(self, name) for name in OPTION_NAMES}
-
-    def engine_arguments(self) -> dict[str, Any]:
-        """The options that are :class:`~lightning_mc.core.engine.OcclusionEngine` arguments too, by name."""
-        return {
-            option.name: getattr(self, option.name) for option in dataclasses.fields(self) if option.metadata["engine"]
-        }
-
-    def check_modalities(self, names: Sequence[str]) -> None:
-        """Raise a ``ValueError`` if an option does not fit the measured modalities ``names``.
-
-        ``shapley`` needs at most 6 modalities; ``encoders`` must map measured modalities to submodule names (or be
-        ``"auto"``).
-        """
-        if self.shapley:
-            check_num_modalities(len(names))
-        resolve_encoders(self.encoders, names)
 
 
 #: The option names, in declaration order (the order of every signature that takes them).
@@ -270,4 +266,4 @@ def _with_args(doc: str, entries: list[tuple[str, str]], after: str) -> str:
     return "\n".join(lines[:end] + added + lines[end:])
 
 
-__all__ = ["OPTION_NAMES", "MeasurementOptions", "document_options"]
+__all__ = ["DEFAULT_MAX_CI_SAMPLES", "OPTION_NAMES", "MeasurementOptions", "document_options"]

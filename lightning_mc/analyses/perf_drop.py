@@ -21,24 +21,17 @@ This is separate from the label-free metric by design: it needs targets, and a m
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Union
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import Analysis, Passes
-from lightning_mc.core.engine import OccludedOutputs, OcclusionEngine
-from lightning_mc.core.modality import Batch
-from lightning_mc.core.occlusion import WholeModality
+from lightning_mc.core.engine import OccludedOutputs
+from lightning_mc.core.modality import TargetSpec, select_target
 from lightning_mc.core.result import ContributionResult
-
-if TYPE_CHECKING:
-    from lightning_mc.analyses.options import MeasurementOptions
-
-#: Where the targets are in a batch (a dict key, a tuple/list index, or ``batch -> Tensor``).
-TargetSpec = Union[str, int, Callable[[Batch], Tensor]]
 
 
 def check_perf_arguments(perf_metric: Metric | None, target: TargetSpec | None) -> None:
@@ -54,44 +47,6 @@ def check_perf_arguments(perf_metric: Metric | None, target: TargetSpec | None) 
         raise TypeError(f"perf_metric={perf_metric!r} must be a torchmetrics.Metric, e.g. BinaryAUROC().")
     if isinstance(target, bool) or not (isinstance(target, (str, int)) or callable(target)):
         raise TypeError(f"target={target!r} must be a dict key, a tuple index or a callable batch -> Tensor.")
-
-
-def select_target(batch: Batch, target: TargetSpec) -> Tensor:
-    """The targets of ``batch``.
-
-    Example:
-        >>> select_target((torch.zeros(2, 3), torch.tensor([0, 1])), 1)
-        tensor([0, 1])
-    """
-    try:
-        value = target(batch) if callable(target) else batch[target]  # type: ignore[index]
-    except (KeyError, IndexError, TypeError) as err:
-        raise ValueError(f"target={target!r} found no targets in the batch ({type(err).__name__}: {err}).") from None
-    if not isinstance(value, Tensor):
-        raise TypeError(f"target={target!r} selected a {type(value).__name__}, expected a tensor of targets.")
-    return value
-
-
-def whole_modality_outputs(
-    engine: OcclusionEngine, model: nn.Module, batch: Batch, outputs: OccludedOutputs
-) -> dict[str, Tensor]:
-    """``name -> (N, C)``: the outputs with each whole modality occluded.
-
-    Reuses the engine's one-at-a-time outputs for modalities measured whole (the default); modalities measured per
-    attribute get one extra copy each (one ``run_coalitions`` call for all of them).
-    """
-    whole: dict[str, Tensor] = {}
-    missing: list[int] = []
-    for index, modality in enumerate(engine.modalities):
-        if isinstance(modality.attribute_masks, WholeModality):
-            whole[modality.name] = outputs.occluded[modality.name][:, 0]
-        else:
-            missing.append(index)
-    if missing:
-        _, extra = engine.run_coalitions(model, batch, [frozenset({i}) for i in missing], include_clean=False)
-        for column, index in enumerate(missing):
-            whole[engine.modalities[index].name] = extra[:, column]
-    return {modality.name: whole[modality.name] for modality in engine.modalities}
 
 
 def _preds(outputs: Tensor, target: Tensor) -> Tensor:
@@ -173,8 +128,6 @@ class PerfDropAnalysis(Analysis):
         modality_names: The measured modalities, in order.
     """
 
-    needs = frozenset({"whole"})
-
     def __init__(self, metric: Metric, target: TargetSpec, modality_names: tuple[str, ...]) -> None:
         self.target = target
         self.metric, self.modality_names = metric, modality_names
@@ -182,10 +135,15 @@ class PerfDropAnalysis(Analysis):
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> PerfDropAnalysis | None:
-        """Built when ``perf_metric`` is set (``target`` too: the options check that)."""
+        """Checks ``perf_metric`` and ``target`` (both or neither); built when they are set."""
+        check_perf_arguments(options.perf_metric, options.target)
         if options.perf_metric is None or options.target is None:
             return None
         return cls(options.perf_metric, options.target, modality_names)
+
+    def coalitions(self) -> tuple[frozenset[int], ...]:
+        """Each whole modality alone (free for a modality measured whole: its one-at-a-time copy)."""
+        return tuple(frozenset({index}) for index in range(len(self.modality_names)))
 
     def prepare(self, outputs: OccludedOutputs) -> None:
         """Clones the metric (once) onto the outputs' device."""
@@ -195,9 +153,10 @@ class PerfDropAnalysis(Analysis):
 
     def update(self, passes: Passes) -> None:
         """Adds the batch's targets, clean and whole-modality outputs."""
-        assert self.drop is not None and passes.whole is not None  # prepared; needs "whole"
+        assert self.drop is not None  # prepared
         targets = select_target(passes.batch, self.target)[: passes.num_samples]
-        self.drop.update(targets, passes.outputs.clean, passes.whole)
+        whole = {name: passes.coalition(frozenset({index})) for index, name in enumerate(self.modality_names)}
+        self.drop.update(targets, passes.outputs.clean, whole)
 
     def reset(self) -> None:
         """Resets every clone."""

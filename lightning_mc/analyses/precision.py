@@ -20,7 +20,7 @@ undercover. ``examples/interval_coverage.py`` and ``tests/test_tolerance.py`` ch
 Example:
     >>> import torch
     >>> from lightning_mc.analyses.precision import ShareHalfWidth
-    >>> metric = ShareHalfWidth(num_modalities=2)
+    >>> metric = ShareHalfWidth(num_modalities=2, normalization="ratio_of_sums")
     >>> d = torch.rand(400, 2, generator=torch.Generator().manual_seed(0))
     >>> metric.update(d)
     >>> half_width = metric.compute()
@@ -32,18 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import MetricAnalysis, Passes
 from lightning_mc.core.checks import check_fraction
 from lightning_mc.core.result import ContributionResult
-
-if TYPE_CHECKING:
-    from lightning_mc.analyses.options import MeasurementOptions
 
 #: ``z`` of a two-sided 95% normal interval.
 Z_95 = 1.959963984540054
@@ -53,11 +51,11 @@ MIN_SAMPLES = 50
 TOLERANCE_NORMALIZATIONS: tuple[str, ...] = ("ratio_of_sums", "per_sample")
 
 
-def check_tolerance(tolerance: float | None, normalization: str = "ratio_of_sums") -> None:
+def check_tolerance(tolerance: float | None, normalization: str) -> None:
     """Raise a ValueError unless ``tolerance`` is ``None`` or a number in ``(0, 1)`` for a supported normalization.
 
     Example:
-        >>> check_tolerance(0.02)
+        >>> check_tolerance(0.02, "ratio_of_sums")
     """
     if tolerance is None:
         return
@@ -82,7 +80,7 @@ class ShareHalfWidth(Metric):
     is_differentiable = False
     higher_is_better = False
 
-    def __init__(self, num_modalities: int, normalization: str = "ratio_of_sums", **kwargs: Any) -> None:
+    def __init__(self, num_modalities: int, normalization: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_tolerance(0.5, normalization)
         self.normalization = normalization
@@ -143,7 +141,8 @@ class SharePrecision(MetricAnalysis):
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> SharePrecision | None:
-        """Built when ``tolerance`` is set."""
+        """Checks ``tolerance``; built when it is set."""
+        check_tolerance(options.tolerance, options.normalization)
         if options.tolerance is None:
             return None
         return cls(modality_names, options.tolerance, options.normalization)

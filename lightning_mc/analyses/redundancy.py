@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import MetricAnalysis, Passes
 from lightning_mc.analyses.shapley import AllOccludedMovement, redundancy_message
 from lightning_mc.core.result import ContributionResult
-
-if TYPE_CHECKING:
-    from lightning_mc.analyses.options import MeasurementOptions
 
 
 class RedundancyCheck(MetricAnalysis):
@@ -22,20 +19,23 @@ class RedundancyCheck(MetricAnalysis):
     runs first), so both report the same number.
     """
 
-    needs = frozenset({"all_occluded"})
-
-    def __init__(self) -> None:
+    def __init__(self, num_modalities: int) -> None:
+        self.everything = frozenset(range(num_modalities))
         self.metric = AllOccludedMovement()
         self.warned = False
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> RedundancyCheck | None:
         """Built when ``check_redundancy`` is set."""
-        return cls() if options.check_redundancy else None
+        return cls(len(modality_names)) if options.check_redundancy else None
+
+    def coalitions(self) -> tuple[frozenset[int], ...]:
+        """Every modality at once."""
+        return (self.everything,)
 
     def update(self, passes: Passes) -> None:
         """Adds the movement with every modality occluded."""
-        self.metric.update(passes.outputs.clean, passes.all_occluded)
+        self.metric.update(passes.outputs.clean, passes.coalition(self.everything))
 
     def write(self, result: ContributionResult) -> ContributionResult:
         """Fills ``all_occluded_raw`` (unless Shapley values did) and warns when the modalities look redundant."""

@@ -9,7 +9,7 @@ game::
 
 (``p⁰``: clean outputs, ``p^S``: outputs with every modality in ``S`` replaced by its fill) is solved exactly. With
 ``M`` modalities this costs ``2^M − 1`` occluded copies of each batch (plus the clean one), run batched by
-:meth:`lightning_mc.core.engine.OcclusionEngine.run_coalitions`; ``M ≤ 6`` (63 copies).
+:meth:`lightning_mc.core.engine.OcclusionEngine.run` (its ``coalitions``); ``M ≤ 6`` (63 copies).
 
 Shapley value of modality ``i``::
 
@@ -36,17 +36,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import MetricAnalysis, Passes
 from lightning_mc.core.result import ContributionResult, ShapleyResult
-
-if TYPE_CHECKING:
-    from lightning_mc.analyses.options import MeasurementOptions
 
 #: Most modalities for exact Shapley values: ``2^6 − 1 = 63`` occluded copies per batch.
 MAX_SHAPLEY_MODALITIES = 6
@@ -175,7 +173,7 @@ class ModalityShapley(Metric):
         self.add_state("num_skipped", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, clean: Tensor, occluded: Tensor) -> None:
-        """Add a batch: ``clean`` ``(N, C)`` and ``occluded`` ``(N, 2^M − 1, C)`` (from ``run_coalitions``).
+        """Add a batch: ``clean`` ``(N, C)`` and ``occluded`` ``(N, 2^M − 1, C)`` (in :func:`coalitions` order).
 
         Samples with a NaN or inf output are skipped and counted in ``num_skipped``.
         """
@@ -267,20 +265,26 @@ class ShapleyAnalysis(MetricAnalysis):
         modality_names: The measured modalities, in order (at most 6).
     """
 
-    needs = frozenset({"coalitions"})
-
     def __init__(self, modality_names: tuple[str, ...]) -> None:
         self.modality_names = modality_names
         self.metric = ModalityShapley(modality_names)
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> ShapleyAnalysis | None:
-        """Built when ``shapley`` is set."""
-        return cls(modality_names) if options.shapley else None
+        """Built when ``shapley`` is set (checks that there are at most 6 modalities)."""
+        if not options.shapley:
+            return None
+        check_num_modalities(len(modality_names))
+        return cls(modality_names)
+
+    def coalitions(self) -> tuple[frozenset[int], ...]:
+        """Every non-empty coalition, in :func:`coalitions` order."""
+        return tuple(coalitions(len(self.modality_names)))
 
     def update(self, passes: Passes) -> None:
         """Adds every coalition's movement."""
-        self.metric.update(passes.outputs.clean, passes.coalitions)
+        values = torch.stack([passes.coalition(members) for members in self.coalitions()], dim=1)
+        self.metric.update(passes.outputs.clean, values)
 
     def write(self, result: ContributionResult) -> ContributionResult:
         """Fills ``shapley`` and ``all_occluded_raw`` (``v`` of the coalition of every modality)."""

@@ -311,8 +311,8 @@ class ModalityBalancer(MonitorReader):
         """The balancer's own ``encoders``, else its monitor's (``None`` while they are ``"auto"``), checked."""
         encoders = self.encoders
         if encoders is None:
-            spec = getattr(monitor, "encoders", None)
-            if isinstance(spec, str) and spec == "auto":
+            spec = monitor.found_encoders if monitor.encoders == "auto" else monitor.encoders
+            if monitor.encoders == "auto" and spec is None:  # not searched yet, or found none
                 return None
             if spec is None:
                 raise ValueError(

@@ -10,25 +10,24 @@ from lightning.pytorch.callbacks.callback import Callback
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_mc.analyses.bootstrap import DEFAULT_MAX_CI_SAMPLES
-from lightning_mc.analyses.options import MeasurementOptions, document_options
-from lightning_mc.analyses.perf_drop import TargetSpec
-from lightning_mc.callbacks import options as monitor_options
-from lightning_mc.callbacks.options import ReuseOutputs
+from lightning_mc.analyses.options import DEFAULT_MAX_CI_SAMPLES, MeasurementOptions, document_options
+from lightning_mc.callbacks import monitor_keys
+from lightning_mc.callbacks.reuse_outputs import ReuseOutputs, ValidationStepReuse
 from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
-from lightning_mc.core.encoders import EncodersSpec
+from lightning_mc.core.encoders import EncodersSpec, ResolvedEncoders
 from lightning_mc.core.engine import ForwardFn, OcclusionEngine
 from lightning_mc.core.metric import Normalization
-from lightning_mc.core.modality import ModalitiesSpec, Modality
+from lightning_mc.core.modality import ModalitiesSpec, Modality, TargetSpec
 from lightning_mc.core.occlusion import FillSpec
 from lightning_mc.core.outputs import OutputTransform
 from lightning_mc.core.result import ContributionResult, HistoryEntry
+from lightning_mc.core.warn_once import WarnOnce
 from lightning_mc.measurement import ContributionMeasurement
 from lightning_mc.views.monitor_views import MonitorViews
 from lightning_mc.views.scalars import history_entry, result_scalars
 
 
-@document_options(docs=monitor_options.MONITOR_DOCS, after="run_on_validate")
+@document_options(docs=monitor_keys.MONITOR_DOCS, after="run_on_validate")
 @document_options(docs=SCHEDULE_DOCS, after="encoders")
 @document_options()
 class ModalityContributionMonitor(Callback):
@@ -115,9 +114,9 @@ class ModalityContributionMonitor(Callback):
         )
         self.measurement = ContributionMeasurement(modalities, **MeasurementOptions.pick(locals()))
         self.dataloader_idx = dataloader_idx
-        self.per_output = monitor_options.check_per_output(per_output)
-        self.prefix = monitor_options.check_prefix(prefix)
-        self._reuse = monitor_options.ValidationStepReuse(reuse_outputs)
+        self.per_output = monitor_keys.check_per_output(per_output)
+        self.prefix = monitor_keys.check_prefix(prefix)
+        self._reuse = ValidationStepReuse(reuse_outputs)
         self.reuse_outputs = self._reuse.reuse_outputs
         #: The dashboard and figures (:class:`~lightning_mc.views.monitor_views.MonitorViews`).
         self.views = MonitorViews(self.modalities, prefix, self.modality_names if ci is not None else (), dashboard)
@@ -125,14 +124,12 @@ class ModalityContributionMonitor(Callback):
         self.history: list[HistoryEntry] = []
         #: The latest measurement, with attribute values and per-output shares.
         self.latest: ContributionResult | None = None
-        self._warn = monitor_options.WarnOnce()
+        self._warn = WarnOnce()
 
     @property
     @override
     def state_key(self) -> str:
         names = list(self.modality_names)
-        if self.prefix == "mc" and self.dataloader_idx == 0:  # the key of 0.1 checkpoints, which had neither
-            return self._generate_state_key(modalities=names)
         return self._generate_state_key(modalities=names, prefix=self.prefix, dataloader_idx=self.dataloader_idx)
 
     @property
@@ -151,9 +148,17 @@ class ModalityContributionMonitor(Callback):
         return self.measurement.engine
 
     @property
-    def encoders(self) -> dict[str, tuple[str, ...]] | None:
-        """``modality -> submodule names`` of the LightningModule whose outputs are replayed (``encoders``)."""
-        return self.engine.encoders
+    def encoders(self) -> ResolvedEncoders:
+        """The ``encoders`` option, checked: ``modality -> submodule names``, ``"auto"`` or ``None``."""
+        return self.engine.settings.encoders
+
+    @property
+    def found_encoders(self) -> dict[str, tuple[str, ...]] | None:
+        """``modality -> submodule names`` whose outputs are replayed: the given ones, or those ``"auto"`` found.
+
+        ``None`` without ``encoders``, before ``"auto"`` has searched, or when it found none.
+        """
+        return None if self.engine.cache is None else self.engine.cache.found
 
     @property
     def latest_shapley(self) -> Any:
@@ -175,8 +180,12 @@ class ModalityContributionMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, ModalityContributionMonitor)]
-        monitor_options.check_unique_prefix(self, monitors)
+        monitor_keys.check_unique_prefix(self, monitors)
         self.views.setup(trainer, stage, [monitor.views for monitor in monitors])
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.measurement.check_encoders_again()  # once per fit: the model (or its wrapping) may differ
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,7 +250,7 @@ class ModalityContributionMonitor(Callback):
     def _log_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         result = self.measurement.compute()  # reduced across processes: every rank logs the same numbers
         self.measurement.reset()
-        output_names = monitor_options.logged_output_names(self.per_output, result, self._warn)
+        output_names = monitor_keys.logged_output_names(self.per_output, result, self._warn)
         # values are identical on every rank; sync_dist=True keeps Lightning's DDP bookkeeping consistent
         for key, value in result_scalars(result, self.prefix, output_names).items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)

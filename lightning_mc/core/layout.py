@@ -62,6 +62,21 @@ class BatchView:
 
 
 @dataclass(frozen=True)
+class BatchFills:
+    """Each modality's fill for one batch.
+
+    Attributes:
+        values: Each modality's filled tensor (the shape of its values).
+        sources: For ``"permute"``, the sample each filled row came from (``None`` for other fills).
+        same_for_every_sample: Whether the fill is the same for every sample (zeros, a constant).
+    """
+
+    values: tuple[Tensor, ...]
+    sources: tuple[Tensor | None, ...]
+    same_for_every_sample: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
 class Copy:
     """One copy of the batch in the virtual batch.
 

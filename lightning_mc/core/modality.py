@@ -24,6 +24,8 @@ from lightning_mc.core.occlusion import Attributes, Fill, FillSpec, WholeModalit
 Batch = Any
 ModalityLocation = Union[str, int]
 ModalitiesSpec = Union[Mapping[str, Union[ModalityLocation, "Modality"]], Sequence["Modality"]]
+#: Where the targets (labels) are in a batch: a dict key, a tuple/list index, or ``batch -> Tensor``.
+TargetSpec = Union[str, int, Callable[[Batch], Tensor]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Modality:
     setter: Callable[[Batch, Tensor], Batch] | None = None
     occlusion: FillSpec | None = None
     attributes: Attributes | None = field(default=None)
+    _fill: Fill | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -78,8 +81,10 @@ class Modality:
                 f"Modality {self.name!r}: key={self.key!r} ({type(self.key).__name__}) must be a str (dict key) or "
                 "an int (tuple/list index)."
             )
-        if self.occlusion is not None:
-            resolve_fill(self.occlusion, argument=f"Modality({self.name!r}).occlusion")
+        if self.occlusion is not None:  # resolved once (frozen: set through object.__setattr__)
+            object.__setattr__(
+                self, "_fill", resolve_fill(self.occlusion, argument=f"Modality({self.name!r}).occlusion")
+            )
         if self.attributes is not None and not callable(self.attributes):
             raise TypeError(
                 f"Modality {self.name!r}: attributes={self.attributes!r} must be a callable `tensor -> AttributeMasks`."
@@ -88,7 +93,7 @@ class Modality:
     @property
     def fill(self) -> Fill | None:
         """The resolved fill, or ``None`` when the modality uses the default."""
-        return None if self.occlusion is None else resolve_fill(self.occlusion)
+        return self._fill
 
     def whole(self) -> Modality:
         """This modality without attribute masks: occluded as a whole, with its fill."""
@@ -206,3 +211,26 @@ def resolve_modalities(modalities: ModalitiesSpec, argument: str = "modalities")
     if duplicates:
         raise ValueError(f"{argument} has duplicate names {duplicates}; every modality needs a unique name.")
     return tuple(resolved)
+
+
+def select_target(batch: Batch, target: TargetSpec, argument: str = "target") -> Tensor:
+    """The targets of ``batch`` (``argument``: the name of the spec, for error messages).
+
+    Raises:
+        ValueError: If ``target`` finds nothing in the batch.
+        TypeError: If it finds something that is not a tensor.
+
+    Example:
+        >>> import torch
+        >>> select_target((torch.zeros(2, 3), torch.tensor([0, 1])), 1)
+        tensor([0, 1])
+    """
+    try:
+        value = target(batch) if callable(target) else batch[target]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(
+            f"{argument}={target!r} found no targets in the batch ({type(err).__name__}: {err})."
+        ) from None
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{argument}={target!r} selected a {type(value).__name__}, expected a tensor of targets.")
+    return value

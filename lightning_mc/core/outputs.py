@@ -125,7 +125,7 @@ class OutputReader:
         [0.25, 0.25, 0.25, 0.25]
     """
 
-    def __init__(self, output_key: str | None = None, output_transform: OutputTransform = None) -> None:
+    def __init__(self, output_key: str | None, output_transform: OutputTransform) -> None:
         check_output_key(output_key)
         self.output_key = output_key
         self.output_transform = output_transform

@@ -7,7 +7,7 @@ attributes for scalars; :class:`~lightning_mc.ModalityContributionMonitor` logs 
 
 Example:
     >>> import numpy as np
-    >>> from lightning_mc.core.masks import Patches2d
+    >>> from lightning_mc.core.attribute_builders import Patches2d
     >>> shares = {"r0c0": 0.1, "r0c1": 0.2, "r1c0": 0.3, "r1c1": 0.4}
     >>> figure = patch_heatmap(shares, Patches2d((4, 4)), np.zeros((8, 8)))
     >>> figure.axes[0].get_title()
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lightning_mc.core.attribute_builders import Patches2d, Tokens, Words
 from lightning_mc.core.checks import check_int
-from lightning_mc.core.masks import Patches2d, Tokens, Words
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.result import ContributionResult
 
@@ -209,7 +209,7 @@ class MeanImages:
         modalities: The monitored modalities; those without a ``Patches2d`` builder are ignored.
 
     Example:
-        >>> from lightning_mc.core.masks import Patches2d
+        >>> from lightning_mc.core.attribute_builders import Patches2d
         >>> import torch
         >>> images = MeanImages([Modality("image", key=0, attributes=Patches2d((2, 2))), Modality("table", key=1)])
         >>> images.update((torch.ones(4, 3, 4, 4), torch.zeros(4, 2)))
@@ -265,7 +265,7 @@ def attribute_figures(
         prefix: The monitor's prefix (``"mc"``: tags ``mc_attributes/<modality>``).
 
     Example:
-        >>> from lightning_mc.core.masks import Columns
+        >>> from lightning_mc.core.attribute_builders import Columns
         >>> shares = {f"g{j}": j / 190 for j in range(20)}
         >>> result = ContributionResult(
         ...     {"genes": 1.0, "age": 0.0}, {"genes": 1.0, "age": 0.0}, 0.0, {}, {"genes": shares, "age": {"all": 0.0}},
