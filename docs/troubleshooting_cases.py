@@ -124,6 +124,28 @@ class _MaxOfBoth(nn.Module):
         return torch.maximum(a.sum(1, keepdim=True), b.sum(1, keepdim=True))
 
 
+class _Segmentation(nn.Module):
+    """Channel-first logits ``(N, 2, 3, 3)``, as a segmentation net returns."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a[:, :2] + b[:, :2]).reshape(-1, 2, 1, 1).expand(-1, 2, 3, 3)
+
+
+class _MaskFirst(nn.Module):
+    """``forward(mask, a)``: the dict key ``"a"`` names its second parameter."""
+
+    def forward(self, mask: Tensor, a: Tensor) -> Tensor:
+        return mask[:, :2] + a[:, :2]
+
+
+class _Confident(nn.Module):
+    """A classifier whose logits are far apart: its softmax is exactly 0 and 1 in float32."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        logits = a[:, :2] + b[:, :2]
+        return torch.stack([logits[:, 0] + 200.0, logits[:, 1]], dim=1)
+
+
 def _redundant() -> None:
     generator = torch.Generator().manual_seed(0)
     scan = torch.rand(64, 3, generator=generator)
@@ -263,6 +285,16 @@ CASES: dict[str, Callable[[], Any]] = {
     "softmax_one_output": lambda: modality_contribution(
         _OneOutput(), [_batch()], {"a": "a", "b": "b"}, output_transform="softmax"
     ),
+    "class_dim": lambda: modality_contribution(
+        _Segmentation(), [_batch()], {"a": "a", "b": "b"}, output_transform="softmax"
+    ),
+    "dict_mapping": lambda: modality_contribution(_MaskFirst(), [_batch()], {"a": "a", "b": "b"}),
+    "one_sample_permute": lambda: modality_contribution(
+        _Sum(), [_batch(1), _batch(1)], {"a": "a", "b": "b"}, occlusion="permute"
+    ),
+    "saturated": lambda: modality_contribution(
+        _Confident(), [_batch()], {"a": "a", "b": "b"}, output_transform="softmax"
+    ),
     "redundant": _redundant,
     "stopper_nan": _stopper_sees_nan,
     "empty_loader": lambda: _fit(
@@ -281,6 +313,8 @@ def _accuracy() -> Any:
 #: For a trigger that warns: a phrase that picks the warning the page quotes among those the trigger emits.
 PICK = {
     "redundant": "look redundant",
+    "one_sample_permute": "changed no input",
+    "saturated": "saturated outputs",
     "stopper_nan": "CollapseEarlyStopping",
     "empty_loader": "measured no batch",
 }

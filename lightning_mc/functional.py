@@ -17,7 +17,7 @@ from lightning_mc.analyses.options import DEFAULT_MAX_CI_SAMPLES, MeasurementOpt
 from lightning_mc.analyses.shapley import ShapleyResult
 from lightning_mc.core.batches import batches_on_device
 from lightning_mc.core.encoders import EncodersSpec
-from lightning_mc.core.engine import ForwardFn
+from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec

@@ -24,9 +24,12 @@ from lightning_mc.analyses.part import Analysis, Passes
 from lightning_mc.analyses.perf_drop import PerfDropAnalysis
 from lightning_mc.analyses.precision import SharePrecision
 from lightning_mc.analyses.redundancy import RedundancyCheck
+from lightning_mc.analyses.saturation import SaturationCheck
 from lightning_mc.analyses.shapley import ShapleyAnalysis
+from lightning_mc.analyses.unchanged import UnchangedOcclusions
 from lightning_mc.core.encoders import EncodersSpec
-from lightning_mc.core.engine import ForwardFn, OccludedOutputs, OcclusionEngine
+from lightning_mc.core.engine import OccludedOutputs, OcclusionEngine
+from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
@@ -42,6 +45,8 @@ ANALYSES: tuple[type[Analysis], ...] = (
     ShareIntervals,
     SharePrecision,
     PerfDropAnalysis,
+    UnchangedOcclusions,
+    SaturationCheck,
 )
 
 
@@ -193,18 +198,32 @@ class ContributionMeasurement:
             result = analysis.write(result)
         return result
 
-    def reset(self) -> None:
+    def reset(self, check: int = 0) -> None:
         """Forget every batch added so far; the accumulators are kept and reused.
+
+        Args:
+            check: Which measurement starts (the monitor passes the trainer's ``global_step``): the random draws of
+                ``"noise"`` and ``"permute"`` depend only on ``seed``, ``check`` and the batch's position in it, so a
+                resumed fit draws what an uninterrupted one draws.
 
         The encoder cache keeps what it checked (a new fit checks again: :meth:`check_encoders_again`) and forgets
         what it computed with the old weights.
         """
         if self.engine.cache is not None:
             self.engine.cache.forget_weights()
+        self.engine.start_draws(check)
         self.contribution.reset()
         for analysis in self.analyses:
             analysis.reset()
         self._num_updates = 0
+
+    def check_batch(self, model: nn.Module, batch: Batch) -> None:
+        """Check that ``batch`` fits the modalities, fills and output options, without measuring (one row runs).
+
+        The monitor calls it on the first validation batch Lightning runs (the sanity check's included), so a wrong
+        key or index fails before the first training step.
+        """
+        self.engine.check_batch(model, batch)
 
     def check_encoders_again(self) -> None:
         """With ``encoders``: check the cached path against the plain one on the next batch (e.g. on a new fit)."""

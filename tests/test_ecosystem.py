@@ -385,7 +385,8 @@ def test_lightning_cli_reports_a_bad_callback_argument_with_the_valid_values(tmp
     assert raised.value.code == 2
     err = capsys.readouterr().err
     assert "Problem with given class_path 'lightning_mc.ModalityContributionMonitor'" in err
-    assert "Expected a typing.Literal['softmax', 'sigmoid']" in err and "Given value: softmx" in err
+    assert "Expected a typing.Literal['softmax', 'log_softmax', 'sigmoid', 'softmax:1'" in err
+    assert "Given value: softmx" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------

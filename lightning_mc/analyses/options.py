@@ -35,7 +35,8 @@ from torchmetrics import Metric
 
 from lightning_mc.core.checks import check_int
 from lightning_mc.core.encoders import EncodersSpec, resolve_encoders
-from lightning_mc.core.engine import EngineSettings, ForwardFn
+from lightning_mc.core.engine import EngineSettings
+from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization, check_normalization
 from lightning_mc.core.modality import TargetSpec
 from lightning_mc.core.occlusion import FillSpec, resolve_fill

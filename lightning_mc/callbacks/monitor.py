@@ -15,7 +15,8 @@ from lightning_mc.callbacks import monitor_keys
 from lightning_mc.callbacks.reuse_outputs import ReuseOutputs, ValidationStepReuse
 from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
 from lightning_mc.core.encoders import EncodersSpec, ResolvedEncoders
-from lightning_mc.core.engine import ForwardFn, OcclusionEngine
+from lightning_mc.core.engine import OcclusionEngine
+from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import ModalitiesSpec, Modality, TargetSpec
 from lightning_mc.core.occlusion import FillSpec
@@ -125,6 +126,7 @@ class ModalityContributionMonitor(Callback):
         #: The latest measurement, with attribute values and per-output shares.
         self.latest: ContributionResult | None = None
         self._warn = WarnOnce()
+        self._batch_checked = False
 
     @property
     @override
@@ -182,6 +184,7 @@ class ModalityContributionMonitor(Callback):
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, ModalityContributionMonitor)]
         monitor_keys.check_unique_prefix(self, monitors)
         self.views.setup(trainer, stage, [monitor.views for monitor in monitors])
+        self._batch_checked = False  # each fit (or validate) checks its first validation batch
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -189,7 +192,7 @@ class ModalityContributionMonitor(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.measurement.reset()
+        self.measurement.reset(check=trainer.global_step)
         if self.schedule.begin(trainer):
             self.views.start(trainer)
 
@@ -197,7 +200,14 @@ class ModalityContributionMonitor(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self.schedule.measures(trainer, batch_idx, dataloader_idx):
+        measures = self.schedule.measures(trainer, batch_idx, dataloader_idx)
+        if not self._batch_checked and dataloader_idx == self.dataloader_idx:
+            # the spec fits or fails on the first batch Lightning runs (a measured one checks it by measuring)
+            self._batch_checked = True
+            if not measures:
+                with trainer.precision_plugin.val_step_context():
+                    self.measurement.check_batch(pl_module, batch)
+        if measures:
             self._reuse.start(self.engine, pl_module)  # with encoders: what they compute in the validation step
 
     @override

@@ -23,18 +23,25 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_mc.core.copies import attribute_copies, attribute_masks, coalition_copy, is_whole, outputs_by_modality
+from lightning_mc.core.copies import (
+    attribute_copies,
+    attribute_masks,
+    coalition_copy,
+    is_whole,
+    outputs_by_modality,
+    what_changed,
+)
 from lightning_mc.core.encoder_cache import BeforeChunk, EncoderCache
 from lightning_mc.core.encoders import ResolvedEncoders
+from lightning_mc.core.forward import ForwardFn, UnmappableBatch, default_forward
 from lightning_mc.core.layout import (
     BatchFills,
     BatchView,
@@ -65,7 +72,6 @@ __all__ = [
     "OcclusionEngine",
 ]
 
-ForwardFn = Callable[[nn.Module, Batch], Any]
 
 #: With ``max_batch_size=None``, one forward call takes this many batch-sized copies at most.
 DEFAULT_COPIES_PER_CALL = 4
@@ -105,12 +111,18 @@ class OccludedOutputs:
         attribute_names: ``name -> h_i`` attribute names.
         coalitions: ``modality indices -> (N, C)``: the outputs with every modality of the coalition occluded whole,
             for the coalitions asked for.
+        changed: ``name -> (h_i,)`` on the CPU: ``1`` where attribute ``l``'s occlusion changed some sample's input,
+            ``0`` where its mask covered input but the fill equals it there (no row ran), ``-1`` where its mask
+            covered nothing (padding).
+        batch_size: The samples of the batch (before :meth:`first`).
     """
 
     clean: Tensor
     occluded: dict[str, Tensor]
     attribute_names: dict[str, tuple[str, ...]]
     coalitions: dict[frozenset[int], Tensor] = field(default_factory=dict)
+    changed: dict[str, Tensor] = field(default_factory=dict)
+    batch_size: int = 0
 
     def first(self, count: int) -> OccludedOutputs:
         """The outputs of the first ``count`` samples only."""
@@ -119,25 +131,9 @@ class OccludedOutputs:
             {name: value[:count] for name, value in self.occluded.items()},
             self.attribute_names,
             {members: value[:count] for members, value in self.coalitions.items()},
+            self.changed,
+            self.batch_size,
         )
-
-
-def default_forward(modalities: Sequence[Modality]) -> ForwardFn:
-    """The default ``forward_fn``: the model called with the modality tensors as positional arguments, in order.
-
-    For ``modalities={"image": "x_img", "table": "x_tab"}`` this is ``model(batch["x_img"], batch["x_tab"])``.
-    """
-    return _PositionalForward(tuple(modalities))
-
-
-class _PositionalForward:
-    """``model(*modality_tensors)``; a class, not a closure, so monitors pickle (``ddp_spawn`` sends callbacks)."""
-
-    def __init__(self, modalities: tuple[Modality, ...]) -> None:
-        self.modalities = modalities
-
-    def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
-        return model(*(modality.select(batch) for modality in self.modalities))
 
 
 class OcclusionEngine:
@@ -160,6 +156,7 @@ class OcclusionEngine:
         #: The encoder cache (``None`` without ``encoders``).
         self.cache = None if settings.encoders is None else EncoderCache(settings.encoders, self.modalities)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._check, self._batch = 0, 0
         #: Model input rows run so far (clean and occluded copies), for progress reports.
         self.rows_forwarded = 0
 
@@ -214,13 +211,16 @@ class OcclusionEngine:
         view = BatchView.of(batch, self.modalities)
         modalities = self.modalities
         masks = [attribute_masks(m, value, batch) for m, value in zip(modalities, view.values)]
-        attributes = [copy for i, m in enumerate(masks) for copy in attribute_copies(modalities, i, m, view.values[i])]
         extra = [coalition_copy(modalities, members) for members in dict.fromkeys(map(frozenset, coalitions))]
         reused = {copy.occluded: next(iter(copy.occluded)) for copy in extra if is_whole(modalities, copy.occluded)}
         extra = [copy for copy in extra if copy.occluded not in reused]
-        copies = [*([Copy(None)] if clean is None else []), *attributes, *extra]
         with _evaluating(model), torch.inference_mode():
             fills = self._fill_batch(view)
+            per_modality = [
+                attribute_copies(modalities, i, m, view.values[i], fills.values[i]) for i, m in enumerate(masks)
+            ]
+            attributes = [copy for copies_of_modality, _ in per_modality for copy in copies_of_modality]
+            copies = [*([Copy(None)] if clean is None else []), *attributes, *extra]
             rows = self._run_copies(model, view, fills, copies, encoder_outputs)
             clean_rows = rows.pop(0) if clean is None else self.outputs.given_clean(clean, _width(rows), view.size)
             occluded = outputs_by_modality(modalities, masks, clean_rows, attributes, rows[: len(attributes)])
@@ -228,7 +228,28 @@ class OcclusionEngine:
         for members, owner in reused.items():
             coalition_rows[members] = occluded[modalities[owner].name][:, 0]
         names = {m.name: a.names for m, a in zip(modalities, masks)}
-        return OccludedOutputs(clean_rows, occluded, names, {c: coalition_rows[frozenset(c)] for c in coalitions})
+        coalition_outputs = {c: coalition_rows[frozenset(c)] for c in coalitions}
+        changed = what_changed(modalities, per_modality)
+        return OccludedOutputs(clean_rows, occluded, names, coalition_outputs, changed, view.size)
+
+    def check_batch(self, model: nn.Module, batch: Batch) -> None:
+        """Check the modalities, the fills and the output on ``batch`` without measuring (one forward call of 1 row).
+
+        Raises:
+            KeyError, IndexError, TypeError, ValueError: What :meth:`run` would raise on this batch for a wrong key or
+                index, a fill that does not fit the data, an ``output_key`` the output lacks or an output the transform
+                cannot read.
+        """
+        view = BatchView.of(batch, self.modalities)
+        first = torch.zeros(1, dtype=torch.long, device=view.values[0].device)
+        with _evaluating(model), torch.inference_mode():
+            for modality, fill, value in zip(self.modalities, self.fills, view.values):
+                try:
+                    fill(value[:1], torch.Generator(device=value.device))
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"Modality {modality.name!r}: {err}") from None
+            fills = BatchFills(view.values, (None,) * len(view.values), (False,) * len(view.values))
+            self.forward_copies(model, view, fills, [Copy(None, samples=first)])
 
     def forward_copies(
         self,
@@ -267,8 +288,11 @@ class OcclusionEngine:
     def _fill_batch(self, view: BatchView) -> BatchFills:
         """Each modality's fill for this batch; ``"permute"`` keeps its order (the encoder cache replays by it)."""
         values, sources = [], []
+        generator = self._next_batch_generator(view.values[0].device)
+        self._batch += 1
         for modality, fill, value in zip(self.modalities, self.fills, view.values):
-            generator = self._generator(value.device)
+            if generator.device != value.device:
+                generator = self._next_batch_generator(value.device)
             try:
                 if isinstance(fill, PermuteFill):
                     order = fill.order(value, generator)
@@ -328,6 +352,8 @@ class OcclusionEngine:
         self.rows_forwarded += rows
         try:
             output = self.forward_fn(model, batch)
+        except UnmappableBatch:  # a mistake in the options, not in the model: raised as it is
+            raise
         except Exception as err:
             occluded = [name for name in names if name is not None]
             what = f"while occluding modality {', '.join(map(repr, occluded))}" if occluded else "on the clean batch"
@@ -341,10 +367,19 @@ class OcclusionEngine:
             ) from err
         return self.outputs.read(output, rows)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def start_draws(self, check: int) -> None:
+        """Make the next batches' random fills depend only on the seed, ``check`` and their position in the check.
+
+        A resumed fit then draws what an uninterrupted one draws (no generator state to carry in a checkpoint).
+        """
+        self._check, self._batch = check, 0
+
+    def _next_batch_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of this batch's fills, seeded from ``(seed, check, batch)``."""
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.settings.seed + _SEED_SALT)
-        return self._generators[device]
+            self._generators[device] = torch.Generator(device=device)
+        seed = hash((self.settings.seed, _SEED_SALT, self._check, self._batch)) % 2**63
+        return self._generators[device].manual_seed(seed)
 
 
 def _call_label(holds_clean: bool, occluded: Sequence[str]) -> str:

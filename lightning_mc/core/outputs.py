@@ -3,26 +3,43 @@
 A model may return a tensor, a dict (``{"logits": ...}``), a Hugging Face ``ModelOutput`` (a dict that also has
 attributes) or any object with the prediction as an attribute; ``output_key`` names where the prediction is.
 
+The output transform receives the prediction in the model's own shape; only its result is flattened per sample. A
+softmax needs to know which dimension holds the classes: on ``(N,)`` and ``(N, C)`` outputs it is the last; on denser
+outputs it must be named, ``"softmax:1"`` for channel-first logits ``(N, C, *spatial)`` (MONAI and torchvision
+segmentation nets) or ``"softmax:-1"`` for class-last logits ``(N, T, C)`` (Hugging Face token classification and
+language-model heads); a bare ``"softmax"`` there is refused at the first batch, never guessed. ``"log_softmax"``
+compares log-probabilities, which stay apart where float32 probabilities saturate to exactly 0 and 1. ``"sigmoid"`` is
+element-wise and fits any shape.
+
 Example:
     >>> import torch
     >>> select_prediction({"logits": torch.zeros(2, 3), "loss": torch.tensor(1.0)}, "logits").shape
     torch.Size([2, 3])
     >>> resolve_output_transform("sigmoid")(torch.zeros(1, 2))
     tensor([[0.5000, 0.5000]])
+    >>> resolve_output_transform("softmax:1")(torch.zeros(1, 2, 3, 3))[0, :, 0, 0]
+    tensor([0.5000, 0.5000])
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 from torch import Tensor
 from torchmetrics.utilities import rank_zero_warn
 
 from lightning_mc.core.occlusion import plain_tensor
 
-OutputTransform = Union[Literal["softmax", "sigmoid"], Callable[[Tensor], Tensor], None]
-OUTPUT_TRANSFORMS: tuple[str, ...] = ("softmax", "sigmoid")
+OutputTransform = Union[
+    Literal["softmax", "log_softmax", "sigmoid", "softmax:1", "softmax:-1", "log_softmax:1", "log_softmax:-1"],
+    Callable[[Tensor], Tensor],
+    None,
+]
+#: The named output transforms; ``:1`` and ``:-1`` name the class dimension of outputs with more than 2 dimensions.
+OUTPUT_TRANSFORMS: tuple[str, ...] = get_args(get_args(OutputTransform)[0])
+#: The named transforms that give probabilities (the ones that can saturate to exactly 0 and 1).
+PROBABILITY_TRANSFORMS: tuple[str, ...] = ("softmax", "softmax:1", "softmax:-1", "sigmoid")
 
 
 def check_output_key(output_key: str | None) -> None:
@@ -81,22 +98,53 @@ def _identity(outputs: Tensor) -> Tensor:
     return outputs
 
 
-def _softmax(outputs: Tensor) -> Tensor:
-    return outputs.float().softmax(dim=-1)
-
-
 def _sigmoid(outputs: Tensor) -> Tensor:
     return outputs.float().sigmoid()
 
 
+class _OverClasses:
+    """``softmax``/``log_softmax`` over the class dimension ``dim``; ``None``: the last, on outputs of ≤ 2 dims only."""
+
+    def __init__(self, name: str, dim: int | None) -> None:
+        self.name, self.dim = name, dim
+
+    def __call__(self, outputs: Tensor) -> Tensor:
+        dim = self.dim
+        if dim is None:
+            if outputs.ndim > 2:
+                raise ValueError(
+                    f"output_transform={self.name!r} on outputs of shape {tuple(outputs.shape)}: which dimension "
+                    f"holds the classes? Use output_transform='{self.name}:1' for channel-first logits (N, C, "
+                    f"*spatial), as MONAI and torchvision segmentation nets return, or '{self.name}:-1' for class-last "
+                    "logits (N, T, C), as Hugging Face token-classification and language-model heads return."
+                )
+            dim = -1
+        if outputs.ndim < 2 or not -outputs.ndim <= dim < outputs.ndim or (dim % outputs.ndim) == 0:
+            raise ValueError(
+                f"output_transform='{self.name}:{dim}' on outputs of shape {tuple(outputs.shape)}: dimension {dim} "
+                "is not a class dimension (dimension 0 holds the samples)."
+            )
+        outputs = outputs.float()
+        return outputs.log_softmax(dim=dim) if self.name == "log_softmax" else outputs.softmax(dim=dim)
+
+    def classes(self, shape: tuple[int, ...]) -> int | None:
+        """The number of classes of outputs of ``shape`` (``None`` if no class dimension fits)."""
+        dim = -1 if self.dim is None else self.dim
+        return shape[dim] if len(shape) >= 2 and -len(shape) <= dim < len(shape) else None
+
+
 def resolve_output_transform(output_transform: OutputTransform) -> Callable[[Tensor], Tensor]:
-    """Turn ``output_transform`` (None, "softmax", "sigmoid" or a callable) into a function on ``(N, C)`` outputs."""
+    """Turn ``output_transform`` (``None``, a name of :data:`OUTPUT_TRANSFORMS` or a callable) into a function.
+
+    The function takes the prediction in the model's own shape (samples along dimension 0).
+    """
     if output_transform is None:
         return _identity
-    if output_transform == "softmax":
-        return _softmax
     if output_transform == "sigmoid":
         return _sigmoid
+    if isinstance(output_transform, str) and output_transform in OUTPUT_TRANSFORMS:
+        name, _, dim = output_transform.partition(":")
+        return _OverClasses(name, int(dim) if dim else None)
     if callable(output_transform) and not isinstance(output_transform, str):
         return output_transform
     raise ValueError(f"output_transform={output_transform!r} must be None, one of {OUTPUT_TRANSFORMS} or a callable.")
@@ -154,12 +202,17 @@ class OutputReader:
                 f"The model output has shape {tuple(output.shape)} for an input of {rows} samples; expected the "
                 "samples along dimension 0. Use `forward_fn` to return per-sample outputs."
             )
-        output = plain_tensor(output).reshape(rows, -1)  # a MetaTensor output would slice by sample metadata
-        if self.output_transform == "softmax" and output.shape[1] == 1 and not self._warned_single_output_softmax:
+        output = plain_tensor(output)  # a MetaTensor output would slice by sample metadata
+        if output.ndim == 1:  # one output per sample
+            output = output.unsqueeze(1)
+        over_classes = isinstance(self._transform, _OverClasses)
+        single = over_classes and self._transform.classes(tuple(output.shape)) == 1
+        if single and not self._warned_single_output_softmax:
             self._warned_single_output_softmax = True
             rank_zero_warn(
-                "output_transform='softmax' on a model with 1 output: the softmax of one logit is always 1, so every "
-                "share will be NaN. Use output_transform='sigmoid' for a binary model with a single logit.",
+                f"output_transform={self.output_transform!r} on a model with 1 output: the softmax of one logit is "
+                "always 1, so every share will be NaN. Use output_transform='sigmoid' for a binary model with a single "
+                "logit.",
                 UserWarning,
             )
         transformed = self._transform(output)
