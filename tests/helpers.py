@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.core.modality import ModalitiesSpec, resolve_modalities
+from lightning_mc.functional import modality_contribution
 
 NUM_CLASSES = 3
 
@@ -62,6 +63,30 @@ class TwoModalityNet(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def fit_then_measure_offline(
+    tmp_path: Path,
+    monitor: L.Callback,
+    modalities: ModalitiesSpec,
+    options: Mapping[str, Any],
+    *,
+    num_train: int,
+    num_val: int,
+    max_epochs: int,
+) -> tuple[L.Trainer, TwoModalityNet, Any]:
+    """Fit a seeded :class:`TwoModalityNet` under ``monitor``, then measure its final weights with the functional API.
+
+    The model trains on ``two_modality_dataset(num_train)`` and validates on ``two_modality_dataset(num_val, seed=1)``;
+    :func:`~lightning_mc.functional.modality_contribution` measures the same validation samples with ``options``
+    (a metric object of their own, not the monitor's). Returns the trainer, the model and the functional result.
+    """
+    torch.manual_seed(0)
+    model = TwoModalityNet()
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=max_epochs))
+    trainer.fit(model, loader(two_modality_dataset(num_train)), loader(two_modality_dataset(num_val, seed=1)))
+    offline = modality_contribution(model, loader(two_modality_dataset(num_val, seed=1)), modalities, **options)
+    return trainer, model, offline
 
 
 def make_engine(modalities: ModalitiesSpec, **options: Any) -> OcclusionEngine:
