@@ -89,6 +89,22 @@ def fit_then_measure_offline(
     return trainer, model, offline
 
 
+class CountingForward:
+    """A ``forward_fn`` for two-input batches that counts the forward calls and the model rows the monitor runs.
+
+    Importable by ``ddp_spawn`` workers, so each rank can report its own counts.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, model: nn.Module, batch: Any) -> Any:
+        self.calls += 1
+        self.rows += batch[0].shape[0]
+        return model(batch[0], batch[1])
+
+
 def make_engine(modalities: ModalitiesSpec, **options: Any) -> OcclusionEngine:
     """An engine with ``options`` resolved as a measurement resolves them (monitor → measurement → engine)."""
     return OcclusionEngine(resolve_modalities(modalities), MeasurementOptions(**options).engine)

@@ -32,6 +32,7 @@ from helpers import (
     FLOAT32_ATOL,
     FLOAT32_RTOL,
     NUM_CLASSES,
+    CountingForward,
     TwoModalityNet,
     assert_same_numbers,
     loader,
@@ -87,19 +88,6 @@ class DictNet(TwoModalityNet):
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         image, table, _ = batch
         return self(image, table)
-
-
-class CountingForward:
-    """A ``forward_fn`` that counts the forward calls and the model rows the monitor runs."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.rows = 0
-
-    def __call__(self, model: nn.Module, batch: Any) -> Any:
-        self.calls += 1
-        self.rows += batch[0].shape[0]
-        return model(batch[0], batch[1])
 
 
 def prediction_of(outputs: dict[str, Tensor]) -> Tensor:
