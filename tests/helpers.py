@@ -105,6 +105,19 @@ class CountingForward:
         return model(batch[0], batch[1])
 
 
+class LinearSum(nn.Module):
+    """``a(a) + weight_b · b(b)`` with ``a``, ``b`` linear maps to ``outputs`` values (``weight_b=0``: ``b`` unread)."""
+
+    def __init__(self, a_features: int, b_features: int, outputs: int, weight_b: float = 1.0) -> None:
+        super().__init__()
+        self.a = nn.Linear(a_features, outputs)
+        self.b = nn.Linear(b_features, outputs)
+        self.weight_b = weight_b
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.a(a) + self.weight_b * self.b(b)
+
+
 def make_engine(modalities: ModalitiesSpec, **options: Any) -> OcclusionEngine:
     """An engine with ``options`` resolved as a measurement resolves them (monitor → measurement → engine)."""
     return OcclusionEngine(resolve_modalities(modalities), MeasurementOptions(**options).engine)
