@@ -39,6 +39,10 @@ FLOAT32_RTOL = 1e-5
 FLOAT32_ATOL = 1e-6
 
 
+#: The modalities of :class:`TwoModalityNet`'s ``(image, table, label)`` batches.
+MODALITIES = {"image": 0, "table": 1}
+
+
 class TwoModalityNet(L.LightningModule):
     """An image branch (1×8×8) and a table branch (5 columns), summed into ``NUM_CLASSES`` logits."""
 

@@ -31,6 +31,7 @@ from lightning_mc.masks import Columns
 from helpers import (
     FLOAT32_ATOL,
     FLOAT32_RTOL,
+    MODALITIES,
     NUM_CLASSES,
     CountingForward,
     TwoModalityNet,
@@ -40,7 +41,6 @@ from helpers import (
     two_modality_dataset,
 )
 
-MODALITIES = {"image": 0, "table": 1}
 #: 16 + 16 + 8 samples: a partial last batch.
 NUM_VAL = 40
 #: Odd, so DistributedSampler pads rank 1 with a repeat of sample 0 (17 + 17 rows for 33 samples).
