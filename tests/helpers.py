@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.core.modality import ModalitiesSpec, resolve_modalities
+from lightning_mc.functional import modality_contribution
 
 NUM_CLASSES = 3
 
@@ -36,6 +37,10 @@ FLOAT32_RTOL = 1e-5
 #: barely reads, a difference of two nearly equal probabilities): float32 rounding of outputs of size ~1 is ~6e-8 per
 #: operation, and a mean of absolute differences of such outputs stays below 1e-6.
 FLOAT32_ATOL = 1e-6
+
+
+#: The modalities of :class:`TwoModalityNet`'s ``(image, table, label)`` batches.
+MODALITIES = {"image": 0, "table": 1}
 
 
 class TwoModalityNet(L.LightningModule):
@@ -62,6 +67,59 @@ class TwoModalityNet(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def fit_then_measure_offline(
+    tmp_path: Path,
+    monitor: L.Callback,
+    modalities: ModalitiesSpec,
+    options: Mapping[str, Any],
+    *,
+    num_train: int,
+    num_val: int,
+    max_epochs: int,
+) -> tuple[L.Trainer, TwoModalityNet, Any]:
+    """Fit a seeded :class:`TwoModalityNet` under ``monitor``, then measure its final weights with the functional API.
+
+    The model trains on ``two_modality_dataset(num_train)`` and validates on ``two_modality_dataset(num_val, seed=1)``;
+    :func:`~lightning_mc.functional.modality_contribution` measures the same validation samples with ``options``
+    (a metric object of their own, not the monitor's). Returns the trainer, the model and the functional result.
+    """
+    torch.manual_seed(0)
+    model = TwoModalityNet()
+    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=max_epochs))
+    trainer.fit(model, loader(two_modality_dataset(num_train)), loader(two_modality_dataset(num_val, seed=1)))
+    offline = modality_contribution(model, loader(two_modality_dataset(num_val, seed=1)), modalities, **options)
+    return trainer, model, offline
+
+
+class CountingForward:
+    """A ``forward_fn`` for two-input batches that counts the forward calls and the model rows the monitor runs.
+
+    Importable by ``ddp_spawn`` workers, so each rank can report its own counts.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, model: nn.Module, batch: Any) -> Any:
+        self.calls += 1
+        self.rows += batch[0].shape[0]
+        return model(batch[0], batch[1])
+
+
+class LinearSum(nn.Module):
+    """``a(a) + weight_b · b(b)`` with ``a``, ``b`` linear maps to ``outputs`` values (``weight_b=0``: ``b`` unread)."""
+
+    def __init__(self, a_features: int, b_features: int, outputs: int, weight_b: float = 1.0) -> None:
+        super().__init__()
+        self.a = nn.Linear(a_features, outputs)
+        self.b = nn.Linear(b_features, outputs)
+        self.weight_b = weight_b
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.a(a) + self.weight_b * self.b(b)
 
 
 def make_engine(modalities: ModalitiesSpec, **options: Any) -> OcclusionEngine:

@@ -14,19 +14,14 @@ from torch import Tensor, nn
 from lightning_mc import Modality, ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
-from helpers import PlantedModule, TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import LinearSum, PlantedModule, TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
 
 
-class Sum(nn.Module):
+class Sum(LinearSum):
     """Two outputs: a linear read of ``a`` and of ``b``."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 2)
-        self.b = nn.Linear(3, 2)
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.a(a) + self.b(b)
+        super().__init__(4, 3, 2)
 
 
 def _dict_batches(n: int = 6) -> list[dict[str, Tensor]]:

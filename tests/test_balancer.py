@@ -18,13 +18,13 @@ from torch import Tensor, nn
 from lightning_mc import ModalityBalancer, ModalityContributionMonitor
 from lightning_mc.callbacks.balancer import DEFAULT_MIN_SHARE, RELEASE_FRACTION, balance_coefficients, next_active
 
-from helpers import NUM_CLASSES, fit_scheduled, loader, trainer_kwargs, two_modality_dataset
+from helpers import NUM_CLASSES, PlantedModule, fit_scheduled, loader, trainer_kwargs, two_modality_dataset
 
 MODALITIES = {"image": 0, "table": 1}
 ENCODERS = {"image": "image_branch", "table": "table_branch"}
 
 
-class FusionNet(L.LightningModule):
+class FusionNet(PlantedModule):
     """Two encoders and a fusion head on their concatenated embeddings (plain SGD, so steps are easy to replay)."""
 
     def __init__(self, lr: float = 0.5) -> None:
@@ -36,16 +36,6 @@ class FusionNet(L.LightningModule):
 
     def forward(self, image: Tensor, table: Tensor) -> Tensor:
         return self.head(torch.cat([self.image_branch(image), self.table_branch(table)], dim=1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        image, table, label = batch
-        return nn.functional.cross_entropy(self(image, table), label)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class GradRecorder(L.Callback):

@@ -14,7 +14,7 @@ from lightning_mc.analyses.bootstrap import PerSampleRaw, bootstrap_share_interv
 from lightning_mc.core.metric import per_sample_values
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, load_example, loader, trainer_kwargs, two_modality_dataset
+from helpers import TwoModalityNet, fit_then_measure_offline, load_example, loader, trainer_kwargs, two_modality_dataset
 
 AB = {"a": 0, "b": 1}
 
@@ -103,21 +103,10 @@ def test_an_invalid_ci_n_boot_or_max_ci_samples_is_refused_by_name() -> None:
 
 def test_monitor_logs_the_functional_interval(tmp_path) -> None:
     modalities = {"image": 0, "table": 1}
-    monitor = ModalityContributionMonitor(
-        modalities, output_transform="softmax", ci=0.9, n_boot=200, seed=3, dashboard=False
-    )
-    torch.manual_seed(0)
-    model = TwoModalityNet()
-    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=1))
-    trainer.fit(model, loader(two_modality_dataset(48)), loader(two_modality_dataset(40, seed=1)))
-    offline = modality_contribution(
-        model,
-        loader(two_modality_dataset(40, seed=1)),
-        modalities,
-        output_transform="softmax",
-        ci=0.9,
-        n_boot=200,
-        seed=3,
+    options = {"output_transform": "softmax", "ci": 0.9, "n_boot": 200, "seed": 3}
+    monitor = ModalityContributionMonitor(modalities, dashboard=False, **options)
+    trainer, model, offline = fit_then_measure_offline(
+        tmp_path, monitor, modalities, options, num_train=48, num_val=40, max_epochs=1
     )
     for name in modalities:
         low = trainer.callback_metrics[f"mc/share_low/{name}"].item()

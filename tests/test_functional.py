@@ -7,28 +7,21 @@ from torch import Tensor, nn
 from lightning_mc import Modality
 from lightning_mc.functional import modality_contribution
 
+from helpers import LinearSum
 
-class OnlyReadsA(nn.Module):
+
+class OnlyReadsA(LinearSum):
+    """Three outputs: ``a`` read linearly, ``b``'s branch multiplied by 0."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 3)
-        self.b = nn.Linear(6, 3)
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.a(a) + 0.0 * self.b(b)
+        super().__init__(4, 6, 3, weight_b=0.0)
 
 
-class WeightedSum(nn.Module):
+class WeightedSum(LinearSum):
     """Output = signal(a) + weight * noise_branch(b)."""
 
     def __init__(self, weight_b: float) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 2)
-        self.b = nn.Linear(6, 2)
-        self.weight_b = weight_b
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.a(a) + self.weight_b * self.b(b)
+        super().__init__(4, 6, 2, weight_b=weight_b)
 
 
 def _batches(sizes=(8, 8, 4), seed: int = 0) -> list[dict[str, Tensor]]:

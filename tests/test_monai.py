@@ -29,7 +29,7 @@ from lightning_mc.core.occlusion import plain_tensor, rows_like
 from lightning_mc.functional import modality_contribution
 from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Patches3d, Tokens, Words
 
-from helpers import assert_same_numbers, load_example, trainer_kwargs
+from helpers import Lambda, assert_same_numbers, load_example, trainer_kwargs
 
 IMAGE_KEYS = ["volume", "slice"]
 TENSOR_KEYS = ["volume", "slice", "table", "tokens", "attention_mask", "word_ids"]
@@ -385,21 +385,12 @@ def test_a_metatensor_whose_batched_metadata_do_not_split_warns_and_still_measur
     model = lambda v, t: v.flatten(1)[:, :5].sum(1, keepdim=True) + t[:, :1]  # noqa: E731
 
     with pytest.warns(UserWarning, match=r"MetaTensor of shape \(4, 1, 8, 8, 8\) has metadata that do not split"):
-        result = modality_contribution(_Call(model), [batch], modalities)
-    plain = modality_contribution(_Call(model), [{**batch, "volume": volume.as_tensor()}], modalities)
+        result = modality_contribution(Lambda(model), [batch], modalities)
+    plain = modality_contribution(Lambda(model), [{**batch, "volume": volume.as_tensor()}], modalities)
     assert _result_numbers(result) == _result_numbers(plain)
     # the batch itself is broken: MONAI's own slice of its rows 2:4 raises
     with pytest.raises(ValueError, match="Inconsistent batched metadata"):
         volume[2:4]
-
-
-class _Call(nn.Module):
-    def __init__(self, function) -> None:
-        super().__init__()
-        self.function = function
-
-    def forward(self, *inputs: Tensor) -> Tensor:
-        return self.function(*inputs)
 
 
 class Tagged(torch.Tensor):
@@ -428,13 +419,13 @@ def test_other_tensor_subclasses_measure_as_plain_tensors_and_reach_the_model_as
         Modality("image", key=0, attributes=Patches2d((2, 2))),
         Modality("table", key=1, attributes=Columns()),
     ]
-    plain = modality_contribution(_Call(model), [(image, table)], modalities)
-    tagged = modality_contribution(_Call(model), [(image.as_subclass(Tagged), table)], modalities)
+    plain = modality_contribution(Lambda(model), [(image, table)], modalities)
+    tagged = modality_contribution(Lambda(model), [(image.as_subclass(Tagged), table)], modalities)
     assert set(received[len(received) // 2 :]) == {Tagged}
     stateful = image.as_subclass(Stateful)
     stateful.unit = "HU"
     received.clear()
-    with_state = modality_contribution(_Call(model), [(stateful, table)], modalities)
+    with_state = modality_contribution(Lambda(model), [(stateful, table)], modalities)
     assert set(received) == {torch.Tensor}  # plain rows: a Stateful rebuilt without its unit would raise
     assert _result_numbers(tagged) == _result_numbers(plain) == _result_numbers(with_state)
 

@@ -10,6 +10,7 @@ from lightning_mc import ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
 from helpers import (
+    MODALITIES,
     ScheduledContributionNet,
     TwoModalityNet,
     assert_same_numbers,
@@ -18,7 +19,6 @@ from helpers import (
     two_modality_dataset,
 )
 
-MODALITIES = {"image": 0, "table": 1}
 KEYS = {"mc/share/image", "mc/share/table", "mc/raw/image", "mc/raw/table", "mc/balance"}
 
 

@@ -12,7 +12,7 @@ from lightning_mc import Modality, ModalityContributionMonitor
 from lightning_mc.core.attribute_builders import Columns
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import fit_then_measure_offline, loader, trainer_kwargs, two_modality_dataset
 
 AB = {"a": 0, "b": 1}
 
@@ -92,17 +92,9 @@ def test_monitor_logs_perf_drop_equal_to_the_functional_api(tmp_path) -> None:
     monitor = ModalityContributionMonitor(
         modalities, output_transform="softmax", perf_metric=metric, target=2, dashboard=False
     )
-    torch.manual_seed(0)
-    model = TwoModalityNet()
-    trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=2))
-    trainer.fit(model, loader(two_modality_dataset(96)), loader(two_modality_dataset(48, seed=1)))
-    offline = modality_contribution(
-        model,
-        loader(two_modality_dataset(48, seed=1)),
-        modalities,
-        output_transform="softmax",
-        perf_metric=MulticlassAccuracy(num_classes=3),
-        target=2,
+    offline_options = {"output_transform": "softmax", "perf_metric": MulticlassAccuracy(num_classes=3), "target": 2}
+    trainer, model, offline = fit_then_measure_offline(
+        tmp_path, monitor, modalities, offline_options, num_train=96, num_val=48, max_epochs=2
     )
     assert trainer.callback_metrics["mc/perf_clean"].item() == pytest.approx(offline.perf_clean, abs=1e-6)
     for name in modalities:

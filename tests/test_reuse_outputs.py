@@ -31,7 +31,9 @@ from lightning_mc.masks import Columns
 from helpers import (
     FLOAT32_ATOL,
     FLOAT32_RTOL,
+    MODALITIES,
     NUM_CLASSES,
+    CountingForward,
     TwoModalityNet,
     assert_same_numbers,
     loader,
@@ -39,7 +41,6 @@ from helpers import (
     two_modality_dataset,
 )
 
-MODALITIES = {"image": 0, "table": 1}
 #: 16 + 16 + 8 samples: a partial last batch.
 NUM_VAL = 40
 #: Odd, so DistributedSampler pads rank 1 with a repeat of sample 0 (17 + 17 rows for 33 samples).
@@ -87,19 +88,6 @@ class DictNet(TwoModalityNet):
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         image, table, _ = batch
         return self(image, table)
-
-
-class CountingForward:
-    """A ``forward_fn`` that counts the forward calls and the model rows the monitor runs."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.rows = 0
-
-    def __call__(self, model: nn.Module, batch: Any) -> Any:
-        self.calls += 1
-        self.rows += batch[0].shape[0]
-        return model(batch[0], batch[1])
 
 
 def prediction_of(outputs: dict[str, Tensor]) -> Tensor:

@@ -23,26 +23,21 @@ from lightning_mc import ContributionMeasurement, ModalityContributionMonitor
 from lightning_mc.analyses.precision import MIN_SAMPLES
 from lightning_mc.functional import modality_contribution
 
-from helpers import TwoModalityNet, assert_same_numbers, load_example, loader, trainer_kwargs, two_modality_dataset
+from helpers import (
+    CountingForward,
+    TwoModalityNet,
+    assert_same_numbers,
+    load_example,
+    loader,
+    trainer_kwargs,
+    two_modality_dataset,
+)
 
 COVERAGE = load_example("tolerance_coverage")
 MODALITIES = {"image": 0, "table": 1}
 #: 25 batches of 16; with TOLERANCE the rule stops after batch 14 (computed by hand in each test).
 NUM_VAL = 400
 TOLERANCE = 0.025
-
-
-class CountingForward:
-    """A ``forward_fn`` that counts the forward calls (one per measured batch here: 3 copies ≤ 4 × 16 rows)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.rows = 0
-
-    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
-        self.calls += 1
-        self.rows += batch[0].shape[0]
-        return model(batch[0], batch[1])
 
 
 @pytest.mark.parametrize("normalization", ["ratio_of_sums", "per_sample"])
@@ -88,6 +83,22 @@ def first_converged_batch(values: Tensor, batch_size: int, tolerance: float) -> 
     return (int(reached.nonzero()[0]) + 1 if reached.any() else None), trajectory
 
 
+def tolerance_monitor(counter: CountingForward, **options: Any) -> ModalityContributionMonitor:
+    """A validate-time monitor (softmax, zeros fill) that stops at :data:`TOLERANCE`; ``counter`` counts its calls.
+
+    One forward call per measured batch here: 3 copies (clean, 2 occluded) ≤ 4 × 16 rows.
+    """
+    return ModalityContributionMonitor(
+        MODALITIES,
+        forward_fn=counter,
+        output_transform="softmax",
+        occlusion="zeros",
+        tolerance=TOLERANCE,
+        run_on_validate=True,
+        **options,
+    )
+
+
 def test_the_monitor_stops_after_the_converging_batch_and_logs_num_samples(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = TwoModalityNet()
@@ -95,14 +106,7 @@ def test_the_monitor_stops_after_the_converging_batch_and_logs_num_samples(tmp_p
     stop, trajectory = first_converged_batch(hand_values(model.eval(), val), 16, TOLERANCE)
     assert stop is not None and 4 < stop < NUM_VAL // 16  # stops in the middle: some batches are skipped
     counter = CountingForward()
-    monitor = ModalityContributionMonitor(
-        MODALITIES,
-        forward_fn=counter,
-        output_transform="softmax",
-        occlusion="zeros",
-        tolerance=TOLERANCE,
-        run_on_validate=True,
-    )
+    monitor = tolerance_monitor(counter)
     trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path))
     for run in (1, 2):  # the second run measures again from its first batch
         (logged,) = trainer.validate(model, loader(val), verbose=False)
@@ -141,15 +145,7 @@ def test_limit_batches_caps_a_measurement_that_has_not_converged(tmp_path: Path)
     stop, trajectory = first_converged_batch(hand_values(model.eval(), val), 16, TOLERANCE)
     assert stop is not None and stop > limit and 16 * limit >= MIN_SAMPLES
     counter = CountingForward()
-    monitor = ModalityContributionMonitor(
-        MODALITIES,
-        forward_fn=counter,
-        output_transform="softmax",
-        occlusion="zeros",
-        tolerance=TOLERANCE,
-        limit_batches=limit,
-        run_on_validate=True,
-    )
+    monitor = tolerance_monitor(counter, limit_batches=limit)
     trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path))
     (logged,) = trainer.validate(model, loader(val), verbose=False)
     assert counter.calls == limit
