@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DistributedSampler
@@ -174,13 +175,14 @@ class Processes:
 
         With a ``DistributedSampler`` on every process the half-widths are those of the union of their samples (one
         ``all_reduce`` of the sums); otherwise every process must be precise enough on its own samples (they may be the
-        same samples: their union would claim a precision it does not have), a ``reduce_boolean_decision``.
+        same samples: their union would claim a precision it does not have), one ``all_reduce`` of the undecided.
         """
         if self.world_size == 1:
             return measurement.converged
         if self.distinct:
-            return measurement.converged_across(lambda sums: trainer.strategy.reduce(sums, reduce_op="sum"))
-        return trainer.strategy.reduce_boolean_decision(measurement.converged, all=True)
+            return measurement.converged_across(lambda sums: _sum_across(trainer, sums))
+        undecided = torch.tensor([0.0 if measurement.converged else 1.0], device=trainer.strategy.root_device)
+        return not bool(_sum_across(trainer, undecided) > 0)
 
     def same_samples(self, trainer: pl.Trainer) -> bool:
         """At the run's end: whether every process measured the same samples (only without a ``DistributedSampler``)."""
@@ -231,6 +233,14 @@ SCHEDULE_DOCS = {
     "run_on_fast_dev_run": "Also measure when the trainer runs with ``fast_dev_run``.",
     "run_on_validate": "Also measure in ``trainer.validate()``; by default only fitting is measured.",
 }
+
+
+def _sum_across(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
+    """``tensor`` summed over the processes: one ``all_reduce`` (Lightning's ``strategy.reduce`` adds a barrier)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+        return tensor
+    return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
 @document_options(docs=SCHEDULE_DOCS, after="Args")
