@@ -16,8 +16,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from lightning_mc.functional import modality_contribution
-from lightning_mc.functional import modality_shapley
+from lightning_mc.functional import modality_contribution, modality_shapley
 
 
 class MaxOfTwoBranches(nn.Module):

@@ -206,8 +206,7 @@ class ContributionMeasurement:
         self._num_updates += 1
 
     def compute(self) -> ContributionResult:
-        """The result of every batch added since the last :meth:`reset` (across processes with
-        :attr:`sync_across_processes`).
+        """The result of every batch added since the last :meth:`reset` (every process's: ``sync_across_processes``).
 
         Raises:
             ValueError: If no batch was added.

@@ -1,9 +1,9 @@
 """How precisely the shares are known so far: delta-method 95% half-widths from sums, for ``tolerance=``.
 
 A measurement with ``tolerance`` stops adding batches once every share's half-width is at most ``tolerance``. The
-half-widths must be cheap (checked after every batch; under DDP reduced in one collective every few batches), exact under DDP and order-free, so they come from additive
-sums of the per-sample values ``d_nm = Σ_c |p⁰_nc − p^m_nc|`` (summed over the modality's attributes) and
-``t_n = Σ_m d_nm``:
+half-widths must be cheap (checked after every batch; under DDP one collective every few batches), exact under DDP
+and order-free, so they come from additive sums of the per-sample values ``d_nm = Σ_c |p⁰_nc − p^m_nc|`` (summed
+over the modality's attributes) and ``t_n = Σ_m d_nm``:
 
 * ``"ratio_of_sums"``: the share ``s_m = Σ_n d_nm / Σ_n t_n`` is a ratio of means. Its first-order (delta-method)
   expansion is ``s_m − s_m* ≈ mean_n(d_nm − s_m t_n) / mean_n(t_n)``, so
@@ -35,6 +35,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -172,9 +173,11 @@ class SharePrecision(MetricAnalysis):
 
     def write(self, result: ContributionResult) -> ContributionResult:
         """Fills ``share_half_width``."""
-        return dataclasses.replace(
-            result, share_half_width=dict(zip(self.modality_names, self.metric.compute().tolist()))
-        )
+        sums = self.metric.sums()
+        if self.metric.sync_on_compute and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)  # one collective (torchmetrics would all-gather each of the 6 states)
+        widths = self.metric.half_widths(sums)
+        return dataclasses.replace(result, share_half_width=dict(zip(self.modality_names, widths.tolist())))
 
     def converged(self, reduce: Reduce | None = None) -> bool:
         """Whether every half-width is at most ``tolerance``: of this process's samples, or of every process's.

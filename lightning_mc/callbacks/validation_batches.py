@@ -1,6 +1,8 @@
-"""Which samples of a validation run a monitor measures: its loader, the batch limit, the sampler's padding, and
-what the processes of a distributed run agree on (where a ``tolerance`` decision is reached by all, whether they hold
-the same samples)."""
+"""Which samples of a validation run a monitor measures: its loader, the batch limit, the sampler's padding.
+
+And what the processes of a distributed run agree on: where a ``tolerance`` decision is reached by all, whether they
+hold the same samples.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from lightning_mc.measurement import ContributionMeasurement
 
 #: Under several processes ``tolerance`` is decided after every ``CHECK_EVERY``-th measured batch (one collective
 #: each), not after every batch, and only up to the fewest batches any process measures.
-CHECK_EVERY = 4
+CHECK_EVERY = 8
 #: The warning of a distributed run whose processes all measured the same samples.
 DUPLICATES_MESSAGE = (
     "ModalityContributionMonitor: all {world_size} processes measured the same validation samples (the measured loader "
