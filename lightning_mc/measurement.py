@@ -47,7 +47,8 @@ ANALYSES: tuple[type[Analysis], ...] = (
 #: The docs of the arguments that say whether a measurement reduces across processes (taken by the measurement and
 #: the functional API; the monitor's measurement always does).
 SYNC_DOCS = {
-    "sync_across_processes": "Under ``torch.distributed``, reduce the sums across processes in :meth:`compute` "
+    "sync_across_processes": "Under ``torch.distributed``, reduce the sums across processes in "
+    "``compute()`` "
     "(a collective every process must reach; every rank then gets the numbers of the union of all ranks' samples). "
     "``False`` (default): this process's batches only, with no collective, so one rank alone can measure (e.g. "
     "``if trainer.is_global_zero:`` after a DDP fit).",
