@@ -23,12 +23,13 @@ from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolv
 from lightning_mc.core.occlusion import FillSpec
 from lightning_mc.core.outputs import OutputTransform
 from lightning_mc.core.result import ContributionResult
-from lightning_mc.measurement import ContributionMeasurement
+from lightning_mc.measurement import SYNC_DOCS, ContributionMeasurement
 
 #: The options :func:`modality_shapley` takes (the others choose analyses it does not run).
 SHAPLEY_OPTIONS = ("forward_fn", "output_key", "output_transform", "occlusion", "max_batch_size", "seed", "encoders")
 
 
+@document_options(docs=SYNC_DOCS, after="show_progress")
 @document_options()
 def modality_contribution(  # noqa: D417 (the options' docs come from MeasurementOptions)
     model: nn.Module,
@@ -54,6 +55,7 @@ def modality_contribution(  # noqa: D417 (the options' docs come from Measuremen
     limit_batches: int | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = False,
+    sync_across_processes: bool = False,
 ) -> ContributionResult:
     """Measure how much each modality contributes to ``model``'s outputs on ``data``.
 
@@ -65,7 +67,8 @@ def modality_contribution(  # noqa: D417 (the options' docs come from Measuremen
         data: Any iterable of batches (a ``DataLoader``, a list of batches).
         modalities: ``name -> dict key`` (dict batches), ``name -> index`` (tuple/list batches), or
             :class:`lightning_mc.Modality` objects (nested batches, per-modality fills, attributes).
-        limit_batches: Use only the first ``limit_batches`` batches of ``data`` (with ``tolerance``: at most).
+        limit_batches: Use only the first ``limit_batches`` batches of ``data`` (with ``tolerance``: at most; the stop
+            is decided on this process's batches, so processes may stop after different batches).
         device: Where batches are moved before the model runs; default: the device of the model's first parameter.
         show_progress: Show a progress bar over the batches, with the model rows run per second (tqdm).
 
@@ -85,10 +88,12 @@ def modality_contribution(  # noqa: D417 (the options' docs come from Measuremen
         >>> result.shares
         {'image': 1.0, 'table': 0.0}
     """
-    measurement = ContributionMeasurement(modalities, **MeasurementOptions.pick(locals()))
+    options = MeasurementOptions.pick(locals())
+    measurement = ContributionMeasurement(modalities, **options, sync_across_processes=sync_across_processes)
     return _measure(measurement, model, data, limit_batches, device, show_progress)
 
 
+@document_options(docs=SYNC_DOCS, after="show_progress")
 @document_options(SHAPLEY_OPTIONS)
 def modality_shapley(  # noqa: D417 (the options' docs come from MeasurementOptions)
     model: nn.Module,
@@ -105,6 +110,7 @@ def modality_shapley(  # noqa: D417 (the options' docs come from MeasurementOpti
     limit_batches: int | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = False,
+    sync_across_processes: bool = False,
 ) -> ShapleyResult:
     """Exact modality Shapley values and pairwise interactions of ``model`` on ``data``.
 
@@ -138,7 +144,8 @@ def modality_shapley(  # noqa: D417 (the options' docs come from MeasurementOpti
         True
     """
     whole = [m.whole() for m in resolve_modalities(modalities)]
-    measurement = ContributionMeasurement(whole, **MeasurementOptions.pick(locals()), shapley=True)
+    options = MeasurementOptions.pick(locals())
+    measurement = ContributionMeasurement(whole, **options, shapley=True, sync_across_processes=sync_across_processes)
     with warnings.catch_warnings():  # the one-at-a-time shares, undefined for redundant modalities, are not asked for
         warnings.filterwarnings("ignore", message="Occluding any single modality left every model output unchanged")
         result = _measure(measurement, model, data, limit_batches, device, show_progress, "modality shapley")

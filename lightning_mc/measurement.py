@@ -20,7 +20,7 @@ from torchmetrics import Metric
 from lightning_mc.analyses.bootstrap import ShareIntervals
 from lightning_mc.analyses.contribution import ContributionSums
 from lightning_mc.analyses.options import DEFAULT_MAX_CI_SAMPLES, MeasurementOptions, document_options
-from lightning_mc.analyses.part import Analysis, Passes
+from lightning_mc.analyses.part import Analysis, Passes, Reduce
 from lightning_mc.analyses.perf_drop import PerfDropAnalysis
 from lightning_mc.analyses.precision import SharePrecision
 from lightning_mc.analyses.redundancy import RedundancyCheck
@@ -49,7 +49,18 @@ ANALYSES: tuple[type[Analysis], ...] = (
     SaturationCheck,
 )
 
+#: The docs of the arguments that say whether a measurement reduces across processes (taken by the measurement and
+#: the functional API; the monitor's measurement always does).
+SYNC_DOCS = {
+    "sync_across_processes": "Under ``torch.distributed``, reduce the sums across processes in "
+    "``compute()`` "
+    "(a collective every process must reach; every rank then gets the numbers of the union of all ranks' samples). "
+    "``False`` (default): this process's batches only, with no collective, so one rank alone can measure (e.g. "
+    "``if trainer.is_global_zero:`` after a DDP fit).",
+}
 
+
+@document_options(docs=SYNC_DOCS, after="encoders")
 @document_options()
 class ContributionMeasurement:
     """Measures modality contributions batch by batch: ``update(model, batch)``, then ``compute()``.
@@ -58,9 +69,9 @@ class ContributionMeasurement:
     :func:`torch.inference_mode`) and adds the outputs to torchmetrics accumulators: the contribution sums of
     :class:`~lightning_mc.ModalityContribution` and, where the options ask for them, the analyses of
     :data:`~lightning_mc.measurement.ANALYSES` (Shapley coalitions, all-occluded movement, intervals, precision,
-    performance drop). :meth:`compute` reduces them across processes (under ``torch.distributed`` each accumulator
-    syncs itself, so every rank gets the numbers of the union of all ranks' samples) and returns a
-    :class:`~lightning_mc.ContributionResult`. :meth:`reset` starts a new measurement.
+    performance drop). :meth:`compute` returns a :class:`~lightning_mc.ContributionResult`: of this process's batches,
+    or, with ``sync_across_processes=True`` under ``torch.distributed``, of every process's (each accumulator syncs
+    itself). :meth:`reset` starts a new measurement.
 
     This is the object behind :func:`~lightning_mc.functional.modality_contribution` and the monitor: use it from any
     training loop (plain PyTorch, Accelerate, a Hugging Face ``Trainer`` callback) to get the same numbers.
@@ -111,8 +122,13 @@ class ContributionMeasurement:
         target: TargetSpec | None = None,
         tolerance: float | None = None,
         encoders: EncodersSpec | None = None,
+        sync_across_processes: bool = False,
     ) -> None:
+        if not isinstance(sync_across_processes, bool):
+            raise TypeError(f"sync_across_processes={sync_across_processes!r} must be True or False.")
         self.modalities = resolve_modalities(modalities)
+        #: Whether :meth:`compute` reduces across processes (read at every :meth:`compute`; the monitor sets it).
+        self.sync_across_processes = sync_across_processes
         #: The checked options (:class:`~lightning_mc.analyses.options.MeasurementOptions`), resolved once.
         self.options = MeasurementOptions(**MeasurementOptions.pick(locals()))
         #: Runs the occluded copies, with the options' :attr:`~.MeasurementOptions.engine` settings.
@@ -139,13 +155,23 @@ class ContributionMeasurement:
 
     @property
     def converged(self) -> bool:
-        """Whether every analysis with a precision target has met it (``tolerance``; always ``False`` without one).
+        """Whether every analysis with a precision target has met it on this process's batches (no collective).
 
-        Reduced across processes (every rank gets the same answer, so every rank stops after the same batch).
+        ``tolerance`` only; always ``False`` without one. To decide on every process's batches, every process calls
+        :meth:`converged_across` at the same points.
+        """
+        return self.converged_across(None)
+
+    def converged_across(self, reduce: Reduce | None) -> bool:
+        """:attr:`converged`, decided on the sums of every process that ``reduce`` (a sum over processes) adds up.
+
+        Each analysis with an opinion calls ``reduce`` once (a collective: every process must call this together,
+        after the same number of batches, or the ones that do wait for the others forever); ``None``: this process's
+        batches, with no collective.
         """
         if not self._num_updates:
             return False
-        opinions = [analysis.converged() for analysis in self.analyses]
+        opinions = [analysis.converged(reduce) for analysis in self.analyses]
         opinions = [opinion for opinion in opinions if opinion is not None]
         return bool(opinions) and all(opinions)
 
@@ -186,13 +212,14 @@ class ContributionMeasurement:
         self._num_updates += 1
 
     def compute(self) -> ContributionResult:
-        """The result of every batch added since the last :meth:`reset` (reduced across processes).
+        """The result of every batch added since the last :meth:`reset` (every process's: ``sync_across_processes``).
 
         Raises:
             ValueError: If no batch was added.
         """
         if not self._num_updates:
             raise ValueError("ContributionMeasurement.compute() was called before any update(model, batch).")
+        self._set_sync(self.sync_across_processes)
         result = self.contribution.result()
         for analysis in self.analyses:
             result = analysis.write(result)
@@ -229,6 +256,14 @@ class ContributionMeasurement:
         """With ``encoders``: check the cached path against the plain one on the next batch (e.g. on a new fit)."""
         if self.engine.cache is not None:
             self.engine.cache.check_again()
+
+    def _set_sync(self, sync: bool) -> None:
+        """Whether every accumulator (and any metric inside it) syncs across processes in its ``compute()``."""
+        owned = [self.contribution.metric, *(metric for analysis in self.analyses for metric in analysis.metrics())]
+        for metric in (module for owner in owned if owner is not None for module in owner.modules()):
+            if isinstance(metric, Metric) and metric.sync_on_compute != sync:
+                metric.sync_on_compute = metric._to_sync = sync
+                metric._computed = None  # a value cached with the other setting
 
     def _run(self, model: nn.Module, batch: Batch, clean: Tensor | None, recorded: Recording | None) -> Passes:
         """The clean, one-at-a-time and coalition outputs the analyses read, in one engine run."""
@@ -273,4 +308,4 @@ def _float32_default() -> Iterator[None]:
         torch.set_default_dtype(dtype)
 
 
-__all__ = ["ContributionMeasurement"]
+__all__ = ["SYNC_DOCS", "ContributionMeasurement"]

@@ -9,6 +9,7 @@ A new analysis is one module with a subclass and one line in ``lightning_mc.meas
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from torch import Tensor
 from torchmetrics import Metric
@@ -18,6 +19,9 @@ from lightning_mc.core.engine import OccludedOutputs
 from lightning_mc.core.metric import per_sample_values
 from lightning_mc.core.modality import Batch
 from lightning_mc.core.result import ContributionResult
+
+#: Sums a tensor over processes: a collective every process calls with a tensor of the same shape.
+Reduce = Callable[[Tensor], Tensor]
 
 
 @dataclasses.dataclass
@@ -97,8 +101,17 @@ class Analysis:
         """``result`` with this analysis's fields filled in (reduced across processes)."""
         raise NotImplementedError
 
-    def converged(self) -> bool | None:
-        """Whether enough batches were added for this analysis (``None``: no opinion; it never stops a measurement)."""
+    def metrics(self) -> tuple[Metric, ...]:
+        """The torchmetrics metrics this analysis accumulates in (the measurement sets their process syncing)."""
+        return ()
+
+    def converged(self, reduce: Reduce | None = None) -> bool | None:
+        """Whether enough batches were added for this analysis (``None``: no opinion; it never stops a measurement).
+
+        Args:
+            reduce: Sums a tensor across processes (one collective, which every process must call); ``None``: decide
+                on this process's batches, with no collective.
+        """
         return None
 
 
@@ -114,3 +127,7 @@ class MetricAnalysis(Analysis):
     def reset(self) -> None:
         """Resets the metric's states."""
         self.metric.reset()
+
+    def metrics(self) -> tuple[Metric, ...]:
+        """The one metric."""
+        return (self.metric,)

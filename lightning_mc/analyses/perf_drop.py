@@ -163,6 +163,10 @@ class PerfDropAnalysis(Analysis):
         if self.drop is not None:
             self.drop.reset()
 
+    def metrics(self) -> tuple[Metric, ...]:
+        """The clones of ``perf_metric`` (none before the first batch)."""
+        return () if self.drop is None else (self.drop.clean, *self.drop.occluded.values())
+
     def write(self, result: ContributionResult) -> ContributionResult:
         """Fills ``perf_clean`` and ``perf_drop``."""
         assert self.drop is not None

@@ -13,7 +13,12 @@ from typing_extensions import override
 from lightning_mc.analyses.options import DEFAULT_MAX_CI_SAMPLES, MeasurementOptions, document_options
 from lightning_mc.callbacks import monitor_keys
 from lightning_mc.callbacks.reuse_outputs import ReuseOutputs, ValidationStepReuse
-from lightning_mc.callbacks.validation_batches import SCHEDULE_DOCS, CheckSchedule
+from lightning_mc.callbacks.validation_batches import (
+    DUPLICATES_MESSAGE,
+    SCHEDULE_DOCS,
+    UNKNOWN_LENGTH_MESSAGE,
+    CheckSchedule,
+)
 from lightning_mc.core.encoders import EncodersSpec, ResolvedEncoders
 from lightning_mc.core.engine import OcclusionEngine
 from lightning_mc.core.forward import ForwardFn
@@ -55,7 +60,9 @@ class ModalityContributionMonitor(Callback):
     Which batches (:class:`~lightning_mc.callbacks.validation_batches.CheckSchedule`): those of validation dataloader
     ``dataloader_idx`` that the trainer runs (``limit_val_batches`` first, then ``limit_batches``) in epochs selected
     by ``every_n_epochs``. Under DDP the sums are reduced before logging and ``DistributedSampler``'s padding is not
-    counted, so the numbers equal one process's on the whole set; every rank must run the same number of batches.
+    counted, so the numbers equal one process's on the whole set. Ranks may run different numbers of batches; when
+    every rank measured the same samples (no ``DistributedSampler``) they are counted once, with a warning
+    (the how-to on distributed runs).
 
     Args:
         modalities: ``name -> dict key`` (dict batches), ``name -> index`` (tuple/list batches), or
@@ -113,7 +120,8 @@ class ModalityContributionMonitor(Callback):
         self.schedule = CheckSchedule(
             every_n_epochs, limit_batches, dataloader_idx, run_on_sanity_check, run_on_fast_dev_run, run_on_validate
         )
-        self.measurement = ContributionMeasurement(modalities, **MeasurementOptions.pick(locals()))
+        options = MeasurementOptions.pick(locals())
+        self.measurement = ContributionMeasurement(modalities, **options, sync_across_processes=True)
         self.dataloader_idx = dataloader_idx
         self.per_output = monitor_keys.check_per_output(per_output)
         self.prefix = monitor_keys.check_prefix(prefix)
@@ -193,7 +201,7 @@ class ModalityContributionMonitor(Callback):
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.measurement.reset(check=trainer.global_step)
-        if self.schedule.begin(trainer):
+        if self.schedule.begin(trainer, decides=self.measurement.options.tolerance is not None):
             self.views.start(trainer)
 
     @override
@@ -255,10 +263,21 @@ class ModalityContributionMonitor(Callback):
             self._reuse.measure(self.measurement, pl_module, batch, real, outputs)
         self.schedule.padding.advance(self.modalities[0].select(batch).shape[0])
         self.views.add_batch(batch, real)
-        self.schedule.converged = self.measurement.converged  # reduced: every rank stops after the same batch
+        processes = self.schedule.processes
+        if processes.world_size > 1 and not processes.distinct:  # the samples may be the same on every rank
+            processes.fingerprint.add(self.modalities[0].select(batch)[:real])
+        if processes.checks_after(self.measurement.num_updates):  # points every rank reaches: it stops with the others
+            self.schedule.converged = processes.converged(trainer, self.measurement)
 
     def _log_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        result = self.measurement.compute()  # reduced across processes: every rank logs the same numbers
+        duplicated = self.schedule.processes.same_samples(trainer)
+        if duplicated:
+            self._warn("duplicates", DUPLICATES_MESSAGE.format(world_size=trainer.world_size))
+        if self.schedule.processes.unknown_length and self.measurement.options.tolerance is not None:
+            self._warn("unknown_length", UNKNOWN_LENGTH_MESSAGE)
+        # reduced across processes (every rank logs the same numbers); the same samples on every rank count once
+        self.measurement.sync_across_processes = not duplicated
+        result = self.measurement.compute()
         self.measurement.reset()
         output_names = monitor_keys.logged_output_names(self.per_output, result, self._warn)
         # values are identical on every rank; sync_dist=True keeps Lightning's DDP bookkeeping consistent
