@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import encoders, report, savings, suites
+from benchmarks import encoders, report, savings, small_sets, suites
 from benchmarks.breakdown import breakdown
 from benchmarks.timing import CLOCKS, DEVICES, choose_clock, pick_device, set_clock
 
-SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "scaling", "breakdown")
+SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "scaling", "breakdown")
 
 
 def machine(device: torch.device, command: str) -> dict[str, Any]:
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             found, table = encoders.p8_encoders(config)
             rows += found
             tables += [table, encoders.p8_monai_occlusion(config)]
+        elif name == "P9":
+            found, table = small_sets.p9_small_sets(config)
+            rows += found
+            tables.append(table)
         elif name == "scaling":
             tables.append(suites.scaling(config))
         elif name == "breakdown":

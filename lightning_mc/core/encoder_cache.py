@@ -135,9 +135,9 @@ class EncoderCache:
         The first batch of a fit (or of another model) is checked against the plain path first; the first batches
         after it are timed on both paths, and the plain path is kept where caching does not pay.
         """
-        if not self._searched and view.size > 1:
+        if self._hooks is None and not self._searched and view.size > 1:
             self._discover(runner, model, view)
-        if self._hooks is None:
+        if self._hooks is None or self.choice.plain:  # no encoders, or the plain path chosen for this fit
             return runner.forward_copies(model, view, fills, copies)
         checked_for = self._model_key(model)
         if checked_for != self._checked_for:
@@ -146,8 +146,8 @@ class EncoderCache:
             self._checked_for = checked_for
         device, rows = view.values[0].device, sum(copy.num_rows(view.size) for copy in copies)
         timed = None if self._check_pending else self.choice.next_to_time
-        if timed == "plain" or (timed is None and self.choice.plain and not self._check_pending):
-            with self.choice.timing("plain", rows, device) if timed else nullcontext():
+        if timed == "plain":
+            with self.choice.timing("plain", rows, device):
                 return runner.forward_copies(model, view, fills, copies)
         with self.choice.timing("cached", rows, device) if timed else nullcontext():
             recorded, clean_rows = self._recorded(runner, model, view, fills, copies, given)
