@@ -29,9 +29,9 @@ TABLE_COLUMNS = 8
 
 
 class VolumeTableNet(nn.Module):
-    """Three 3-D conv layers for a CT volume, an MLP for an 8-column table, a fusion head (the issue's model)."""
+    """Three 3-D conv layers for a CT volume, an MLP for a table (8 columns by default), a fusion head."""
 
-    def __init__(self, channels: int = 8) -> None:
+    def __init__(self, channels: int = 8, columns: int = TABLE_COLUMNS) -> None:
         super().__init__()
         self.ct = nn.Sequential(
             nn.Conv3d(1, channels, 3, padding=1),
@@ -43,7 +43,7 @@ class VolumeTableNet(nn.Module):
             nn.AdaptiveAvgPool3d(1),
             nn.Flatten(),
         )
-        self.table = nn.Sequential(nn.Linear(TABLE_COLUMNS, 16), nn.ReLU())
+        self.table = nn.Sequential(nn.Linear(columns, 16), nn.ReLU())
         self.head = nn.Linear(channels + 16, 3)
 
     def forward(self, ct: Tensor, table: Tensor) -> Tensor:

@@ -206,3 +206,15 @@ def test_p8_encoders_runs_and_the_cache_gives_the_plain_outputs(tmp_path) -> Non
         "ours",
         "ours, encoders",
     ]
+
+
+def test_p10_small_sets_runs_and_the_table_copies_build_no_ct_rows(tmp_path) -> None:
+    threads = str(torch.get_num_threads())
+    assert main(["--quick", "--only", "P10", "--threads", threads, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "quick-P10.json").read_text())
+    measures = [row["measure"] for row in results["summary"] if row["id"] == "P10"]
+    assert measures.count("measurement with encoders ÷ plain validation pass") == 4  # 2 cases × 2 quick sizes
+    assert measures[-2:] == ["measurement with encoders ÷ without", "measurement ÷ floor"]
+    memory = next(row for row in results["summary"] if row["measure"].startswith("bytes allocated"))
+    saved = memory["allocated_mib"]["copied"] - memory["allocated_mib"]["not_copied"]
+    assert saved == pytest.approx(10 * 8 * 24**3 * 4 / 2**20, rel=0.01)  # the 80 CT rows of the 10 table copies

@@ -112,8 +112,14 @@ def outputs_by_modality(
     """``name -> (N, h, C)``: each attribute copy's outputs, the clean outputs on the samples it did not run."""
     occluded, ran = {}, iter(zip(copies, rows))
     for modality, attribute_masks in zip(modalities, masks):
+        own = [pair for _, pair in zip(attribute_masks.names, ran)]
+        if own and all(
+            copy.samples is None for copy, _ in own
+        ):  # every copy ran on every sample: no clean rows to fill in
+            occluded[modality.name] = torch.stack([copy_rows for _, copy_rows in own], dim=1)
+            continue
         outputs = clean.unsqueeze(1).repeat(1, len(attribute_masks.names), 1)
-        for index, (copy, copy_rows) in zip(range(len(attribute_masks.names)), ran):
+        for index, (copy, copy_rows) in enumerate(own):
             if copy.samples is None:
                 outputs[:, index] = copy_rows
             elif copy.samples.numel():

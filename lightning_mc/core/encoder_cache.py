@@ -16,16 +16,20 @@ encoders run.
     image+table (Shapley)   runs on the copy         runs on the copy         runs
 
 Replay is exact only when an encoder's output row depends on its own modality's input row alone (true in eval mode
-for CNNs, MLPs, transformers with their own attention mask). The cache compares the cached and the plain path on the
-first samples of the first batch (and again after :meth:`EncoderCache.check_again`) and raises a ``ValueError``
-naming the module otherwise.
+for CNNs, MLPs, transformers with their own attention mask). The cache compares the cached and the plain path on one
+row of each copy of the first batch of a fit (and again after :meth:`EncoderCache.check_again`, or for another model)
+and raises a ``ValueError`` naming the module otherwise.
+
+A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
+(the check makes sure the model reads that input nowhere else). Where replaying does not pay (tiny encoders), the
+first batches' timing keeps the plain path for the fit (:mod:`~lightning_mc.core.path_choice`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -37,12 +41,12 @@ from lightning_mc.core.discovery import discover_encoders
 from lightning_mc.core.encoders import ResolvedEncoders, noise_gap, relative_gap
 from lightning_mc.core.layout import BatchFills, BatchView, Copy, Piece, samples_of
 from lightning_mc.core.modality import Batch, Modality
+from lightning_mc.core.path_choice import PathChoice
 from lightning_mc.core.replay import EncoderHooks, Mode, Recording, Replay
 
-#: Called with the pieces of each chunk before its forward call.
-BeforeChunk = Callable[[list[Piece]], None]
-#: Samples compared between the cached and the plain path on the first batch.
-CHECK_SAMPLES = 2
+#: Called with the pieces of each chunk before its forward call; returns the modalities (indices) whose rows are not
+#: built for the call (read only through replayed encoders), or ``None``.
+BeforeChunk = Callable[[list[Piece]], "frozenset[int] | None"]
 
 
 class CopiesRunner(Protocol):
@@ -87,12 +91,22 @@ class EncoderCache:
         self._hooks = None if self.found is None else EncoderHooks(self.found, names)
         self._searched = self.found is not None
         self._check_pending = True
+        #: The model and encoder modules the last check ran on: other ones are checked again.
+        self._checked_for: tuple[Any, ...] | None = None
+        #: Safety checks run so far (the first batch of each fit, and of each other model).
+        self.checks_run = 0
+        #: Whether a modality read only through replayed encoders gets one expanded row instead of its copies' rows
+        #: (off once the check finds that the model also reads such an input elsewhere).
+        self.stand_ins = True
+        #: Which path runs the copies: timed on the first batches, the plain one where caching does not pay.
+        self.choice = PathChoice()
         #: ``encoder name -> (state, input row, output row)`` of a fill that is the same for every sample.
         self._once: dict[str, tuple[Any, Any, Any]] = {}
 
     def check_again(self) -> None:
-        """Compare the cached path with the plain one on the next batch (a new fit: the model may differ)."""
+        """Compare the cached path with the plain one on the next batch, and time both again (a new fit)."""
         self._check_pending = True
+        self.choice.restart()
         self.forget_weights()
 
     def forget_weights(self) -> None:
@@ -101,8 +115,11 @@ class EncoderCache:
 
     @contextmanager
     def recording(self, model: nn.Module) -> Iterator[Recording | None]:
-        """Record the encoders in the forward calls made inside the block (``None`` while no encoder is known)."""
-        if self._hooks is None:
+        """Record the encoders in the forward calls made inside the block.
+
+        Yields ``None`` (and records nothing) while no encoder is known, or once the plain path was chosen.
+        """
+        if self._hooks is None or self.choice.plain:
             yield None
             return
         with self._hooks.record(model) as recording:
@@ -117,22 +134,44 @@ class EncoderCache:
         copies: list[Copy],
         given: Recording | None,
     ) -> list[Tensor]:
-        """The outputs of each copy, with the encoders replayed where their modality is left alone."""
-        if not self._searched and view.size > 1:
+        """The outputs of each copy, with the encoders replayed where their modality is left alone.
+
+        The first batch of a fit (or of another model) is checked against the plain path first; the first batches
+        after it are timed on both paths, and the plain path is kept where caching does not pay.
+        """
+        if self._hooks is None and not self._searched and view.size > 1:
             self._discover(runner, model, view)
-        if self._hooks is None:
+        if self._hooks is None or self.choice.plain:  # no encoders, or the plain path chosen for this fit
             return runner.forward_copies(model, view, fills, copies)
-        recorded, clean_rows = self._recorded(runner, model, view, fills, copies, given)
-        occluded = [copy for copy in copies if copy.occluded]
-        replay = Replay(recorded, self._once)
-        with self._hooks.replaying(model, replay):
-            rows = runner.forward_copies(
-                model, view, fills, occluded, self._setting_modes(replay, view, fills, occluded)
-            )
-        if self._check_pending:
-            self._check(runner, model, view, fills, occluded, recorded)
-            self._check_pending = False
-        return [clean_rows, *rows] if len(occluded) < len(copies) else rows
+        checked_for = self._model_key(model)
+        if checked_for != self._checked_for:
+            if self._checked_for is not None:  # another model: other weights, maybe another architecture
+                self.check_again()
+            self._checked_for = checked_for
+        device, rows = view.values[0].device, sum(copy.num_rows(view.size) for copy in copies)
+        timed = None if self._check_pending else self.choice.next_to_time
+        if timed == "plain":
+            with self.choice.timing("plain", rows, device):
+                return runner.forward_copies(model, view, fills, copies)
+        with self.choice.timing("cached", rows, device) if timed else nullcontext():
+            recorded, clean_rows = self._recorded(runner, model, view, fills, copies, given)
+            occluded = [copy for copy in copies if copy.occluded]
+            if self._check_pending:
+                self._check(runner, model, view, fills, occluded, recorded)
+                self._check_pending = False
+                if view.size < 2:  # the stand-in row is the only row: whether the model reads it cannot show
+                    self.stand_ins = False
+            replay = Replay(recorded, self._once)
+            with self._hooks.replaying(model, replay):
+                rows_out = runner.forward_copies(
+                    model, view, fills, occluded, self._setting_modes(replay, view, fills, occluded)
+                )
+        return [clean_rows, *rows_out] if len(occluded) < len(copies) else rows_out
+
+    def _model_key(self, model: nn.Module) -> tuple[Any, ...]:
+        """What identifies the modules the check ran on: the model and each named encoder."""
+        assert self._hooks is not None
+        return (id(model), *((id(encoder.module), type(encoder.module)) for encoder in self._hooks.bind(model)))
 
     def _recorded(
         self,
@@ -180,10 +219,23 @@ class EncoderCache:
     def _setting_modes(self, replay: Replay, view: BatchView, fills: BatchFills, copies: Sequence[Copy]) -> BeforeChunk:
         """A ``before_chunk`` that sets what each encoder does in the chunk about to run."""
 
-        def set_modes(chunk: list[Piece]) -> None:
+        def set_modes(chunk: list[Piece]) -> frozenset[int] | None:
             replay.modes = self._modes(view, fills, copies, chunk)
+            if not self.stand_ins:
+                return None
+            return self._replayed_whole(copies[chunk[0].copy], fills)
 
         return set_modes
+
+    def _replayed_whole(self, first: Copy, fills: BatchFills) -> frozenset[int]:
+        """The modalities whose every encoder replays in a call of copies like ``first``: their rows are not built."""
+        assert self.found is not None
+        replayed = []
+        for modality in self.found:
+            owner = self.modality_names.index(modality)
+            if owner not in first.occluded or (first.mask is None and fills.sources[owner] is not None):
+                replayed.append(owner)
+        return frozenset(replayed)
 
     def _modes(
         self, view: BatchView, fills: BatchFills, copies: Sequence[Copy], chunk: list[Piece]
@@ -216,16 +268,21 @@ class EncoderCache:
         copies: list[Copy],
         recorded: dict[str, Any],
     ) -> None:
-        """Compare the cached and the plain path on the first samples: raise if an encoder is not one modality's.
+        """Compare the cached and the plain path on one row of each copy: raise if an encoder is not one modality's.
+
+        Each copy is checked on one of the samples it runs on, the ``k + 1``-th for the ``k``-th copy, so rows whose
+        sample differs from their position in the call are among those checked (what replays by sample index) and
+        the check rows are mostly not the stand-in row (sample 0) of inputs read only through replayed encoders. The
+        cached path runs with and without stand-ins: where their outputs differ at all, the model also reads such an
+        input elsewhere, and its rows are built for every copy (said once).
 
         Raises:
             ValueError: Naming the encoder whose output changed with another modality occluded, or, if each
                 encoder's output matches, saying that the final outputs differ.
         """
         assert self._hooks is not None and self.found is not None
-        first = torch.arange(min(view.size, CHECK_SAMPLES), device=view.values[0].device)
-        restricted = [_restrict(copy, first) for copy in copies]
-        restricted = [copy for copy in restricted if copy.num_rows(view.size)]
+        self.checks_run += 1
+        restricted = check_copies(copies, view.size, view.values[0].device)
         call_copies: list[Copy] = []
 
         def note_call(chunk: list[Piece]) -> None:
@@ -233,11 +290,17 @@ class EncoderCache:
 
         with self._hooks.record(model) as plain_recording:
             plain = runner.forward_copies(model, view, fills, restricted, note_call)
-        replay = Replay(recorded, self._once)
-        with self._hooks.replaying(model, replay), self._hooks.record(model) as cached_recording:
-            cached = runner.forward_copies(
-                model, view, fills, restricted, self._setting_modes(replay, view, fills, restricted)
-            )
+        cached_recording, cached = self._cached_rows(runner, model, view, fills, restricted, recorded)
+        if self.stand_ins:  # with the rows built, the cached path must give the same floats bit for bit
+            self.stand_ins = False
+            built_recording, built = self._cached_rows(runner, model, view, fills, restricted, recorded)
+            self.stand_ins = all(torch.equal(a, b) for a, b in zip(cached, built))
+            if not self.stand_ins:
+                cached_recording, cached = built_recording, built
+                rank_zero_info(
+                    "encoders: the model also reads the inputs of replayed encoders outside them; their rows are built "
+                    "for every copy."
+                )
         owners = {name: modality for modality, names in self.found.items() for name in names}
         for name, plain_calls in plain_recording.calls.items():
             for copy, want, got in zip(call_copies, plain_calls, cached_recording.calls[name]):
@@ -247,20 +310,65 @@ class EncoderCache:
                     raise ValueError(
                         f"encoders: {name!r} (given for modality {owners[name]!r}) is not an encoder of "
                         f"{owners[name]!r} alone: with {occluded} occluded its output differs from its replayed "
-                        f"output by {gap:.3g} (relative) on the first {first.numel()} samples, so it also depends on "
+                        f"output by {gap:.3g} (relative) on sample {int(copy.samples[0])}, so it also depends on "
                         f"modality {occluded} (cross-attention, FiLM, early fusion, or state kept between calls). "
                         f"Name only modules whose output depends on {owners[name]!r}'s input alone, or leave "
                         f"{owners[name]!r} out of encoders."
                     )
-        for copy, want, got in zip(restricted, plain, cached):
-            gap = relative_gap(got, want)
-            if gap > noise_gap(want) and not torch.is_autocast_enabled(want.device.type):
-                raise ValueError(
-                    f"encoders={self.found!r}: every encoder's output matches the plain path, but the model's "
-                    f"outputs with {copy.name!r} occluded differ by {gap:.3g} (relative) on the first "
-                    f"{first.numel()} samples; the model does not run its encoders once per forward call on its "
-                    "own inputs. Leave encoders out for this model."
-                )
+        mismatch = _first_mismatch(restricted, plain, cached)
+        if mismatch is not None:
+            copy, gap = mismatch
+            raise ValueError(
+                f"encoders={self.found!r}: every encoder's output matches the plain path, but the model's "
+                f"outputs with {copy.name!r} occluded differ by {gap:.3g} (relative) on sample {int(copy.samples[0])}; "
+                "the model does not run its encoders once per forward call on its own inputs. Leave encoders out for "
+                "this model."
+            )
+
+    def _cached_rows(
+        self,
+        runner: CopiesRunner,
+        model: nn.Module,
+        view: BatchView,
+        fills: BatchFills,
+        copies: list[Copy],
+        recorded: dict[str, Any],
+    ) -> tuple[Recording, list[Tensor]]:
+        """The cached path's outputs of ``copies``, with the encoders' (replayed) outputs of each call recorded."""
+        assert self._hooks is not None
+        replay = Replay(recorded, self._once)
+        with self._hooks.replaying(model, replay), self._hooks.record(model) as recording:
+            rows = runner.forward_copies(model, view, fills, copies, self._setting_modes(replay, view, fills, copies))
+        return recording, rows
+
+
+def check_copies(copies: Sequence[Copy], batch_size: int, device: torch.device) -> list[Copy]:
+    """One row of each copy that runs any: the ``k``-th copy on the ``(k + 1) % n``-th of its ``n`` samples.
+
+    Example:
+        >>> [copy.samples.tolist() for copy in check_copies([Copy("a", frozenset({0}))] * 3, 4, torch.device("cpu"))]
+        [[1], [2], [3]]
+    """
+    chosen = []
+    for index, copy in enumerate(copies):
+        count = copy.num_rows(batch_size)
+        if not count:
+            continue
+        position = (index + 1) % count
+        sample = copy.samples[position : position + 1] if copy.samples is not None else torch.tensor([position])
+        chosen.append(replace(copy, samples=sample.to(device)))
+    return chosen
+
+
+def _first_mismatch(
+    copies: Sequence[Copy], plain: Sequence[Tensor], cached: Sequence[Tensor]
+) -> tuple[Copy, float] | None:
+    """The first copy whose outputs differ between the paths beyond float noise, with the gap (autocast: none)."""
+    for copy, want, got in zip(copies, plain, cached):
+        gap = relative_gap(got, want)
+        if gap > noise_gap(want) and not torch.is_autocast_enabled(want.device.type):
+            return copy, gap
+    return None
 
 
 def _counting_rows(calls: list[int]) -> BeforeChunk:
@@ -272,11 +380,4 @@ def _counting_rows(calls: list[int]) -> BeforeChunk:
     return count
 
 
-def _restrict(copy: Copy, samples: Tensor) -> Copy:
-    """``copy`` on those of ``samples`` it runs on."""
-    if copy.samples is None:
-        return replace(copy, samples=samples)
-    return replace(copy, samples=copy.samples[torch.isin(copy.samples, samples)])
-
-
-__all__ = ["CHECK_SAMPLES", "BeforeChunk", "CopiesRunner", "EncoderCache"]
+__all__ = ["BeforeChunk", "CopiesRunner", "EncoderCache", "check_copies"]

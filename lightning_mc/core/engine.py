@@ -267,15 +267,16 @@ class OcclusionEngine:
             fills: The batch's fills.
             copies: The copies to run.
             before_chunk: Called with each chunk's pieces before its forward call; given one, a chunk holds copies
-                that occlude the same way only (the encoder cache sets one mode per encoder per call).
+                that occlude the same way only (the encoder cache sets one mode per encoder per call). It returns the
+                modalities (indices) the model reads only through replayed encoders in that call, or ``None``: their
+                rows are not built (one clean row stands in for all, expanded without a copy).
         """
         outputs, labels = [], []
         max_rows = self.settings.max_batch_size or DEFAULT_COPIES_PER_CALL * view.size
         groups = None if before_chunk is None else [(copy.occluded, copy.mask is None) for copy in copies]
         for chunk in plan_chunks([copy.num_rows(view.size) for copy in copies], max_rows, groups):
-            if before_chunk is not None:
-                before_chunk(chunk)
-            output, label = self._forward_chunk(model, view, fills, copies, chunk)
+            stand_ins = before_chunk(chunk) if before_chunk is not None else None
+            output, label = self._forward_chunk(model, view, fills, copies, chunk, stand_ins)
             outputs.append(output)
             labels.append(label)
         if not outputs:
@@ -327,23 +328,37 @@ class OcclusionEngine:
         return self.forward_copies(model, view, fills, copies)
 
     def _forward_chunk(
-        self, model: nn.Module, view: BatchView, fills: BatchFills, copies: Sequence[Copy], chunk: list[Piece]
+        self,
+        model: nn.Module,
+        view: BatchView,
+        fills: BatchFills,
+        copies: Sequence[Copy],
+        chunk: list[Piece],
+        stand_ins: frozenset[int] | None = None,
     ) -> tuple[Tensor, str]:
-        """Run one chunk: its rows of every modality and of the batch's other tensors, in one forward call."""
+        """Run one chunk: its rows of every modality and of the batch's other tensors, in one forward call.
+
+        A modality in ``stand_ins`` gets one clean row expanded to the chunk's rows (no copy is made).
+        """
+        num_rows = sum(piece.stop - piece.start for piece in chunk)
         rows = [copies[piece.copy].rows(piece.start, piece.stop) for piece in chunk]
         ranges = [span for piece_rows in rows for span in sample_ranges(piece_rows)]
         # the modality tensors are replaced below: only the other tensors of the batch are cut here
         skip = {id(original) for original in view.originals}
         chunk_batch = apply_to_collection(view.batch, Tensor, _cut_rows, rows=rows, view=view, ranges=ranges, skip=skip)
         for owner, modality in enumerate(self.modalities):
-            parts = [
-                self._modality_rows(view, fills, copies[piece.copy], owner, piece_rows)
-                for piece, piece_rows in zip(chunk, rows)
-            ]
-            chunk_batch = modality.replace(chunk_batch, rows_like(view.originals[owner], torch.cat(parts), ranges))
+            if stand_ins and owner in stand_ins:
+                value = view.values[owner][:1].expand(num_rows, *view.values[owner].shape[1:])
+            else:
+                value = torch.cat(
+                    [
+                        self._modality_rows(view, fills, copies[piece.copy], owner, piece_rows)
+                        for piece, piece_rows in zip(chunk, rows)
+                    ]
+                )
+            chunk_batch = modality.replace(chunk_batch, rows_like(view.originals[owner], value, ranges))
         names = list(dict.fromkeys(copies[piece.copy].name for piece in chunk))
         label = _call_label(None in names, [name for name in names if name is not None])
-        num_rows = sum(piece.stop - piece.start for piece in chunk)
         return self._forward(model, chunk_batch, num_rows, label, names, view.size), label
 
     def _forward(
