@@ -133,8 +133,6 @@ class ModalityContributionMonitor(Callback):
     @override
     def state_key(self) -> str:
         names = list(self.modality_names)
-        if self.prefix == "mc" and self.dataloader_idx == 0:  # the key of 0.1 checkpoints, which had neither
-            return self._generate_state_key(modalities=names)
         return self._generate_state_key(modalities=names, prefix=self.prefix, dataloader_idx=self.dataloader_idx)
 
     @property
