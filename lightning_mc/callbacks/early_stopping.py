@@ -51,9 +51,9 @@ class CollapseEarlyStopping(MonitorReader):
     on this validation set* and training goes on; it is probed again only if its share recovers and falls again. The
     probe's score is reported either way (``probe_results``). A probe that cannot decide (fewer than 20 samples, a
     single class) leaves the stopper as it is without labels. The probe runs only at a check that may flag a
-    modality (its ``patience``-th low check); it costs a few hundredths of a second on a thousand samples
-    (``docs/how-to/collapse.md`` has the measurements), and collecting the features costs one copy of the modality
-    (hashed to at most 256 columns) per measured sample during that validation run.
+    modality (its ``patience``-th low check); it costs about a tenth of a second on a thousand samples of 256
+    columns (one CPU thread; ``docs/how-to/collapse.md`` has the measurements), and collecting the features costs one
+    copy of the modality (hashed to at most 256 columns) per measured sample during that validation run.
 
     A check whose share is NaN (no occlusion moved any output, so shares are undefined) neither counts towards the
     patience nor resets it; it is reported with a warning. In DDP the probe's features are gathered from every
@@ -186,7 +186,7 @@ class CollapseEarlyStopping(MonitorReader):
 
     @property
     def uninformative_modalities(self) -> tuple[str, ...]:
-        """The modalities whose latest probe was at chance: uninformative on this validation set (with ``labels``)."""
+        """The modalities uninformative on this validation set, whose latest probe was at chance (with ``labels``)."""
         return tuple(name for name, result in self.probe_results.items() if result.decided and not result.informative)
 
     @override
