@@ -178,6 +178,23 @@ def _stopper_sees_nan() -> None:
     _fit([monitor, CollapseEarlyStopping(min_share=0.1)], model=_Net(zero=True))
 
 
+def _validate_unmeasured() -> None:
+    trainer = L.Trainer(
+        callbacks=[ModalityContributionMonitor({"a": 0, "b": 1})],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.validate(_Net(), _tuple_loader(), verbose=False)
+
+
+def _labels_not_classes() -> None:
+    stopper = CollapseEarlyStopping(min_share=0.99, patience=1, labels=lambda batch: batch[0][:, 0])
+    _fit([ModalityContributionMonitor({"a": 0, "b": 1}), stopper])
+
+
 #: ``case id -> trigger``; each raises (or warns) the message the page quotes for that case.
 CASES: dict[str, Callable[[], Any]] = {
     # constructor arguments
@@ -201,6 +218,8 @@ CASES: dict[str, Callable[[], Any]] = {
     "perf_without_target": lambda: ModalityContributionMonitor({"a": 0, "b": 1}, perf_metric=_accuracy()),
     "min_share": lambda: CollapseEarlyStopping(min_share=10),
     "action": lambda: CollapseEarlyStopping(action="pause"),
+    "stopper_labels": lambda: CollapseEarlyStopping(labels=2.5),
+    "labels_not_classes": _labels_not_classes,
     # at setup, with a trainer
     "same_monitor_twice": lambda: _fit(
         [ModalityContributionMonitor({"a": 0, "b": 1}), ModalityContributionMonitor({"a": 0, "b": 1})]
@@ -297,6 +316,7 @@ CASES: dict[str, Callable[[], Any]] = {
     ),
     "redundant": _redundant,
     "stopper_nan": _stopper_sees_nan,
+    "validate_unmeasured": _validate_unmeasured,
     "empty_loader": lambda: _fit(
         [ModalityContributionMonitor({"a": 0, "b": 1}, dataloader_idx=1)],
         val=[_tuple_loader(), DataLoader(TensorDataset(torch.zeros(0)))],
@@ -317,6 +337,7 @@ PICK = {
     "saturated": "saturated outputs",
     "stopper_nan": "CollapseEarlyStopping",
     "empty_loader": "measured no batch",
+    "validate_unmeasured": "does not measure trainer.validate()",
 }
 
 #: Warnings of other libraries that some triggers also raise (Lightning's tips); not part of the page.

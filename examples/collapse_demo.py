@@ -149,7 +149,8 @@ def run(
     L.seed_everything(0, verbose=False)
     train, val = make_datasets(table)
     monitor = ModalityContributionMonitor(MODALITIES, output_transform="softmax", occlusion="mean")
-    stopper = CollapseEarlyStopping(min_share=min_share, patience=patience, warmup_epochs=warmup_epochs)
+    # labels=2: the label is the third item of each batch; a low share is confirmed by a probe before the stop
+    stopper = CollapseEarlyStopping(min_share=min_share, patience=patience, warmup_epochs=warmup_epochs, labels=2)
     callbacks: list[L.Callback] = [monitor, stopper]
     if verbose:
         callbacks.append(ShareTable(monitor, stopper))

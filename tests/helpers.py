@@ -146,6 +146,20 @@ def two_modality_dataset(num_samples: int = 48, seed: int = 0) -> TensorDataset:
     return TensorDataset(image, table, label)
 
 
+def planted_dataset(num_samples: int, seed: int = 0, image: float = 2.0, table: float = 0.0) -> TensorDataset:
+    """Images, tables and labels where each modality carries a planted amount of the label (0: it is pure noise).
+
+    The image's pixel row ``label`` and the table's column ``label`` are shifted by ``image`` and ``table``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator)
+    images = torch.randn(num_samples, 1, 8, 8, generator=generator)
+    images[torch.arange(num_samples), 0, label, :] += image
+    tables = torch.randn(num_samples, 5, generator=generator)
+    tables[torch.arange(num_samples), label] += table
+    return TensorDataset(images, tables, label)
+
+
 def loader(dataset: TensorDataset, batch_size: int = 16) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
@@ -247,25 +261,25 @@ def fit_scheduled(
     schedule: list[tuple[float, float]],
     *callbacks: L.Callback,
     ckpt_path: str | None = None,
+    data: tuple[TensorDataset, TensorDataset] | None = None,
+    monitor: L.Callback | None = None,
+    model: L.LightningModule | None = None,
     **overrides: Any,
 ) -> tuple[L.Trainer, Any]:
     """Fit a :class:`ScheduledContributionNet` with a zeros-fill monitor first, then ``callbacks``, seeded.
 
-    Returns the trainer and the monitor. ``overrides`` go to :func:`trainer_kwargs` (``max_epochs`` defaults to the
-    schedule's length).
+    Returns the trainer and the monitor. ``data`` is ``(train, val)`` (default: :func:`two_modality_dataset` of 32
+    samples, seeds 0 and 1), ``monitor`` replaces the zeros-fill one, ``model`` the scheduled net (whose ``schedule``
+    is then unused). ``overrides`` go to :func:`trainer_kwargs` (``max_epochs`` defaults to the schedule's length).
     """
     from lightning_mc import ModalityContributionMonitor
 
-    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, occlusion="zeros")
+    monitor = monitor or ModalityContributionMonitor({"image": 0, "table": 1}, occlusion="zeros")
     kwargs = trainer_kwargs(tmp_path, **{"max_epochs": len(schedule), **overrides})
     trainer = L.Trainer(callbacks=[monitor, *callbacks], **kwargs)
     L.seed_everything(0, verbose=False)
-    trainer.fit(
-        ScheduledContributionNet(schedule),
-        loader(two_modality_dataset(32, seed=0)),
-        loader(two_modality_dataset(32, seed=1)),
-        ckpt_path=ckpt_path,
-    )
+    train, val = data or (two_modality_dataset(32, seed=0), two_modality_dataset(32, seed=1))
+    trainer.fit(model or ScheduledContributionNet(schedule), loader(train), loader(val), ckpt_path=ckpt_path)
     return trainer, monitor
 
 

@@ -66,6 +66,16 @@ def _fit(tmp_path, balancer: ModalityBalancer | None, *extra: L.Callback, model=
     return trainer
 
 
+class PlantState(L.Callback):
+    """After the balancer's ``setup`` (which starts every fit fresh): loads ``state`` into it, as a resume would."""
+
+    def __init__(self, balancer: ModalityBalancer, state: dict[str, Any]) -> None:
+        self.balancer, self.state = balancer, state
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.balancer.load_state_dict(self.state)
+
+
 def _ogm(share: float, others: list[float], alpha: float) -> float:
     """OGM-GE's coefficient in its continuous form, written out independently of the library."""
     rho = share / (sum(others) / len(others))
@@ -236,8 +246,8 @@ def test_with_gradient_accumulation_the_step_equals_a_manual_step_on_the_scaled_
     model = FusionNet()
     start = copy.deepcopy(model.state_dict())
     balancer = ModalityBalancer(ENCODERS, min_share=None, dropout=0.0)
-    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.25}})  # in effect from the first step
-    _fit(tmp_path, balancer, model=model, max_epochs=1, accumulate_grad_batches=2, num_train=64)
+    planted = PlantState(balancer, {"coefficients": {"image": 1.0, "table": 0.25}})  # in effect from the first step
+    _fit(tmp_path, balancer, planted, model=model, max_epochs=1, accumulate_grad_batches=2, num_train=64)
 
     manual = FusionNet()
     manual.load_state_dict(start)
@@ -290,10 +300,11 @@ class OutputRecorder(L.Callback):
 
 def test_dropout_zeroes_whole_rows_of_the_slowed_encoder_in_training_only(tmp_path) -> None:
     balancer = ModalityBalancer(ENCODERS, min_share=None, dropout=0.8)
-    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.375}})  # q = 0.8 × (1 − 0.375) = 0.5
+    planted = {"coefficients": {"image": 1.0, "table": 0.375}}  # q = 0.8 × (1 − 0.375) = 0.5
+    balancer.load_state_dict(planted)
     assert balancer.drop_probability("table") == pytest.approx(0.5) and balancer.drop_probability("image") == 0.0
     recorder = OutputRecorder()
-    _fit(tmp_path, balancer, recorder, max_epochs=1, num_train=96)
+    _fit(tmp_path, balancer, PlantState(balancer, planted), recorder, max_epochs=1, num_train=96)
 
     assert recorder.mismatches == 0  # every row is either the encoder's own output or all zeros
     assert recorder.rows["train"] == 96
@@ -325,9 +336,9 @@ def test_nan_shares_leave_the_coefficients_unchanged_with_a_warning(tmp_path) ->
     with torch.no_grad():
         model.head.weight.zero_()  # the outputs ignore both inputs: no occlusion moves them, the shares are NaN
     balancer = ModalityBalancer(ENCODERS, min_share=None, dropout=0.0)
-    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.5}})
+    planted = PlantState(balancer, {"coefficients": {"image": 1.0, "table": 0.5}})
     with pytest.warns(UserWarning, match="coefficients stay as they are"):
-        _fit(tmp_path, balancer, model=model, max_epochs=1)
+        _fit(tmp_path, balancer, planted, model=model, max_epochs=1)
     assert balancer.coefficients == {"image": 1.0, "table": 0.5} and balancer.history == []
 
 
@@ -441,14 +452,12 @@ class ActiveAtEpochStart(L.Callback):
         self.active[trainer.current_epoch] = self.balancer.active
 
 
-def test_a_checkpoint_of_the_floor_balancer_loads_as_engaged_exactly_when_a_coefficient_was_below_one() -> None:
+def test_active_is_restored_from_the_checkpoint_and_a_state_without_it_loads_released() -> None:
     balancer = ModalityBalancer(ENCODERS)
-    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.2}})  # 0.1 saved no "active"
-    assert balancer.active is True
-    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 1.0}})
+    balancer.load_state_dict({"active": True, "coefficients": {"image": 1.0, "table": 0.2}})
+    assert balancer.active is True and balancer.state_dict()["active"] is True
+    balancer.load_state_dict({"coefficients": {"image": 1.0, "table": 0.2}})  # no "active": released
     assert balancer.active is False
-    balancer.load_state_dict({"active": True, "coefficients": {"image": 1.0, "table": 1.0}})
-    assert balancer.active is True and "active" in balancer.state_dict()
 
 
 def test_a_checkpoint_without_balancer_state_starts_with_coefficients_one() -> None:
@@ -459,7 +468,7 @@ def test_a_checkpoint_without_balancer_state_starts_with_coefficients_one() -> N
     assert balancer.coefficients == {"image": 1.0, "table": 0.3}
 
 
-# --- encoders from the monitor, deprecated floor -----------------------------------------------------------------
+# --- encoders from the monitor -----------------------------------------------------------------------------------
 
 
 def test_a_balancer_without_encoders_slows_the_encoders_its_monitor_names(tmp_path) -> None:
@@ -505,17 +514,6 @@ def test_setup_fails_when_neither_the_balancer_nor_its_monitor_has_encoders(tmp_
         _fit(tmp_path, ModalityBalancer(), monitor=monitor, max_epochs=1)
 
 
-def test_the_floor_keyword_still_works_as_min_share_without_hysteresis_and_warns() -> None:
-    with pytest.warns(DeprecationWarning, match=r"floor=0\.3\) is deprecated.*pass min_share=0\.3, release_share=0\.3"):
-        balancer = ModalityBalancer(ENCODERS, floor=0.3)
-    assert (balancer.min_share, balancer.release_share) == (0.3, 0.3)
-    with pytest.warns(DeprecationWarning, match="floor=None"):
-        assert ModalityBalancer(ENCODERS, floor=None).min_share is None
-    with pytest.warns(DeprecationWarning, match=r"balance_coefficients\(floor=0\.3\) is deprecated"):
-        old = balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, floor=0.3)
-    assert old == balance_coefficients({"a": 0.25, "b": 0.75}, alpha=1.0, min_share=0.3) and old["b"] < 1.0
-
-
 # --- errors ------------------------------------------------------------------------------------------------------
 
 
@@ -554,11 +552,15 @@ def test_setup_refuses_unmeasured_modalities_shared_parameters_and_an_unreachabl
         ({"encoders": {}}, TypeError, "non-empty mapping"),
         ({"encoders": {"image": []}}, ValueError, "submodule name or a non-empty list"),
         ({"alpha": 0.0}, ValueError, "alpha=0.0 must be a positive"),
-        ({"min_share": 1.5}, ValueError, r"min_share=1\.5 must be a number in \(0, 1\)"),
-        ({"release_share": 0.0}, ValueError, r"release_share=0\.0 must be a number in \(0, 1\)"),
+        ({"min_share": 1.5}, ValueError, r"min_share=1\.5 must be None or a number in \(0, 1\)"),
+        ({"release_share": 0.0}, ValueError, r"release_share=0\.0 must be None or a number in \(0, 1\)"),
         ({"min_share": 0.2, "release_share": 0.1}, ValueError, r"release_share=0\.1 must be >= min_share=0\.2"),
         ({"dropout": 2}, ValueError, r"dropout=2 must be a number in \[0, 1\]"),
-        ({"warmup_epochs": -1}, ValueError, "warmup_epochs=-1"),
+        ({"warmup_epochs": -1}, ValueError, "warmup_epochs=-1 must be a non-negative int"),
+        ({"warmup_epochs": True}, ValueError, "warmup_epochs=True must be a non-negative int"),
+        ({"alpha": math.inf}, ValueError, "alpha=inf must be a positive, finite number"),
+        ({"seed": 1.5}, ValueError, r"seed=1\.5 must be a non-negative int"),
+        ({"seed": -1}, ValueError, "seed=-1 must be a non-negative int"),
         ({"monitor": "mc"}, TypeError, "must be a ModalityContributionMonitor"),
     ],
 )

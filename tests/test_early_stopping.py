@@ -12,8 +12,17 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
+from lightning_mc.analyses.probe import linear_probe
 
-from helpers import ScheduledContributionNet, fit_scheduled, load_example, loader, trainer_kwargs, two_modality_dataset
+from helpers import (
+    ScheduledContributionNet,
+    assert_same_numbers,
+    fit_scheduled,
+    load_example,
+    loader,
+    trainer_kwargs,
+    two_modality_dataset,
+)
 
 MODALITIES = {"image": 0, "table": 1}
 BALANCED = (1.0, 1.0)
@@ -202,6 +211,12 @@ def test_demo_collapse_happens_during_training_and_is_stopped_and_the_control_is
     assert stopper.collapsed_modality == "image" and stopper.stopped_epoch is not None
     assert stopper.stopped_epoch < 19
     assert image[-1] < 0.1 and image[-2] < 0.1 and min(image[:-2]) >= 0.1
+    # labels=2: the probe of the validation images confirmed the collapse, and the message says so
+    images, _, labels = demo.make_datasets(demo.SHORTCUT)[1].tensors
+    result = stopper.probe_results["image"]
+    assert result.informative and set(stopper.probe_results) == {"image"}
+    assert_same_numbers(result.score, linear_probe(images.flatten(1), labels).score)
+    assert f"a linear probe scores {result.describe()}: an informative modality, abandoned." in stopper.collapse_message
 
     monitor, stopper, trainer = demo.run("balanced", demo.HINT, epochs=5, **settings)
     assert stopper.collapsed_modality is None and trainer.current_epoch == 5

@@ -139,7 +139,7 @@ def test_history_round_trips_through_state_dict() -> None:
     restored.load_state_dict({})  # a checkpoint written before the monitor kept state
     assert restored.history == []
     key = "ModalityContributionMonitor{'modalities': ['image', 'table'], 'prefix': 'mc', 'dataloader_idx': 0}"
-    assert monitor.state_key == key
+    assert monitor.state_key == key  # the same key for every monitor: its modalities, prefix and loader
 
 
 @pytest.mark.parametrize(

@@ -14,19 +14,21 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_mc.callbacks.early_stopping import CollapseEarlyStopping
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
+from lightning_mc.core.checks import check_fraction, check_int, check_positive
 from lightning_mc.core.encoders import resolve_encoders, submodule
 
 EncoderSpec = Mapping[str, "str | Sequence[str]"]
@@ -37,34 +39,7 @@ DEFAULT_MIN_SHARE = 0.12
 RELEASE_FRACTION = 0.8
 
 
-class _Deprecated:
-    """The default of a deprecated keyword: tells "not given" apart from every value a user can pass."""
-
-    def __init__(self, replacement: str) -> None:
-        self.replacement = replacement
-
-    def __repr__(self) -> str:
-        return f"<deprecated: use {self.replacement}>"
-
-
-_FLOOR = _Deprecated("min_share")
-
-
-def _floor_as_min_share(floor: float | None, caller: str) -> float | None:
-    """Warns that ``floor=`` is deprecated and returns it, the value ``min_share`` takes in its place."""
-    warnings.warn(
-        f"{caller}(floor={floor!r}) is deprecated and will be removed; the share threshold is called min_share, as "
-        f"in CollapseEarlyStopping: pass min_share={floor!r}"
-        + ("." if caller == "balance_coefficients" else f", release_share={floor!r} for the same behaviour."),
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return floor
-
-
-def balance_coefficients(
-    shares: Mapping[str, float], alpha: float, min_share: float | None = None, *, floor: Any = _FLOOR
-) -> dict[str, float]:
+def balance_coefficients(shares: Mapping[str, float], alpha: float, min_share: float | None = None) -> dict[str, float]:
     r"""One coefficient per modality from its contribution share: ``< 1`` slows a dominant modality, ``1`` leaves it.
 
     With ``N`` modalities and shares ``s`` (summing to 1), modality ``m``'s dominance is its share over the mean share
@@ -84,7 +59,6 @@ def balance_coefficients(
         alpha: Strength, ``> 0``.
         min_share: ``None`` (act on any imbalance) or a share in ``(0, 1)`` below which a modality counts as
             collapsed.
-        floor: Deprecated name of ``min_share`` (a ``DeprecationWarning``).
 
     Returns:
         ``modality -> coefficient`` in ``[0, 1]``, in the order of ``shares``.
@@ -98,8 +72,6 @@ def balance_coefficients(
         >>> balance_coefficients({"image": 0.25, "table": 0.75}, alpha=0.5, min_share=0.2)  # none below 0.2
         {'image': 1.0, 'table': 1.0}
     """
-    if floor is not _FLOOR:
-        min_share = _floor_as_min_share(floor, "balance_coefficients")
     if len(shares) < 2:
         raise ValueError(f"shares={dict(shares)!r}: balancing needs the shares of at least two modalities.")
     if any(math.isnan(share) or share < 0 for share in shares.values()):
@@ -174,6 +146,13 @@ class ModalityBalancer(MonitorReader):
     monitor's ``prefix``: ``<prefix>/coef/<m>`` for every balanced modality and ``<prefix>/balancer_active`` (1 while
     engaged, else 0). Each engage and release is reported in one line (``rank_zero_info``) with the share behind it.
 
+    Every ``trainer.fit`` starts the balancer fresh (released, coefficients 1, empty history: ``setup`` resets them); a
+    fit resumed from a checkpoint (``ckpt_path=``) continues engaged or released as it stopped.
+
+    With a :class:`~lightning_mc.CollapseEarlyStopping` that has ``labels`` on the same monitor, the balancer reads
+    its probe's verdicts: a modality whose probe was at chance (uninformative on the validation set) is left out of
+    the decision and of the coefficients, which are computed from the other modalities' shares renormalised.
+
     Args:
         encoders: ``modality -> name`` (or names) of the submodule(s) of the LightningModule that encode it, as
             ``pl_module.get_submodule`` reads them (``"net.image_encoder"``). Every key must be a modality of the
@@ -191,15 +170,14 @@ class ModalityBalancer(MonitorReader):
         dropout: Largest probability, in ``[0, 1]``, of dropping a modality's encoder output; the probability used is
             ``dropout · (1 − kₘ)``. ``0`` scales gradients only.
         warmup_epochs: Checks of epochs ``< warmup_epochs`` leave the balancer released (early shares are noisy).
-        seed: Seed of the dropout draws (a private generator, offset by the process rank).
-        floor: Deprecated (``DeprecationWarning``): ``floor=x`` is ``min_share=x, release_share=x``, the balancer of
-            0.1, which acted exactly while a share was below ``x``.
+        seed: Seed of the dropout draws, a non-negative int (a private generator, offset by the process rank).
 
     Attributes:
         active: Whether the balancer is engaged (acting) now.
         coefficients: ``modality -> coefficient`` in effect (1 while released).
         history: One entry per check the balancer read: ``epoch``, ``global_step``, ``shares``, ``coefficients``,
-            ``active`` (after the check) and ``event`` (``"engaged"``, ``"released"`` or ``None``).
+            ``active`` (after the check), ``event`` (``"engaged"``, ``"released"`` or ``None``) and ``uninformative``
+            (the modalities left out, :attr:`uninformative_modalities`).
 
     Raises:
         ValueError: If an argument is invalid (at construction); at ``setup``, if neither the balancer nor its monitor
@@ -233,35 +211,34 @@ class ModalityBalancer(MonitorReader):
         dropout: float = 1.0,
         warmup_epochs: int = 0,
         seed: int = 0,
-        floor: Any = _FLOOR,
     ) -> None:
         super().__init__(monitor)
-        if floor is not _FLOOR:
-            min_share = release_share = _floor_as_min_share(floor, "ModalityBalancer")
         self.encoders = resolve_encoders(encoders, None, "encoders", allow_auto=False)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-            raise ValueError(f"alpha={alpha!r} must be a positive, finite number.")
+        check_positive("alpha", alpha)
         self.min_share, self.release_share = _check_thresholds(min_share, release_share)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout={dropout!r} must be a number in [0, 1].")
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs={warmup_epochs!r} must be a non-negative int.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} must be an int.")
+        check_fraction("dropout", dropout, closed=True)
+        check_int("warmup_epochs", warmup_epochs, minimum=0)
+        check_int("seed", seed, minimum=0)
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.warmup_epochs = warmup_epochs
         self.seed = seed
-        self.active = False
         self._release: float | None = self.release_share  # release_share=None is resolved at setup (0.8 / N)
-        self.coefficients: dict[str, float] = dict.fromkeys(self.encoders or {}, 1.0)
-        self.history: list[dict[str, Any]] = []
         self._encoders: dict[str, tuple[str, ...]] | None = self.encoders  # resolved at setup
+        self._stoppers: list[CollapseEarlyStopping] = []  # whose probe verdicts the balancer reads
         self._parameters: dict[str, list[nn.Parameter]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, Tensor] = {}
         self._generator: torch.Generator | None = None  # made in setup: a Generator cannot travel to spawned workers
         self._stage = "fit"
+        self._start_fit()
+
+    def _start_fit(self) -> None:
+        """Released, every coefficient 1, no history: the state of a fit that has not checked anything yet."""
+        super()._start_fit()
+        self.active = False
+        self.coefficients: dict[str, float] = dict.fromkeys(self._encoders or {}, 1.0)
+        self.history: list[dict[str, Any]] = []
         self._warned_nan = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -283,6 +260,9 @@ class ModalityBalancer(MonitorReader):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.monitor = self._find_monitor(trainer)
+        if stage == TrainerFn.FITTING:
+            self._start_fit()  # a resumed fit's checkpoint is loaded after setup and overwrites this
+        self._stoppers = [cb for cb in trainer.callbacks if isinstance(cb, CollapseEarlyStopping)]
         self._release = _release_share(self.min_share, self.release_share, len(self.monitor.modality_names))
         self._remove_hooks()
         self._generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
@@ -353,8 +333,7 @@ class ModalityBalancer(MonitorReader):
         stored = {name: float(value) for name, value in state_dict.get("coefficients", {}).items()}
         names = self._encoders if self._encoders is not None else stored
         self.coefficients = {name: stored.get(name, 1.0) for name in names}
-        # a checkpoint of 0.1 has no "active": the balancer acted exactly while a coefficient was below 1
-        self.active = bool(state_dict.get("active", any(value < 1.0 for value in self.coefficients.values())))
+        self.active = bool(state_dict.get("active", False))
         super().load_state_dict(state_dict)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
 
@@ -370,6 +349,21 @@ class ModalityBalancer(MonitorReader):
             self._attach(trainer.lightning_module, encoders)
         self._update(entry)
 
+    @property
+    def uninformative_modalities(self) -> tuple[str, ...]:
+        """Modalities that a :class:`~lightning_mc.CollapseEarlyStopping` with ``labels`` found at chance.
+
+        Only stoppers reading the balancer's monitor count. The balancer neither engages for these modalities nor
+        counts them in the dominance (their coefficient stays 1): a modality with nothing to give on the validation
+        set is not pushed. Empty without such a stopper, or before its probe has run; a stopper placed after the
+        balancer in ``trainer.callbacks`` gives its verdict of a check at the next check.
+        """
+        names: dict[str, None] = {}
+        for stopper in self._stoppers:
+            if stopper.labels is not None and stopper.monitor is self.monitor:
+                names.update(dict.fromkeys(stopper.uninformative_modalities))
+        return tuple(names)
+
     def _update(self, entry: dict[str, Any]) -> None:
         """Engages, releases and sets the coefficients from one monitor check (nothing changes on a NaN share)."""
         shares = {name: float(share) for name, share in entry["shares"].items()}
@@ -380,15 +374,22 @@ class ModalityBalancer(MonitorReader):
         was_active = self.active
         if self._release is None:  # not set up (a check fed by hand): the default for these shares
             self._release = _release_share(self.min_share, self.release_share, len(shares))
-        self.active = epoch >= self.warmup_epochs and next_active(
-            self.active, min(shares.values()), self.min_share, self._release or 0.0
+        skipped = [name for name in self.uninformative_modalities if name in shares]
+        considered = {name: share for name, share in shares.items() if name not in skipped}
+        total = sum(considered.values())
+        if skipped and total > 0:  # the shares among the modalities that have something to give
+            considered = {name: share / total for name, share in considered.items()}
+        self.active = (
+            epoch >= self.warmup_epochs
+            and len(considered) >= 2
+            and next_active(self.active, min(considered.values()), self.min_share, self._release or 0.0)
         )
         names = self._encoders if self._encoders is not None else self.coefficients
-        every = balance_coefficients(shares, self.alpha) if self.active else dict.fromkeys(shares, 1.0)
-        self.coefficients = {name: every[name] for name in names}
+        every = balance_coefficients(considered, self.alpha) if self.active else {}
+        self.coefficients = {name: every.get(name, 1.0) for name in names}
         event = None if self.active == was_active else ("engaged" if self.active else "released")
         if event is not None:
-            rank_zero_info(self._event_message(event, epoch, shares))
+            rank_zero_info(self._event_message(event, epoch, considered, skipped))
         self.history.append(
             {
                 "epoch": epoch,
@@ -397,6 +398,7 @@ class ModalityBalancer(MonitorReader):
                 "coefficients": dict(self.coefficients),
                 "active": self.active,
                 "event": event,
+                "uninformative": skipped,
             }
         )
 
@@ -409,14 +411,25 @@ class ModalityBalancer(MonitorReader):
                 f"are ({self.coefficients})."
             )
 
-    def _event_message(self, event: str, epoch: int, shares: dict[str, float]) -> str:
+    def _event_message(self, event: str, epoch: int, shares: dict[str, float], skipped: list[str]) -> str:
         """One line: engaged or released at ``epoch``, the share that decided it and what the balancer does now."""
+        aside = (
+            f" (not counting {', '.join(map(repr, skipped))}: uninformative on this validation set, by the probe of "
+            "CollapseEarlyStopping(labels=...))"
+            if skipped
+            else ""
+        )
+        if len(shares) < 2:
+            return (
+                f"ModalityBalancer released at epoch {epoch}: no other modality is left to balance{aside}; every "
+                "coefficient is back to 1."
+            )
         weakest = min(shares, key=shares.__getitem__)
         share = f"{self._prefix}/share/{weakest} = {shares[weakest]:.3f}"
         if event == "released":
             return (
                 f"ModalityBalancer released at epoch {epoch}: {share} ≥ release_share={self._release:.3g} (the lowest "
-                "share has recovered); every coefficient is back to 1."
+                f"share has recovered){aside}; every coefficient is back to 1."
             )
         slowed = ", ".join(f"{name} ×{value:.3f}" for name, value in self.coefficients.items() if value < 1.0) or "none"
         reason = (
@@ -425,7 +438,7 @@ class ModalityBalancer(MonitorReader):
             else f"min_share=None acts on any imbalance (lowest: {share})"
         )
         until = f" until every share is ≥ release_share={self._release:.3g}" if self.min_share is not None else ""
-        return f"ModalityBalancer engaged at epoch {epoch}: {reason}; slowing {slowed}{until}."
+        return f"ModalityBalancer engaged at epoch {epoch}: {reason}{aside}; slowing {slowed}{until}."
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -483,11 +496,8 @@ def _check_thresholds(min_share: float | None, release_share: float | None) -> t
     """``(min_share, release_share)`` checked (``release_share=None`` is resolved at ``setup``)."""
     if min_share is None:
         return None, None
-    for name, value in (("min_share", min_share), ("release_share", release_share)):
-        if value is None and name == "release_share":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise ValueError(f"{name}={value!r} must be a number in (0, 1) (min_share may also be None).")
+    check_fraction("min_share", min_share, optional=True)
+    check_fraction("release_share", release_share, optional=True)
     if release_share is not None and release_share < min_share:
         raise ValueError(
             f"release_share={release_share!r} must be >= min_share={min_share!r}: the balancer engages below "

@@ -6,17 +6,23 @@ import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_mc.analyses.perf_drop import TargetSpec
+from lightning_mc.analyses.probe import DEFAULT_MARGIN, ProbeResult, class_labels, linear_probe
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
+from lightning_mc.callbacks.probe_features import ProbeFeatures, check_labels
 from lightning_mc.core.checks import check_fraction, check_int
 from lightning_mc.core.result import HistoryEntry
 from lightning_mc.views.tensorboard import CollapseMarks, marks_from_stopper
 
 CollapseAction = Literal["stop", "warn"]
 _ACTIONS = ("stop", "warn")
+#: What a share cannot show, said in every label-free flag.
+LABEL_FREE_LIMIT = "label-free, this cannot tell an unlearned modality from an uninformative one: pass labels= to check"
 
 
 class CollapseEarlyStopping(MonitorReader):
@@ -24,17 +30,41 @@ class CollapseEarlyStopping(MonitorReader):
 
     Reads the shares that a :class:`~lightning_mc.ModalityContributionMonitor` in the same trainer measured (the
     values logged as ``<prefix>/share/<modality>``, identical on every process) after each validation run that the
-    monitor
-    measured. A modality *collapses* when its share stays below ``min_share`` for ``patience`` consecutive checks
-    after the warm-up. With ``action="stop"`` the trainer is told to stop at the end of that epoch; with
-    ``action="warn"`` the collapse is only reported and recorded, and training goes on.
+    monitor measured. A modality's share is *low* when it stays below ``min_share`` for ``patience`` consecutive
+    checks after the warm-up: the network ignores that modality.
+
+    What a low share means depends on the data, and the shares alone cannot tell:
+
+    - **a collapse**: the modality predicts the labels on its own, but the network has abandoned it (a shortcut in
+      another modality, a modality slower to learn);
+    - **an uninformative modality**: it has nothing to give on this data (a pure-noise table, a field that is constant
+      at this site); the network is right to ignore it.
+
+    Without ``labels`` every low share is flagged as a collapse and the message says that it may not be one. With
+    ``labels`` (where the labels are in the batch) each low share is checked before it is flagged: a linear probe
+    (:func:`~lightning_mc.analyses.probe.linear_probe`: a 5-fold cross-validated L2 logistic regression, seeded) is
+    fitted on that modality's features alone, on the samples the monitor measured in that validation run (its
+    encoders' outputs where the monitor has ``encoders``, else its input; :mod:`lightning_mc.callbacks.probe_features`).
+    A probe that beats chance (AUROC 0.5 for two classes, balanced accuracy ``1/K`` for ``K``, which is also what
+    predicting the majority class scores) by ``probe_margin`` and by three standard errors confirms the collapse:
+    flagged, and with ``action="stop"`` the trainer stops. A probe at chance reports the modality as *uninformative
+    on this validation set* and training goes on; it is probed again only if its share recovers and falls again. The
+    probe's score is reported either way (``probe_results``). A probe that cannot decide (fewer than 20 samples, a
+    single class) leaves the stopper as it is without labels. The probe runs only at a check that may flag a
+    modality (its ``patience``-th low check); it costs about a tenth of a second on a thousand samples of 256
+    columns (one CPU thread; ``docs/how-to/collapse.md`` has the measurements), and collecting the features costs one
+    copy of the modality (hashed to at most 256 columns) per measured sample during that validation run.
 
     A check whose share is NaN (no occlusion moved any output, so shares are undefined) neither counts towards the
-    patience nor resets it; it is reported with a warning. In DDP the decision is reduced across processes, so every
-    rank stops at the same epoch.
+    patience nor resets it; it is reported with a warning. In DDP the probe's features are gathered from every
+    process (every rank fits the same probe) and the decisions are reduced across processes, so every rank stops at
+    the same epoch.
+
+    Every ``trainer.fit`` starts the stopper fresh (counts, flags, verdicts, history: ``setup`` resets them); a fit
+    resumed from a checkpoint (``ckpt_path=``) continues them exactly, as the checkpoint holds them.
 
     Args:
-        min_share: Threshold in ``(0, 1)``: a watched modality whose share is below it counts as collapsing.
+        min_share: Threshold in ``(0, 1)``: a watched modality whose share is below it counts as low.
         patience: Number of consecutive monitor checks below ``min_share`` that flag a collapse. Counted in checks
             (validation runs the monitor measured), not in epochs: with ``every_n_epochs=2`` on the monitor and
             ``patience=3`` the collapse must last 6 epochs.
@@ -45,6 +75,10 @@ class CollapseEarlyStopping(MonitorReader):
         monitor: The monitor whose shares are read (with several monitors in the trainer, e.g. an internal and an
             external validation set, the one to watch). ``None`` finds the single
             :class:`~lightning_mc.ModalityContributionMonitor` in ``trainer.callbacks``.
+        labels: Where the class labels are in each validation batch, spelled as the monitor's ``target``: a dict key,
+            a tuple index or a callable ``batch -> Tensor`` (class ids, or one-hot rows). ``None``: label-free.
+        probe_margin: How far above chance, in ``(0, 1)``, the probe's score must be for a low share to count as a
+            collapse (with ``labels``).
 
     Attributes:
         collapsed_modality: Name of the modality whose collapse was flagged first, ``None`` while there is none.
@@ -56,14 +90,19 @@ class CollapseEarlyStopping(MonitorReader):
         stopped_epoch: Epoch at which training was told to stop, ``None`` if it was not (always ``None`` with
             ``action="warn"``).
         collapse_message: The message reported when the collapse was flagged.
+        reports: Every message reported, in order: each flagged collapse and each uninformative modality.
+        probe_results: ``modality -> ProbeResult`` of the latest probe of each modality (with ``labels``).
         wait_count: ``modality -> number of consecutive counted checks below min_share``.
         history: One entry per check: ``epoch``, ``global_step``, ``shares`` (watched modalities), ``counted``
-            (False during the warm-up), ``wait_count`` after the check and ``collapsed`` (flagged at this check).
+            (False during the warm-up), ``wait_count`` after the check, ``collapsed`` (flagged at this check) and
+            ``uninformative`` (the modalities the probe found at chance at this check).
 
     Raises:
-        ValueError: If ``min_share``, ``patience``, ``warmup_epochs``, ``action`` or ``modalities`` is invalid (at
-            construction), or if ``modalities`` names a modality the monitor does not measure (at ``setup``).
-        TypeError: If ``monitor`` is not a :class:`~lightning_mc.ModalityContributionMonitor`.
+        ValueError: If ``min_share``, ``patience``, ``warmup_epochs``, ``action``, ``modalities`` or
+            ``probe_margin`` is invalid (at construction), if ``modalities`` names a modality the monitor does not
+            measure (at ``setup``), or if ``labels`` selects values that are not class labels (at the probe).
+        TypeError: If ``monitor`` is not a :class:`~lightning_mc.ModalityContributionMonitor`, or ``labels`` is not a
+            key, an index or a callable.
         RuntimeError: At ``setup``, if the trainer has no :class:`~lightning_mc.ModalityContributionMonitor`, or
             several and ``monitor`` does not say which one.
 
@@ -72,12 +111,13 @@ class CollapseEarlyStopping(MonitorReader):
         from lightning.pytorch import Trainer
         from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
 
+        # batches are (image, table, label) tuples
         monitor = ModalityContributionMonitor({"image": 0, "table": 1}, output_transform="softmax")
-        stopper = CollapseEarlyStopping(min_share=0.1, patience=2, warmup_epochs=3)
+        stopper = CollapseEarlyStopping(min_share=0.1, patience=2, warmup_epochs=3, labels=2)
         trainer = Trainer(max_epochs=50, callbacks=[monitor, stopper])
         trainer.fit(model, train_loader, val_loader)
-        if stopper.collapsed_modality is not None:
-            print(stopper.collapse_message)  # Modality 'image' collapsed: ...
+        print(stopper.reports)  # ["Modality 'image' collapsed: ...", or "Modality 'table' is uninformative ..."]
+        stopper.probe_results  # {'image': ProbeResult(metric='balanced accuracy', score=0.62, ...)}
     """
 
     def __init__(
@@ -89,6 +129,8 @@ class CollapseEarlyStopping(MonitorReader):
         action: CollapseAction = "stop",
         verbose: bool = False,
         monitor: ModalityContributionMonitor | None = None,
+        labels: TargetSpec | None = None,
+        probe_margin: float = DEFAULT_MARGIN,
     ) -> None:
         super().__init__(monitor)
         check_fraction("min_share", min_share)
@@ -96,29 +138,42 @@ class CollapseEarlyStopping(MonitorReader):
         check_int("warmup_epochs", warmup_epochs, minimum=0)
         if action not in _ACTIONS:
             raise ValueError(f"action={action!r} must be one of {', '.join(map(repr, _ACTIONS))}.")
+        check_labels(labels)
+        check_fraction("probe_margin", probe_margin, hint=" (above chance)")
         self.min_share = float(min_share)
         self.patience = patience
         self.warmup_epochs = warmup_epochs
         self.modalities = _check_modalities(modalities)
         self.action = action
         self.verbose = verbose
+        self.labels = labels
+        self.probe_margin = float(probe_margin)
+        self._features = ProbeFeatures(labels) if labels is not None else None
+        self._watched: tuple[str, ...] = ()
+        self._start_fit()
+
+    def _start_fit(self) -> None:
+        """The state of a fit that has not checked anything yet."""
+        super()._start_fit()
         self.collapsed_modality: str | None = None
         self.collapse_epoch: int | None = None
         self.collapse_start_epoch: int | None = None
         self.collapse_share: float | None = None
         self.stopped_epoch: int | None = None
         self.collapse_message: str | None = None
+        self.reports: list[str] = []
+        self.probe_results: dict[str, ProbeResult] = {}
         self.wait_count: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
         self._below_since: dict[str, int] = {}
         self._flagged: set[str] = set()
-        self._watched: tuple[str, ...] = ()
+        self._uninformative: set[str] = set()  # at chance while below min_share: not probed again until it recovers
 
     @property
     @override
     def state_key(self) -> str:
         modalities = None if self.modalities is None else list(self.modalities)
-        return self._monitor_state_key(min_share=self.min_share, modalities=modalities)
+        return self._monitor_state_key(min_share=self.min_share, modalities=modalities, labels=self.labels is not None)
 
     def collapse_marks(self) -> CollapseMarks:
         """The threshold and the flagged collapse, for the monitor's dashboard figure and summary."""
@@ -129,9 +184,16 @@ class CollapseEarlyStopping(MonitorReader):
         """The modalities this stopper watches (known after ``setup``)."""
         return self._watched
 
+    @property
+    def uninformative_modalities(self) -> tuple[str, ...]:
+        """The modalities uninformative on this validation set, whose latest probe was at chance (with ``labels``)."""
+        return tuple(name for name, result in self.probe_results.items() if result.decided and not result.informative)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.monitor = self._find_monitor(trainer)
+        if stage == TrainerFn.FITTING:
+            self._start_fit()  # a resumed fit's checkpoint is loaded after setup and overwrites this
         names = self.monitor.modality_names
         if self.modalities is None:
             self._watched = names
@@ -151,53 +213,110 @@ class CollapseEarlyStopping(MonitorReader):
             "wait_count": dict(self.wait_count),
             "below_since": dict(self._below_since),
             "flagged": sorted(self._flagged),
+            "uninformative": sorted(self._uninformative),
             "collapsed_modality": self.collapsed_modality,
             "collapse_epoch": self.collapse_epoch,
             "collapse_start_epoch": self.collapse_start_epoch,
             "collapse_share": self.collapse_share,
             "stopped_epoch": self.stopped_epoch,
             "collapse_message": self.collapse_message,
+            "reports": list(self.reports),
+            "probe_results": {name: result.as_dict() for name, result in self.probe_results.items()},
             "history": [dict(entry) for entry in self.history],
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.wait_count = dict(state_dict.get("wait_count", {}))
         self._below_since = dict(state_dict.get("below_since", {}))
         self._flagged = set(state_dict.get("flagged", []))
-        super().load_state_dict(state_dict)
+        self._uninformative = set(state_dict.get("uninformative", []))
         self.collapsed_modality = state_dict.get("collapsed_modality")
         self.collapse_epoch = state_dict.get("collapse_epoch")
+        self.collapse_start_epoch = state_dict.get("collapse_start_epoch")
         self.collapse_share = state_dict.get("collapse_share")
         self.stopped_epoch = state_dict.get("stopped_epoch")
         self.collapse_message = state_dict.get("collapse_message")
+        self.reports = list(state_dict.get("reports", []))
+        stored = state_dict.get("probe_results", {})
+        self.probe_results = {name: ProbeResult.from_dict(values) for name, values in stored.items()}
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
-        self.collapse_start_epoch = state_dict.get("collapse_start_epoch", self._start_from_history())
 
-    def _start_from_history(self) -> int | None:
-        """The collapse's first epoch read from the history (checkpoints written before ``collapse_start_epoch``)."""
-        if self.collapsed_modality is None or self.collapse_epoch is None:
-            return None
-        start = None
-        for entry in self.history:
-            if not entry.get("counted") or entry["epoch"] > self.collapse_epoch:
-                continue
-            share = entry["shares"].get(self.collapsed_modality, math.nan)
-            if math.isnan(share):  # neither counts nor resets
-                continue
-            start = None if share >= self.min_share else (entry["epoch"] if start is None else start)
-        return start
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._features is not None and self.monitor is not None and not self._skips(trainer):
+            self._features.start(trainer, pl_module, self.monitor, self._may_flag(trainer.current_epoch))
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._features is not None:
+            self._features.batch_start(trainer, batch, batch_idx, dataloader_idx)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._features is not None:
+            self._features.batch_end(batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._features is not None:
+            self._features.stop()  # the rows stay for the check in on_validation_end
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._features is not None:
+            self._features.clear()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._features is not None:
+            self._features.clear()
+
+    def _may_flag(self, epoch: int) -> tuple[str, ...]:
+        """The watched modalities that a check at ``epoch`` may flag: those one low check short of ``patience``."""
+        if epoch < self.warmup_epochs:
+            return ()
+        done = self._flagged | self._uninformative
+        return tuple(
+            name for name in self._watched if name not in done and self.wait_count.get(name, 0) + 1 >= self.patience
+        )
 
     @override
     def _on_monitor_check(self, trainer: pl.Trainer, entry: HistoryEntry) -> None:
-        self._run_collapse_check(trainer, entry)
+        try:
+            self._run_collapse_check(trainer, entry)
+        finally:
+            if self._features is not None:
+                self._features.clear()
 
     def _run_collapse_check(self, trainer: pl.Trainer, entry: HistoryEntry) -> None:
-        """Updates the counts with one monitor check and tells the trainer to stop when a collapse is flagged."""
+        """Updates the counts with one monitor check, confirms what may be flagged, stops when a collapse is flagged."""
         epoch = int(entry["epoch"])
         shares = {name: float(entry["shares"][name]) for name in self._watched}
         counted = epoch >= self.warmup_epochs
-        collapsed = self._update_counts(shares, epoch) if counted else None
+        low = self._update_counts(shares, epoch) if counted else []
+        probes = self._probe(trainer, low) if low and self._features is not None else {}
+        collapsed, uninformative = None, []
+        for name in low:  # lowest share first: it names the collapse
+            result = probes.get(name)
+            if result is not None and result.decided and not result.informative:
+                self._uninformative.add(name)
+                uninformative.append(name)
+                self._report(self._uninformative_message(name, shares[name], epoch, result), warn=False)
+            else:
+                self._flag(name, shares[name], epoch, result)
+                collapsed = collapsed or name
         self.history.append(
             {
                 "epoch": epoch,
@@ -206,10 +325,9 @@ class CollapseEarlyStopping(MonitorReader):
                 "counted": counted,
                 "wait_count": dict(self.wait_count),
                 "collapsed": collapsed,
+                "uninformative": uninformative,
             }
         )
-        if collapsed is not None:
-            self._flag(collapsed, shares[collapsed], epoch)
         if self.action != "stop":
             return
         # keep signalling while a flagged modality stays collapsed (``min_epochs`` may defer the stop); every process
@@ -220,8 +338,8 @@ class CollapseEarlyStopping(MonitorReader):
             if self.stopped_epoch is None:
                 self.stopped_epoch = epoch
 
-    def _update_counts(self, shares: dict[str, float], epoch: int) -> str | None:
-        """Counts consecutive checks below ``min_share``; returns the modality whose collapse is flagged now."""
+    def _update_counts(self, shares: dict[str, float], epoch: int) -> list[str]:
+        """Counts consecutive checks below ``min_share``; returns the modalities that reach ``patience`` now."""
         undefined = [name for name, share in shares.items() if math.isnan(share)]
         if undefined:
             counts = ", ".join(f"{name}: {self.wait_count.get(name, 0)}" for name in undefined)
@@ -231,7 +349,7 @@ class CollapseEarlyStopping(MonitorReader):
                 f"(no occlusion moved any output); this check neither counts towards patience={self.patience} nor "
                 f"resets the counts ({counts})."
             )
-        newly_collapsed: list[str] = []
+        reaching: list[str] = []
         for name, share in shares.items():
             if math.isnan(share):
                 continue
@@ -239,6 +357,7 @@ class CollapseEarlyStopping(MonitorReader):
                 self.wait_count[name] = 0
                 self._below_since.pop(name, None)
                 self._flagged.discard(name)
+                self._uninformative.discard(name)
                 continue
             self.wait_count[name] = self.wait_count.get(name, 0) + 1
             self._below_since.setdefault(name, epoch)
@@ -248,32 +367,84 @@ class CollapseEarlyStopping(MonitorReader):
                     f"at epoch "
                     f"{epoch} ({self.wait_count[name]}/{self.patience} checks)."
                 )
-            if self.wait_count[name] >= self.patience and name not in self._flagged:
-                newly_collapsed.append(name)
-        if not newly_collapsed:
-            return None
-        return min(newly_collapsed, key=lambda name: shares[name])  # the lowest share names the collapse
+            if self.wait_count[name] >= self.patience and name not in self._flagged | self._uninformative:
+                reaching.append(name)
+        return sorted(reaching, key=lambda name: shares[name])
 
-    def _flag(self, name: str, share: float, epoch: int) -> None:
-        self._flagged.add(name)
-        since = self._below_since[name]
-        checks = self.wait_count[name]
-        consequence = "Signaling Trainer to stop." if self.action == "stop" else "Training continues (action='warn')."
-        message = (
-            f"Modality {name!r} collapsed: its share stayed below min_share={self.min_share} for {checks} consecutive "
-            f"checks (epochs {since}–{epoch}); {self._prefix}/share/{name} = {share:.4f} at epoch {epoch}, "
-            f"{self.min_share - share:.4f} below the threshold. {consequence}"
+    def _probe(self, trainer: pl.Trainer, names: list[str]) -> dict[str, ProbeResult]:
+        """The linear probe of each of ``names`` on this run's features (collective under DDP: every rank calls it)."""
+        assert self._features is not None
+        features, labels, sources = self._features.gather(trainer)
+        labels = class_labels(labels)
+        results = {}
+        for name in names:
+            if name not in features:  # not collected in this run (the stopper's state was set by hand)
+                continue
+            result = linear_probe(features[name], labels, margin=self.probe_margin, what=sources[name])
+            # every rank fitted the same rows with the same seed; reducing keeps them in lockstep all the same
+            informative = trainer.strategy.reduce_boolean_decision(result.informative, all=True)
+            if informative != result.informative:
+                result = ProbeResult.from_dict({**result.as_dict(), "informative": informative})
+            results[name] = self.probe_results[name] = result
+        return results
+
+    def _shares_text(self, name: str, share: float, epoch: int) -> str:
+        """What the shares show: where the share is, how far it fell, for how many checks."""
+        since, checks = self._below_since[name], self.wait_count[name]
+        earlier = [
+            (float(entry["shares"][name]), int(entry["epoch"]))
+            for entry in self.history
+            if entry["epoch"] < since and not math.isnan(entry["shares"][name])
+        ]
+        peak = max(earlier, default=None)
+        fell = (
+            f"it fell from {peak[0]:.2f} (epoch {peak[1]}) and stayed"
+            if peak is not None and peak[0] >= self.min_share
+            else "it stayed"
         )
+        return (
+            f"{self._prefix}/share/{name} = {share:.4f} at epoch {epoch}, {self.min_share - share:.4f} below the "
+            f"threshold; {fell} below min_share={self.min_share} for {checks} consecutive checks (epochs "
+            f"{since}–{epoch}): the network ignores it"
+        )
+
+    def _flag(self, name: str, share: float, epoch: int, result: ProbeResult | None) -> None:
+        self._flagged.add(name)
+        consequence = "Signaling Trainer to stop." if self.action == "stop" else "Training continues (action='warn')."
+        if result is None:
+            meaning = f"; {LABEL_FREE_LIMIT}."
+        elif result.decided:
+            meaning = (
+                f", yet its {result.features} alone predicts the labels, a linear probe scores {result.describe()}: an "
+                "informative modality, abandoned."
+            )
+        else:
+            meaning = (
+                f"; {result.describe()}, so it is flagged as without labels: the shares alone cannot tell an unlearned "
+                "modality from an uninformative one."
+            )
+        message = f"Modality {name!r} collapsed: {self._shares_text(name, share, epoch)}{meaning} {consequence}"
         if self.collapsed_modality is None:
             self.collapsed_modality = name
             self.collapse_epoch = epoch
-            self.collapse_start_epoch = since
+            self.collapse_start_epoch = self._below_since[name]
             self.collapse_share = share
             self.collapse_message = message
-        if self.action == "stop":
-            rank_zero_info(message)
-        else:
+        self._report(message, warn=self.action != "stop")
+
+    def _uninformative_message(self, name: str, share: float, epoch: int, result: ProbeResult) -> str:
+        return (
+            f"Modality {name!r} is uninformative on this validation set, not collapsed: "
+            f"{self._shares_text(name, share, epoch)}, and its {result.features} alone does not predict the labels, a "
+            f"linear probe scores {result.describe()}: it has nothing to give here. Training continues."
+        )
+
+    def _report(self, message: str, warn: bool) -> None:
+        self.reports.append(message)
+        if warn:
             rank_zero_warn(message)
+        else:
+            rank_zero_info(message)
 
 
 def _check_modalities(modalities: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import Metric
 from typing_extensions import override
 
@@ -129,7 +130,8 @@ class ModalityContributionMonitor(Callback):
         self.reuse_outputs = self._reuse.reuse_outputs
         #: The dashboard and figures (:class:`~lightning_mc.views.monitor_views.MonitorViews`).
         self.views = MonitorViews(self.modalities, prefix, self.modality_names if ci is not None else (), dashboard)
-        #: One entry per measured validation run (:class:`~lightning_mc.HistoryEntry`).
+        #: One entry per measured validation run of the current fit (:class:`~lightning_mc.HistoryEntry`). Each fit
+        #: starts a new list (a list kept from an earlier fit stays as it was); a resumed fit continues the stored one.
         self.history: list[HistoryEntry] = []
         #: The latest measurement, with attribute values and per-output shares.
         self.latest: ContributionResult | None = None
@@ -193,10 +195,17 @@ class ModalityContributionMonitor(Callback):
         monitor_keys.check_unique_prefix(self, monitors)
         self.views.setup(trainer, stage, [monitor.views for monitor in monitors])
         self._batch_checked = False  # each fit (or validate) checks its first validation batch
+        if stage == TrainerFn.FITTING:  # every fit is its own; resuming loads the checkpoint after setup
+            self.history, self.latest = [], None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.measurement.check_encoders_again()  # once per fit: the model (or its wrapping) may differ
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule.skips_validate(trainer):
+            self._warn("validate", self.schedule.validate_message)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,7 +20,10 @@ class MonitorReader(Callback):
     and implement :meth:`_on_monitor_check`, which runs once per measured validation run of a fit (not during the
     sanity check or ``fast_dev_run``), on every process, with the monitor's new history entry. The reader saves and
     restores which check it saw last: a subclass's ``state_dict`` extends ``super().state_dict()`` and its
-    ``load_state_dict`` calls ``super().load_state_dict(state_dict)``.
+    ``load_state_dict`` calls ``super().load_state_dict(state_dict)``. Every fit is its own: a subclass sets up the
+    state of a fresh fit in :meth:`_start_fit` (extending ``super()._start_fit()``) and calls it from ``setup`` when
+    ``stage == "fit"``; Lightning loads a resumed fit's checkpoint after ``setup``, so ``load_state_dict`` then
+    overwrites it.
 
     Args:
         monitor: The monitor to read, or ``None`` for the single one in ``trainer.callbacks``.
@@ -36,16 +39,18 @@ class MonitorReader(Callback):
         self.monitor = monitor
         self._last_check: tuple[int, int] | None = None
 
+    def _start_fit(self) -> None:
+        """Forget the checks of an earlier fit (a subclass resets its own state too)."""
+        self._last_check = None
+
     @property
     def _prefix(self) -> str:
         """The prefix of the monitor read (``"mc"`` until it is known)."""
         return "mc" if self.monitor is None else self.monitor.prefix
 
     def _monitor_state_key(self, **identity: Any) -> str:
-        """``state_key`` from ``identity``, with the monitor's prefix unless it is ``"mc"`` (the key of 0.1)."""
-        if self._prefix != "mc":
-            identity["monitor"] = self._prefix
-        return self._generate_state_key(**identity)
+        """``state_key`` from ``identity`` and the prefix of the monitor read (several readers of several monitors)."""
+        return self._generate_state_key(**identity, monitor=self._prefix)
 
     def _find_monitor(self, trainer: pl.Trainer) -> ModalityContributionMonitor:
         """``self.monitor`` if it is in the trainer, else the trainer's single monitor; a clear error otherwise."""
@@ -70,10 +75,14 @@ class MonitorReader(Callback):
             )
         return monitors[0]
 
+    @staticmethod
+    def _skips(trainer: pl.Trainer) -> bool:
+        """Whether this validation run is not one of a fit's checks (not fitting, the sanity check, fast_dev_run)."""
+        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        skip = trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
-        if skip or self.monitor is None or not self.monitor.history:
+        if self._skips(trainer) or self.monitor is None or not self.monitor.history:
             return
         entry = self.monitor.history[-1]
         check = (int(entry["epoch"]), int(entry["global_step"]))

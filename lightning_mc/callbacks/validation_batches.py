@@ -233,7 +233,9 @@ SCHEDULE_DOCS = {
     "dataloader_idx": "Index of the validation dataloader to measure (position in a list, or in a dict's order).",
     "run_on_sanity_check": "Also measure during the sanity check.",
     "run_on_fast_dev_run": "Also measure when the trainer runs with ``fast_dev_run``.",
-    "run_on_validate": "Also measure in ``trainer.validate()``; by default only fitting is measured.",
+    "run_on_validate": "Also measure in ``trainer.validate()``; by default only fitting is measured, and "
+    "``trainer.validate()`` warns once that it measured nothing. ``trainer.test()`` and ``trainer.predict()`` are "
+    "never measured (:func:`~lightning_mc.functional.modality_contribution` measures any loader).",
 }
 
 
@@ -332,6 +334,20 @@ class CheckSchedule:
         return (
             f"ModalityContributionMonitor measured no batch of validation dataloader {self.dataloader_idx} "
             "(the loader is empty or limit_batches excluded every batch); nothing is logged."
+        )
+
+    def skips_validate(self, trainer: pl.Trainer) -> bool:
+        """Whether this is a ``trainer.validate()`` run that is not measured (``run_on_validate=False``)."""
+        return trainer.state.fn == TrainerFn.VALIDATING and not self.run_on_validate and not trainer.sanity_checking
+
+    @property
+    def validate_message(self) -> str:
+        """The warning of a ``trainer.validate()`` run that is not measured."""
+        return (
+            "ModalityContributionMonitor does not measure trainer.validate() (run_on_validate=False, the default): "
+            "nothing is logged and the history is unchanged. Pass ModalityContributionMonitor(..., "
+            "run_on_validate=True) to measure it, or measure a trained model on any loader with "
+            "lightning_mc.functional.modality_contribution."
         )
 
     def loader_is_empty(self, trainer: pl.Trainer) -> bool:

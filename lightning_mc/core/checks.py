@@ -1,4 +1,4 @@
-"""Argument checks shared by every layer: counts (positive or non-negative ints) and fractions in ``(0, 1)``.
+"""Argument checks shared by every layer: counts (positive or non-negative ints), fractions in ``(0, 1)``, strengths.
 
 Each raises a ``ValueError`` whose message names the argument, the value received and what is valid, in one wording
 for the whole package.
@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -74,3 +75,16 @@ def check_fraction(
         return
     interval = "[0, 1]" if closed else "(0, 1)"
     raise ValueError(f"{name}={value!r} must be {'None or ' if optional else ''}{what} in {interval}{hint}.")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a positive, finite number (a strength, a scale).
+
+    Example:
+        >>> check_positive("alpha", 0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: alpha=0.0 must be a positive, finite number.
+    """
+    if not (is_number(value) and 0 < value < math.inf):
+        raise ValueError(f"{name}={value!r} must be a positive, finite number.")
