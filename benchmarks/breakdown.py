@@ -25,6 +25,7 @@ from typing import Any
 import torchmetrics
 
 import lightning_mc.core.engine as engine_module
+import lightning_mc.core.fill_draws as fill_draws
 import lightning_mc.core.layout as layout_module
 import lightning_mc.core.metric as metric_module
 import lightning_mc.core.outputs as outputs_module
@@ -43,7 +44,7 @@ STEPS: tuple[tuple[Any, str, str, str], ...] = (
     (layout_module.BatchView, "of", "engine: select the modality tensors", "batch"),
     (engine_module, "attribute_masks", "engine: build the attribute masks", "batch"),
     (engine_module, "attribute_copies", "engine: describe the copies (rows each one runs)", "batch"),
-    (engine_module.OcclusionEngine, "_fill_batch", "engine: compute the fills", "batch"),
+    (fill_draws.FillDraws, "fill", "engine: compute the fills", "batch"),
     (engine_module.OcclusionEngine, "_run_copies", "engine: run the copies (encoder cache or not)", "batch"),
     (engine_module.OcclusionEngine, "forward_copies", "engine: chunk loop, split the outputs by copy", "batch"),
     (engine_module.OcclusionEngine, "_forward_chunk", "engine: stack one chunk's rows (torch.cat)", "batch"),

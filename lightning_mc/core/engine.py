@@ -41,6 +41,7 @@ from lightning_mc.core.copies import (
 )
 from lightning_mc.core.encoder_cache import BeforeChunk, EncoderCache
 from lightning_mc.core.encoders import ResolvedEncoders
+from lightning_mc.core.fill_draws import FillDraws
 from lightning_mc.core.forward import ForwardFn, UnmappableBatch, default_forward
 from lightning_mc.core.layout import (
     BatchFills,
@@ -55,7 +56,6 @@ from lightning_mc.core.layout import (
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.occlusion import (
     Fill,
-    PermuteFill,
     occlude,
     plain_tensor,
     rows_like,
@@ -75,8 +75,6 @@ __all__ = [
 
 #: With ``max_batch_size=None``, one forward call takes this many batch-sized copies at most.
 DEFAULT_COPIES_PER_CALL = 4
-#: Mixed into the user's seed so the fills' random stream never equals data drawn with the same seed.
-_SEED_SALT = 0x6C6D63
 
 
 @dataclass(frozen=True)
@@ -155,8 +153,8 @@ class OcclusionEngine:
         self.fills = tuple(m.fill if m.fill is not None else settings.fill for m in self.modalities)
         #: The encoder cache (``None`` without ``encoders``).
         self.cache = None if settings.encoders is None else EncoderCache(settings.encoders, self.modalities)
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._check, self._batch = 0, 0
+        #: Each batch's fills (:meth:`start_draws` starts a measurement's draws).
+        self.draws = FillDraws(self.modalities, self.fills, settings.seed)
         #: Model input rows run so far (clean and occluded copies), for progress reports.
         self.rows_forwarded = 0
 
@@ -215,7 +213,7 @@ class OcclusionEngine:
         reused = {copy.occluded: next(iter(copy.occluded)) for copy in extra if is_whole(modalities, copy.occluded)}
         extra = [copy for copy in extra if copy.occluded not in reused]
         with _evaluating(model), torch.inference_mode():
-            fills = self._fill_batch(view)
+            fills = self.draws.fill(view)
             per_modality = [
                 attribute_copies(modalities, i, m, view.values[i], fills.values[i]) for i, m in enumerate(masks)
             ]
@@ -243,11 +241,7 @@ class OcclusionEngine:
         view = BatchView.of(batch, self.modalities)
         first = torch.zeros(1, dtype=torch.long, device=view.values[0].device)
         with _evaluating(model), torch.inference_mode():
-            for modality, fill, value in zip(self.modalities, self.fills, view.values):
-                try:
-                    fill(value[:1], torch.Generator(device=value.device))
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"Modality {modality.name!r}: {err}") from None
+            self.draws.check(view)
             fills = BatchFills(view.values, (None,) * len(view.values), (False,) * len(view.values))
             self.forward_copies(model, view, fills, [Copy(None, samples=first)])
 
@@ -286,26 +280,6 @@ class OcclusionEngine:
 
     # ------------------------------------------------------------------------------------------------ the copies
 
-    def _fill_batch(self, view: BatchView) -> BatchFills:
-        """Each modality's fill for this batch; ``"permute"`` keeps its order (the encoder cache replays by it)."""
-        values, sources = [], []
-        generator = self._next_batch_generator(view.values[0].device)
-        self._batch += 1
-        for modality, fill, value in zip(self.modalities, self.fills, view.values):
-            if generator.device != value.device:
-                generator = self._next_batch_generator(value.device)
-            try:
-                if isinstance(fill, PermuteFill):
-                    order = fill.order(value, generator)
-                    values.append(value[order])
-                    sources.append(order)
-                else:
-                    values.append(fill(value, generator))
-                    sources.append(None)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"Modality {modality.name!r}: {err}") from None
-        return BatchFills(tuple(values), tuple(sources), tuple(fill.same_for_every_sample for fill in self.fills))
-
     def _modality_rows(
         self, view: BatchView, fills: BatchFills, copy: Copy, owner: int, rows: slice | Tensor
     ) -> Tensor:
@@ -316,6 +290,10 @@ class OcclusionEngine:
             return take(fills.values[owner], rows, view.size)
         value, fill = take(view.values[owner], rows, view.size), take(fills.values[owner], rows, view.size)
         return occlude(value, fill, mask_rows(copy.mask, rows, view.size))
+
+    def start_draws(self, check: int) -> None:
+        """The next batch is the first of measurement ``check``: random fills depend only on the seed and where."""
+        self.draws.start(check)
 
     # --------------------------------------------------------------------------------------------- forward calls
 
@@ -381,20 +359,6 @@ class OcclusionEngine:
                 "and occlusion as here."
             ) from err
         return self.outputs.read(output, rows)
-
-    def start_draws(self, check: int) -> None:
-        """Make the next batches' random fills depend only on the seed, ``check`` and their position in the check.
-
-        A resumed fit then draws what an uninterrupted one draws (no generator state to carry in a checkpoint).
-        """
-        self._check, self._batch = check, 0
-
-    def _next_batch_generator(self, device: torch.device) -> torch.Generator:
-        """The generator of this batch's fills, seeded from ``(seed, check, batch)``."""
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        seed = hash((self.settings.seed, _SEED_SALT, self._check, self._batch)) % 2**63
-        return self._generators[device].manual_seed(seed)
 
 
 def _call_label(holds_clean: bool, occluded: Sequence[str]) -> str:

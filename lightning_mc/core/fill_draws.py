@@ -1,0 +1,93 @@
+"""Each modality's fill of a batch, with random draws that depend only on the seed, the check and the batch.
+
+``"noise"`` and ``"permute"`` draw from a generator re-seeded for every batch from ``(seed, check, batch position)``:
+a fit resumed from a checkpoint draws what an uninterrupted one draws, with no generator state to save.
+
+Example:
+    >>> import torch
+    >>> from lightning_mc.core.layout import BatchView
+    >>> from lightning_mc.core.modality import resolve_modalities
+    >>> from lightning_mc.core.occlusion import resolve_fill
+    >>> modalities = resolve_modalities({"a": 0, "b": 1})
+    >>> draws = FillDraws(modalities, (resolve_fill("permute"),) * 2, seed=0)
+    >>> view = BatchView.of((torch.arange(4.0)[:, None], torch.zeros(4, 1)), modalities)
+    >>> draws.start(check=3)
+    >>> first = draws.fill(view).values[0]
+    >>> draws.start(check=3)
+    >>> torch.equal(draws.fill(view).values[0], first)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_mc.core.layout import BatchFills, BatchView
+from lightning_mc.core.modality import Modality
+from lightning_mc.core.occlusion import Fill, PermuteFill
+
+#: Mixed into every seed, so the fills' draws differ from those of user code seeded with the same number.
+_SEED_SALT = 0x6C6D63
+
+
+class FillDraws:
+    """Draws each modality's fill for one batch after another.
+
+    Args:
+        modalities: The resolved modalities.
+        fills: Each modality's fill, in order.
+        seed: The seed of the random fills.
+    """
+
+    def __init__(self, modalities: Sequence[Modality], fills: Sequence[Fill], seed: int) -> None:
+        self.modalities, self.fills, self.seed = tuple(modalities), tuple(fills), seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._check, self._batch = 0, 0
+
+    def start(self, check: int) -> None:
+        """The next batch is the first of measurement ``check`` (the monitor passes the trainer's ``global_step``)."""
+        self._check, self._batch = check, 0
+
+    def fill(self, view: BatchView) -> BatchFills:
+        """Each modality's fill for this batch; ``"permute"`` keeps its order (the encoder cache replays by it).
+
+        Raises:
+            TypeError, ValueError: Naming the modality, if its fill does not fit its data.
+        """
+        values, sources = [], []
+        generator = self._generator(view.values[0].device)
+        for modality, fill, value in zip(self.modalities, self.fills, view.values):
+            if generator.device != value.device:
+                generator = self._generator(value.device)
+            try:
+                if isinstance(fill, PermuteFill):
+                    order = fill.order(value, generator)
+                    values.append(value[order])
+                    sources.append(order)
+                else:
+                    values.append(fill(value, generator))
+                    sources.append(None)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"Modality {modality.name!r}: {err}") from None
+        self._batch += 1
+        return BatchFills(tuple(values), tuple(sources), tuple(fill.same_for_every_sample for fill in self.fills))
+
+    def check(self, view: BatchView) -> None:
+        """Raise what :meth:`fill` would raise on this batch, filling its first sample only (no draw is used up)."""
+        for modality, fill, value in zip(self.modalities, self.fills, view.values):
+            try:
+                fill(value[:1], torch.Generator(device=value.device))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"Modality {modality.name!r}: {err}") from None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The generator of this batch's fills on ``device``, seeded from ``(seed, check, batch)``."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        seed = hash((self.seed, _SEED_SALT, self._check, self._batch)) % 2**63
+        return self._generators[device].manual_seed(seed)
+
+
+__all__ = ["FillDraws"]
