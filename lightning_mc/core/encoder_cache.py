@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -63,6 +63,20 @@ class CopiesRunner(Protocol):
         copies: Sequence[Copy],
         before_chunk: BeforeChunk | None = None,
     ) -> list[Tensor]: ...
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One batch's forward calls through the runner: the model, the batch and its fills, bound once."""
+
+    runner: CopiesRunner
+    model: nn.Module
+    view: BatchView
+    fills: BatchFills
+
+    def run(self, copies: Sequence[Copy], before_chunk: BeforeChunk | None = None) -> list[Tensor]:
+        """The outputs of each of ``copies`` (:meth:`CopiesRunner.forward_copies`)."""
+        return self.runner.forward_copies(self.model, self.view, self.fills, copies, before_chunk)
 
 
 class EncoderCache:
@@ -139,10 +153,11 @@ class EncoderCache:
         The first batch of a fit (or of another model) is checked against the plain path first; the first batches
         after it are timed on both paths, and the plain path is kept where caching does not pay.
         """
+        call = _Call(runner, model, view, fills)
         if self._hooks is None and not self._searched and view.size > 1:
             self._discover(runner, model, view)
         if self._hooks is None or self.choice.plain:  # no encoders, or the plain path chosen for this fit
-            return runner.forward_copies(model, view, fills, copies)
+            return call.run(copies)
         checked_for = self._model_key(model)
         if checked_for != self._checked_for:
             if self._checked_for is not None:  # another model: other weights, maybe another architecture
@@ -152,20 +167,18 @@ class EncoderCache:
         timed = None if self._check_pending else self.choice.next_to_time
         if timed == "plain":
             with self.choice.timing("plain", rows, device):
-                return runner.forward_copies(model, view, fills, copies)
+                return call.run(copies)
         with self.choice.timing("cached", rows, device) if timed else nullcontext():
-            recorded, clean_rows = self._recorded(runner, model, view, fills, copies, given)
+            recorded, clean_rows = self._recorded(call, copies, given)
             occluded = [copy for copy in copies if copy.occluded]
             if self._check_pending:
-                self._check(runner, model, view, fills, occluded, recorded)
+                self._check(call, occluded, recorded)
                 self._check_pending = False
                 if view.size < 2:  # the stand-in row is the only row: whether the model reads it cannot show
                     self.stand_ins = False
             replay = Replay(recorded, self._once)
             with self._hooks.replaying(model, replay):
-                rows_out = runner.forward_copies(
-                    model, view, fills, occluded, self._setting_modes(replay, view, fills, occluded)
-                )
+                rows_out = call.run(occluded, self._setting_modes(replay, view, fills, occluded))
         return [clean_rows, *rows_out] if len(occluded) < len(copies) else rows_out
 
     def _model_key(self, model: nn.Module) -> tuple[Any, ...]:
@@ -174,13 +187,7 @@ class EncoderCache:
         return (id(model), *((id(encoder.module), type(encoder.module)) for encoder in self._hooks.bind(model)))
 
     def _recorded(
-        self,
-        runner: CopiesRunner,
-        model: nn.Module,
-        view: BatchView,
-        fills: BatchFills,
-        copies: list[Copy],
-        given: Recording | None,
+        self, call: _Call, copies: list[Copy], given: Recording | None
     ) -> tuple[dict[str, Any], Tensor | None]:
         """The encoders' outputs on the clean rows, and the clean outputs when the clean copy ran for them.
 
@@ -190,14 +197,14 @@ class EncoderCache:
         recorded = None
         if given is not None:
             try:
-                recorded = given.concatenated([view.size])
+                recorded = given.concatenated([call.view.size])
             except ValueError as err:  # e.g. a validation step that calls the model twice: record by running again
                 rank_zero_warn(f"{err} (in the forward call that gave the clean outputs); the clean batch runs again.")
         clean_rows = None
         if recorded is None or (copies and copies[0].name is None):
             calls: list[int] = []
-            with self._hooks.record(model) as recording:
-                clean_rows = runner.forward_copies(model, view, fills, [Copy(None)], _counting_rows(calls))[0]
+            with self._hooks.record(call.model) as recording:
+                clean_rows = call.run([Copy(None)], _counting_rows(calls))[0]
             recorded = recording.concatenated(calls)
         return recorded, clean_rows
 
@@ -259,15 +266,7 @@ class EncoderCache:
             modes.update(dict.fromkeys(names, mode))
         return modes
 
-    def _check(
-        self,
-        runner: CopiesRunner,
-        model: nn.Module,
-        view: BatchView,
-        fills: BatchFills,
-        copies: list[Copy],
-        recorded: dict[str, Any],
-    ) -> None:
+    def _check(self, call: _Call, copies: list[Copy], recorded: dict[str, Any]) -> None:
         """Compare the cached and the plain path on one row of each copy: raise if an encoder is not one modality's.
 
         Each copy is checked on one of the samples it runs on, the ``k + 1``-th for the ``k``-th copy, so rows whose
@@ -282,18 +281,18 @@ class EncoderCache:
         """
         assert self._hooks is not None and self.found is not None
         self.checks_run += 1
-        restricted = check_copies(copies, view.size, view.values[0].device)
+        restricted = check_copies(copies, call.view.size, call.view.values[0].device)
         call_copies: list[Copy] = []
 
         def note_call(chunk: list[Piece]) -> None:
             call_copies.append(restricted[chunk[0].copy])
 
-        with self._hooks.record(model) as plain_recording:
-            plain = runner.forward_copies(model, view, fills, restricted, note_call)
-        cached_recording, cached = self._cached_rows(runner, model, view, fills, restricted, recorded)
+        with self._hooks.record(call.model) as plain_recording:
+            plain = call.run(restricted, note_call)
+        cached_recording, cached = self._cached_rows(call, restricted, recorded)
         if self.stand_ins:  # with the rows built, the cached path must give the same floats bit for bit
             self.stand_ins = False
-            built_recording, built = self._cached_rows(runner, model, view, fills, restricted, recorded)
+            built_recording, built = self._cached_rows(call, restricted, recorded)
             self.stand_ins = all(torch.equal(a, b) for a, b in zip(cached, built))
             if not self.stand_ins:
                 cached_recording, cached = built_recording, built
@@ -325,20 +324,12 @@ class EncoderCache:
                 "this model."
             )
 
-    def _cached_rows(
-        self,
-        runner: CopiesRunner,
-        model: nn.Module,
-        view: BatchView,
-        fills: BatchFills,
-        copies: list[Copy],
-        recorded: dict[str, Any],
-    ) -> tuple[Recording, list[Tensor]]:
+    def _cached_rows(self, call: _Call, copies: list[Copy], recorded: dict[str, Any]) -> tuple[Recording, list[Tensor]]:
         """The cached path's outputs of ``copies``, with the encoders' (replayed) outputs of each call recorded."""
         assert self._hooks is not None
         replay = Replay(recorded, self._once)
-        with self._hooks.replaying(model, replay), self._hooks.record(model) as recording:
-            rows = runner.forward_copies(model, view, fills, copies, self._setting_modes(replay, view, fills, copies))
+        with self._hooks.replaying(call.model, replay), self._hooks.record(call.model) as recording:
+            rows = call.run(copies, self._setting_modes(replay, call.view, call.fills, copies))
         return recording, rows
 
 
