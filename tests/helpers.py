@@ -283,6 +283,22 @@ def fit_scheduled(
     return trainer, monitor
 
 
+def tiny_bert_config(**overrides: Any) -> Any:
+    """A one-layer BERT of width 16 (built from this config, nothing is downloaded); ``overrides`` replace fields."""
+    from transformers import BertConfig
+
+    options = dict(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        initializer_range=0.5,
+    )
+    return BertConfig(**{**options, **overrides})
+
+
 class Lambda(nn.Module):
     """A module that calls ``function``: a model written as one expression (``Lambda(lambda a, b: a.sum(1))``)."""
 

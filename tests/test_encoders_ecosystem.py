@@ -10,13 +10,13 @@ from monai.data import DataLoader as MonaiLoader
 from monai.data import MetaTensor
 from monai.networks.nets import resnet10
 from torch import Tensor, nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from lightning_mc import Modality
 from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.masks import Patches3d, Tokens
 
-from helpers import assert_same_numbers, make_engine
+from helpers import assert_same_numbers, make_engine, tiny_bert_config
 
 PAD_ID, MASK_ID, LENGTH = 0, 4, 8
 
@@ -94,17 +94,7 @@ def test_monai_resnet10_encoder_gives_the_plain_numbers_on_metatensor_batches(fi
 
 def bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=3,
-        initializer_range=0.5,
-    )
-    return BertForSequenceClassification(config).eval()
+    return BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval()
 
 
 class ReportAndImage(nn.Module):

@@ -15,13 +15,21 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from monai.networks.nets import BasicUNet
 from torch import Tensor, nn
-from transformers import BertConfig, BertForTokenClassification, BertModel
+from transformers import BertForTokenClassification, BertModel
 
 from lightning_mc import ModalityContributionMonitor
 from lightning_mc.core.forward import UnmappableBatch
 from lightning_mc.functional import modality_contribution
 
-from helpers import MODALITIES, LinearSum, TwoModalityNet, loader, trainer_kwargs, two_modality_dataset
+from helpers import (
+    MODALITIES,
+    LinearSum,
+    TwoModalityNet,
+    loader,
+    tiny_bert_config,
+    trainer_kwargs,
+    two_modality_dataset,
+)
 
 
 def hand_raw(model: nn.Module, batch: dict[str, Tensor], keys: list[str], transform, fill=torch.zeros_like):
@@ -106,20 +114,6 @@ def test_a_callable_transform_sees_the_model_shaped_output_and_its_result_is_mea
     assert result.raw == pytest.approx(expected, rel=1e-4)
 
 
-def _tiny_bert_config(**overrides) -> BertConfig:
-    options = dict(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        type_vocab_size=2,
-        initializer_range=0.5,
-    )
-    return BertConfig(**{**options, **overrides})
-
-
 def _tokenized(seed: int = 0) -> dict[str, Tensor]:
     """A tokenizer's dict, in a tokenizer's key order: ``input_ids, token_type_ids, attention_mask`` (and labels)."""
     generator = torch.Generator().manual_seed(seed)
@@ -139,7 +133,7 @@ def _tokenized(seed: int = 0) -> dict[str, Tensor]:
 
 def test_token_logits_take_the_softmax_over_the_class_last_dim() -> None:
     torch.manual_seed(0)
-    model = BertForTokenClassification(_tiny_bert_config(num_labels=3)).eval()
+    model = BertForTokenClassification(tiny_bert_config(num_labels=3)).eval()
     batch = _tokenized()
     modalities = {"input_ids": "input_ids", "token_type_ids": "token_type_ids"}
     options = dict(occlusion=0, output_key="logits")
@@ -266,7 +260,7 @@ class BertEncoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.bert = BertModel(_tiny_bert_config())
+        self.bert = BertModel(tiny_bert_config())
         self.head = nn.Linear(16, 3)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None):
