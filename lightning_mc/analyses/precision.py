@@ -85,48 +85,38 @@ class ShareHalfWidth(Metric):
         super().__init__(**kwargs)
         check_tolerance(0.5, normalization)
         self.normalization = normalization
-        zeros = torch.zeros(num_modalities, dtype=torch.float64)
-        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sum_d", default=zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("sum_d2", default=zeros.clone(), dist_reduce_fx="sum")
-        if normalization == "ratio_of_sums":
-            self.add_state("sum_dt", default=zeros.clone(), dist_reduce_fx="sum")
-            self.add_state("sum_t", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state("sum_t2", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.num_modalities = num_modalities
+        # one vector of every sum (N, Σd_m, Σd_m², and for ratio_of_sums Σd_m·t, Σt, Σt²): one state update a batch
+        size = 1 + 2 * num_modalities + (num_modalities + 2 if normalization == "ratio_of_sums" else 0)
+        self.add_state("totals", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, values: Tensor) -> None:
         """Add per-sample values ``d`` ``(N, M)`` (:func:`~lightning_mc.core.metric.per_sample_values`)."""
         values = values.double()
-        totals = values.sum(1)
+        totals = values.sum(1, keepdim=True)
         if self.normalization == "per_sample":  # d is replaced by each informative sample's ratios
-            informative = totals > 0
-            values = values[informative] / totals[informative].unsqueeze(1)
+            informative = totals[:, 0] > 0
+            values = values[informative] / totals[informative]
+            columns = [torch.ones_like(values[:, :1]), values, values * values]
         else:
-            self.sum_dt += (values * totals.unsqueeze(1)).sum(0)
-            self.sum_t += totals.sum()
-            self.sum_t2 += (totals * totals).sum()
-        self.count += values.shape[0]
-        self.sum_d += values.sum(0)
-        self.sum_d2 += (values * values).sum(0)
+            columns = [torch.ones_like(totals), values, values * values, values * totals, totals, totals * totals]
+        self.totals += torch.cat(columns, dim=1).sum(0)
 
     def compute(self) -> Tensor:
         """The half-widths ``(M,)`` float64; ``inf`` below :data:`MIN_SAMPLES` samples or when nothing moved."""
         return self.half_widths(self.sums())
 
     def sums(self) -> Tensor:
-        """This process's states as one float64 vector: what a single ``all_reduce(SUM)`` reduces across processes.
+        """This process's sums as one float64 vector: what a single ``all_reduce(SUM)`` reduces across processes.
 
         :meth:`half_widths` of the summed vectors is :meth:`compute` on the union of the processes' samples, at the
-        cost of one collective instead of torchmetrics' all-gather of every state.
+        cost of one collective instead of torchmetrics' all-gather of its state.
         """
-        states = [self.count.reshape(1), self.sum_d, self.sum_d2]
-        if self.normalization == "ratio_of_sums":
-            states += [self.sum_dt, self.sum_t.reshape(1), self.sum_t2.reshape(1)]
-        return torch.cat([state.double() for state in states])
+        return self.totals.clone()
 
     def half_widths(self, sums: Tensor) -> Tensor:
         """The half-widths ``(M,)`` of the samples whose :meth:`sums` (summed over processes, or not) are ``sums``."""
-        num_modalities = self.sum_d.numel()
+        num_modalities = self.num_modalities
         count = float(sums[0])
         sum_d, sum_d2 = sums[1 : 1 + num_modalities], sums[1 + num_modalities : 1 + 2 * num_modalities]
         if count < max(MIN_SAMPLES, 2):
