@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -20,6 +19,7 @@ from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import MetricAnalysis, Passes
 from lightning_mc.core.outputs import PROBABILITY_TRANSFORMS
 from lightning_mc.core.result import ContributionResult
+from lightning_mc.core.warn_once import WarnOnce
 
 #: The fraction of saturated samples from which the shares are called into doubt.
 WARN_FRACTION = 0.1
@@ -68,7 +68,7 @@ class SaturationCheck(MetricAnalysis):
     def __init__(self, output_transform: str) -> None:
         self.output_transform = output_transform
         self.metric = SaturatedSamples(zeros=output_transform == "sigmoid")
-        self.warned = False
+        self._warn = WarnOnce()
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> SaturationCheck | None:
@@ -83,9 +83,8 @@ class SaturationCheck(MetricAnalysis):
     def write(self, result: ContributionResult) -> ContributionResult:
         """Warns when at least :data:`WARN_FRACTION` of the samples were saturated; the result is unchanged."""
         fraction = float(self.metric.compute())
-        if fraction >= WARN_FRACTION and not self.warned:
-            self.warned = True
-            rank_zero_warn(self.message(fraction, any(share != share for share in result.shares.values())))
+        if fraction >= WARN_FRACTION:
+            self._warn("saturated", self.message(fraction, any(share != share for share in result.shares.values())))
         return result
 
     def message(self, fraction: float, shares_are_nan: bool) -> str:

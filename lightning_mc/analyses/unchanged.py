@@ -9,12 +9,12 @@ the identity; a fill equal to the data (``"zeros"`` on an all-zero input) change
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import Analysis, Passes
 from lightning_mc.core.engine import OccludedOutputs
 from lightning_mc.core.result import ContributionResult
+from lightning_mc.core.warn_once import WarnOnce
 
 #: Attributes named in one warning at most.
 _NAMED = 5
@@ -31,7 +31,7 @@ class UnchangedOcclusions(Analysis):
         self.modality_names = modality_names
         self.changed: dict[str, torch.Tensor] = {}
         self.largest_batch = 0
-        self.warned: set[str] = set()
+        self._warn = WarnOnce()
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> UnchangedOcclusions:
@@ -55,14 +55,13 @@ class UnchangedOcclusions(Analysis):
     def write(self, result: ContributionResult) -> ContributionResult:
         """Warns (once per modality) about occlusions that changed no input; the result is unchanged."""
         for name in self.modality_names:
-            if name in self.warned or name not in self.changed:
+            if name not in self.changed:
                 continue
             flags = self.changed[name]
             unchanged = [a for a, flag in zip(result.attribute_raw[name], flags.tolist()) if flag == 0]
             if not unchanged:
                 continue
-            self.warned.add(name)
-            rank_zero_warn(self._message(name, unchanged, len(flags), bool((flags == 1).any())), category=UserWarning)
+            self._warn(name, self._message(name, unchanged, len(flags), bool((flags == 1).any())))
         return result
 
     def _message(self, name: str, unchanged: list[str], num_attributes: int, some_changed: bool) -> str:

@@ -20,7 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -61,7 +62,7 @@ class FillDraws:
         for modality, fill, value in zip(self.modalities, self.fills, view.values):
             if generator.device != value.device:
                 generator = self._generator(value.device)
-            try:
+            with _naming(modality):
                 if isinstance(fill, PermuteFill):
                     order = fill.order(value, generator)
                     values.append(value[order])
@@ -69,18 +70,14 @@ class FillDraws:
                 else:
                     values.append(fill(value, generator))
                     sources.append(None)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"Modality {modality.name!r}: {err}") from None
         self._batch += 1
         return BatchFills(tuple(values), tuple(sources), tuple(fill.same_for_every_sample for fill in self.fills))
 
     def check(self, view: BatchView) -> None:
         """Raise what :meth:`fill` would raise on this batch, filling its first sample only (no draw is used up)."""
         for modality, fill, value in zip(self.modalities, self.fills, view.values):
-            try:
+            with _naming(modality):
                 fill(value[:1], torch.Generator(device=value.device))
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"Modality {modality.name!r}: {err}") from None
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The generator of this batch's fills on ``device``, seeded from ``(seed, check, batch)``."""
@@ -88,6 +85,15 @@ class FillDraws:
             self._generators[device] = torch.Generator(device=device)
         seed = hash((self.seed, _SEED_SALT, self._check, self._batch)) % 2**63
         return self._generators[device].manual_seed(seed)
+
+
+@contextmanager
+def _naming(modality: Modality) -> Iterator[None]:
+    """Re-raise a fill's ``TypeError``/``ValueError`` with the modality's name in front."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"Modality {modality.name!r}: {err}") from None
 
 
 __all__ = ["FillDraws"]
