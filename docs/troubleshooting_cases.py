@@ -200,6 +200,7 @@ CASES: dict[str, Callable[[], Any]] = {
     # constructor arguments
     "one_modality": lambda: ModalityContributionMonitor({"a": 0}),
     "duplicate_names": lambda: ModalityContributionMonitor([Modality("a", key=0), Modality("a", key=1)]),
+    "shared_location": lambda: ModalityContributionMonitor({"image": 0, "table": 0}),
     "modality_location": lambda: ModalityContributionMonitor({"a": 0, "b": 2.5}),
     "modality_key_and_getter": lambda: Modality("a"),
     "modality_slash": lambda: Modality("ct/pet", key=0),

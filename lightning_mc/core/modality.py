@@ -173,7 +173,7 @@ def resolve_modalities(modalities: ModalitiesSpec, argument: str = "modalities")
 
     Raises:
         TypeError: If an entry is neither a key, an index nor a :class:`Modality`.
-        ValueError: If fewer than two modalities are given or names repeat.
+        ValueError: If fewer than two modalities are given, names repeat or two modalities share a key or index.
     """
     if isinstance(modalities, Mapping):
         resolved = []
@@ -210,7 +210,29 @@ def resolve_modalities(modalities: ModalitiesSpec, argument: str = "modalities")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"{argument} has duplicate names {duplicates}; every modality needs a unique name.")
+    _refuse_shared_locations(resolved, argument)
     return tuple(resolved)
+
+
+def _refuse_shared_locations(modalities: Sequence[Modality], argument: str) -> None:
+    """Refuse two modalities at the same batch key or index: each would occlude the other's input too.
+
+    Occluding one of them replaces the item both read, so the measurement would see one modality under two names
+    (shares exactly 0 and 1, or NaN). Getter/setter modalities cannot be compared and are not checked.
+    """
+    seen: dict[tuple[type, ModalityLocation], str] = {}
+    for modality in modalities:
+        if modality.key is None:
+            continue
+        location = (type(modality.key), modality.key)
+        if location in seen:
+            raise ValueError(
+                f"{argument} names one batch item twice: {seen[location]!r} and {modality.name!r} both have "
+                f"key={modality.key!r}, so occluding either occludes both and the shares say nothing. Give each "
+                "modality its own batch item; for parts of one tensor, use one modality with attributes "
+                "(lightning_mc.masks.Columns, ColumnGroups) or a getter/setter pair per part."
+            )
+        seen[location] = modality.name
 
 
 def select_target(batch: Batch, target: TargetSpec, argument: str = "target") -> Tensor:
