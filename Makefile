@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 FLOAT_PATH_ENV := MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default
 UPGRADE_VENV := build/upgrade-venv
 
-.PHONY: setup demo quickstart test test-float-paths upgrade-deps lint docs bench screenshots clean
+.PHONY: setup demo quickstart test test-float-paths upgrade-deps lint docs bench bench-check screenshots clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,12 @@ screenshots: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# The guard against regressions: the quick rows (P1, P10; a minute or two on 2 cores), each median beside the one
+# committed in benchmarks/results/bench-check.json; fails when a row is more than 20 % dearer. After a change that
+# makes rows cheaper: `$(PY) -m benchmarks.check --update` and commit the file.
+bench-check: setup
+	$(PY) -m benchmarks.check
 
 clean:
 	rm -rf $(VENV) lightning_logs runs build/docs .pytest_cache .ruff_cache

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         help="what a timing reads; auto (default): the thread's CPU time on CPU with 1 thread (robust on a shared "
         "machine), else the wall clock",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="interleaved rounds per comparison; 0 (default): 3 with --quick, else 9"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where JSON/MD go")
     args = parser.parse_args(argv)
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -99,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"--clock {args.clock}: {err}")
     set_clock(clock)
-    config = suites.Config(quick=args.quick, device=device)
+    config = suites.Config(quick=args.quick, device=device, rounds=max(args.repeats, 0))
     command = "python -m benchmarks" + (" --quick" if args.quick else "") + f" --threads {threads}"
+    if args.repeats > 0:
+        command += f" --repeats {args.repeats}"
     if args.device != "auto":
         command += f" --device {args.device}"
     if args.clock != "auto":

@@ -38,9 +38,13 @@ class Config:
 
     quick: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Interleaved rounds per comparison; ``0``: 3 quick, 9 otherwise (``make bench-check`` runs quick sizes with 9).
+    rounds: int = 0
 
     @property
     def repeats(self) -> int:
+        if self.rounds:
+            return self.rounds
         return 3 if self.quick else 9
 
     @property
