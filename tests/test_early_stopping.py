@@ -12,11 +12,9 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mc import CollapseEarlyStopping, ModalityContributionMonitor
-from lightning_mc.analyses.probe import linear_probe
 
 from helpers import (
     ScheduledContributionNet,
-    assert_same_numbers,
     fit_scheduled,
     load_example,
     loader,
@@ -211,11 +209,12 @@ def test_demo_collapse_happens_during_training_and_is_stopped_and_the_control_is
     assert stopper.collapsed_modality == "image" and stopper.stopped_epoch is not None
     assert stopper.stopped_epoch < 19
     assert image[-1] < 0.1 and image[-2] < 0.1 and min(image[:-2]) >= 0.1
-    # labels=2: the probe of the validation images confirmed the collapse, and the message says so
-    images, _, labels = demo.make_datasets(demo.SHORTCUT)[1].tensors
-    result = stopper.probe_results["image"]
-    assert result.informative and set(stopper.probe_results) == {"image"}
-    assert_same_numbers(result.score, linear_probe(images.flatten(1), labels).score)
+    # labels=2: the probe of the epoch's training images (a reservoir of 1024 of the 1350) and the 447 validation
+    # images confirmed the collapse, and the message says so
+    [result] = stopper.probe_results["image"]
+    assert result.verdict == "informative" and set(stopper.probe_results) == {"image"}
+    assert (result.num_train, result.num_val, result.epoch) == (1024, 447, stopper.collapse_epoch)
+    assert result.low > result.threshold and result.score > 0.4  # ten noisy digits: chance 0.10
     assert f"a linear probe scores {result.describe()}: an informative modality, abandoned." in stopper.collapse_message
 
     monitor, stopper, trainer = demo.run("balanced", demo.HINT, epochs=5, **settings)

@@ -73,7 +73,8 @@ def test_the_same_trainer_fitting_again_starts_a_fresh_fit_too(tmp_path) -> None
 
 def _without_timings(state: dict[str, Any]) -> dict[str, Any]:
     probes = {
-        name: {k: v for k, v in result.items() if k != "seconds"} for name, result in state["probe_results"].items()
+        name: [{k: v for k, v in result.items() if k != "seconds"} for result in results]
+        for name, results in state["probe_results"].items()
     }
     return {**state, "probe_results": probes}
 
@@ -98,7 +99,7 @@ def test_a_resumed_fit_equals_an_uninterrupted_one(tmp_path) -> None:
     assert_same_numbers(monitor.state_dict(), straight[0].state_dict(), "monitor")
     assert_same_numbers(_without_timings(stopper.state_dict()), _without_timings(straight[1].state_dict()), "stopper")
     assert_same_numbers(balancer.state_dict(), straight[2].state_dict(), "balancer")
-    assert stopper.stopped_epoch == 4 and stopper.probe_results["image"].informative  # probed after the resume
+    assert stopper.stopped_epoch == 4 and stopper.probe_results["image"][-1].informative  # probed after the resume
 
 
 def test_validate_warns_once_that_it_measured_nothing_naming_run_on_validate(tmp_path) -> None:

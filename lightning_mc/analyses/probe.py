@@ -1,35 +1,39 @@
-r"""A linear probe: does one modality, on its own, predict the labels?
+r"""A linear probe: does one modality alone predict the labels? Three verdicts, each only when the evidence decides.
 
 The contribution shares are label-free: a share near 0 says the network ignores a modality, not why. Gapp et al. tie
 the metric to single-modality performance, and that link separates the two reasons: a modality that predicts the
 labels on its own but is ignored has been *abandoned* (a collapse); one that does not is *uninformative* on that data
 (a pure-noise table, a field that is constant at this site). :func:`linear_probe` asks the question cheaply:
 
+- samples: the validation samples the monitor measured and, where the stopper has them, the training samples of the
+  current epoch (a seeded reservoir, :mod:`lightning_mc.callbacks.probe_reservoir`); exact duplicates are dropped, so
+  a sample seen twice cannot be fitted in one fold and scored in another. A probe cross-validated inside 40 validation
+  samples has almost no power; the training samples the network learns from pass by anyway;
 - features: :func:`modality_features` of each sample (the modality's encoder output or its input, flattened; integer
-  token ids become a bag of ids; more than :data:`MAX_FEATURES` columns are reduced by a seeded signed feature hash,
-  a random projection that costs one pass over the values and no ``D × k`` matrix);
-- a multinomial logistic regression with an L2 penalty (:data:`L2`) on features standardised with each training
-  fold's mean and standard deviation, fitted by LBFGS (at most :data:`LBFGS_ITERATIONS` iterations, float64,
-  zero start: deterministic);
-- :data:`FOLDS`-fold cross-validation, folds stratified by class and drawn from a seeded generator; every sample is
-  predicted once by the model fitted without its fold;
-- the out-of-fold predictions are scored by AUROC (two classes) or balanced accuracy (more): both are at chance for
-  any predictor that ignores the features, whatever the class balance (0.5, and ``1/K`` for ``K`` classes, which is
-  also what always predicting the majority class scores);
-- the modality is *informative* when the score beats chance by ``margin`` **and** by :data:`Z` standard errors of a
-  chance-level score on this many samples (``sqrt((n₀ + n₁ + 1) / (12 n₀ n₁))`` for AUROC,
-  ``sqrt(Σₖ (1/K)(1 − 1/K) / nₖ) / K`` for balanced accuracy), so a small validation set cannot confirm a weak
-  signal by luck.
+  token ids become a bag of ids; more than :data:`MAX_FEATURES` columns are reduced by a seeded signed feature hash);
+- a linear model per label kind (:mod:`lightning_mc.analyses.probe_models`: logistic, one logistic per finding, Cox,
+  ridge) with its L2 strength chosen by an inner cross-validation, in :data:`FOLDS`-fold cross-validation (folds
+  stratified by class, or by event for survival, drawn from a seeded generator): every sample is predicted once by a
+  model fitted without its fold;
+- the out-of-fold predictions scored by the kind's score, at chance for any predictor that ignores the features
+  (:mod:`lightning_mc.analyses.probe_scores`), with a confidence interval whose each bound is wrong at most 5 % of the
+  time;
+- the verdict: **informative** when the interval's lower bound clears ``chance + margin``, **uninformative** when its
+  upper bound stays under ``chance + margin``, **undecided** otherwise (with the samples that would decide, from the
+  interval's width shrinking as ``1 / sqrt(samples)``). Showing absence takes more samples than showing presence: a
+  probe short of power says *undecided*, never *uninformative*.
 
 Example:
     >>> generator = torch.Generator().manual_seed(0)
-    >>> labels = torch.arange(200) % 2
-    >>> informative = labels[:, None] + torch.randn(200, 3, generator=generator)
+    >>> labels = torch.arange(400) % 2
+    >>> informative = labels[:, None] + torch.randn(400, 3, generator=generator)
     >>> result = linear_probe(informative, labels)
-    >>> result.metric, result.informative, result.score > 0.7
-    ('AUROC', True, True)
-    >>> linear_probe(torch.randn(200, 3, generator=generator), labels).informative
-    False
+    >>> result.metric, result.verdict, result.score > 0.7
+    ('AUROC', 'informative', True)
+    >>> linear_probe(torch.randn(400, 3, generator=generator), labels).verdict
+    'uninformative'
+    >>> linear_probe(torch.randn(40, 3, generator=generator), labels[:40]).verdict  # too few samples to show absence
+    'undecided'
 """
 
 from __future__ import annotations
@@ -38,27 +42,27 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from lightning_mc.analyses.label_kinds import LabelKind, Labels, read_labels
+from lightning_mc.analyses.probe_models import INNER_FOLDS, choose_c, fit
+from lightning_mc.analyses.probe_scores import Score, score
 
 #: Most feature columns the probe fits; wider features are reduced by a seeded signed feature hash.
 MAX_FEATURES = 256
 #: Cross-validation folds.
 FOLDS = 5
-#: L2 penalty on the weights, on the mean cross-entropy of standardised features (``λ/2 · ‖W‖²``).
-L2 = 1e-2
-#: Most LBFGS iterations per fold.
-LBFGS_ITERATIONS = 50
-#: Fewest samples the probe decides on (fewer: it reports why it could not).
+#: Fewest samples the probe decides on (fewer: undecided, saying why).
 MIN_SAMPLES = 20
-#: Default margin over chance that an informative modality must beat.
+#: Default margin over chance that an informative modality's lower bound must clear.
 DEFAULT_MARGIN = 0.05
-#: Standard errors of a chance-level score that an informative modality must beat, too.
-Z = 3.0
 #: Seed of the feature hash and of the folds.
 SEED = 0
+
+Verdict = Literal["informative", "uninformative", "undecided"]
 
 
 @dataclass(frozen=True)
@@ -66,46 +70,82 @@ class ProbeResult:
     """What a linear probe found on one modality.
 
     Attributes:
-        metric: ``"AUROC"`` (two classes) or ``"balanced accuracy"``; ``""`` when the probe could not run.
+        verdict: ``"informative"`` (the lower bound clears ``chance + margin``), ``"uninformative"`` (the upper bound
+            stays under it) or ``"undecided"`` (neither, or the probe could not run: ``reason``).
+        metric: The score's name (``"AUROC"``, ``"balanced accuracy"``, ``"mean AUROC"``, ``"concordance index"``,
+            ``"Spearman correlation"``); ``""`` when the probe could not run.
         score: The cross-validated score (NaN when the probe could not run).
-        chance: The score of any predictor that ignores the features (0.5, or ``1/K``).
-        threshold: The score an informative modality must reach: ``chance + max(margin, Z · standard error)``.
-        informative: Whether ``score >= threshold``.
-        num_samples: Samples probed.
-        num_classes: Classes among them.
+        low: Lower confidence bound of the score (one-sided 95 %).
+        high: Upper confidence bound of the score (one-sided 95 %).
+        chance: The score of any predictor that ignores the features.
+        margin: How far above chance the bounds are compared.
+        label_kind: The kind the labels were probed as.
+        num_samples: Samples probed (training and validation, duplicates dropped).
+        num_train: Of those, training samples.
+        num_val: Of those, validation samples.
         num_features: Feature columns fitted (after the hash).
         folds: Cross-validation folds.
         features: What the features are, e.g. ``"input"`` or ``"encoder output ('image_encoder')"``.
-        seconds: Time the fit and the scoring took.
-        reason: Why the probe could not decide (too few samples, one class), or ``None``.
+        seconds: Time the fits and the scoring took.
+        samples_to_decide: Roughly how many samples an undecided probe would need to decide (``None``: decided, or
+            the score sits on ``chance + margin``).
+        epoch: The epoch of the check that ran the probe (set by the stopper).
+        reason: Why the probe could not run (too few samples, one class), or ``None``.
     """
 
+    verdict: Verdict
     metric: str
     score: float
+    low: float
+    high: float
     chance: float
-    threshold: float
-    informative: bool
+    margin: float
+    label_kind: str
     num_samples: int
-    num_classes: int
+    num_train: int
+    num_val: int
     num_features: int
     folds: int
     features: str
     seconds: float
+    samples_to_decide: int | None = None
+    epoch: int | None = None
     reason: str | None = None
 
     @property
+    def informative(self) -> bool:
+        """Whether the verdict is informative."""
+        return self.verdict == "informative"
+
+    @property
     def decided(self) -> bool:
-        """Whether the probe ran and gave a verdict."""
-        return self.reason is None
+        """Whether the verdict is informative or uninformative."""
+        return self.verdict != "undecided"
+
+    @property
+    def threshold(self) -> float:
+        """``chance + margin``: the line the bounds are compared with."""
+        return self.chance + self.margin
 
     def describe(self) -> str:
-        """The score in words, e.g. ``"balanced accuracy 0.62 (chance 0.10, needs 0.15; 5-fold, 447 samples)"``."""
+        """The score in words, e.g. ``"balanced accuracy 0.40, 90 % interval [0.33, 0.47] (chance 0.10 ...)"``."""
         if self.reason is not None:
-            return f"the probe could not decide ({self.reason})"
-        return (
-            f"{self.metric} {self.score:.2f} (chance {self.chance:.2f}, needs {self.threshold:.2f}; {self.folds}-fold, "
-            f"{self.num_samples} samples)"
+            return f"the probe could not run: {self.reason}"
+        samples = (
+            f"{self.folds}-fold over {self.num_samples} samples: {self.num_train} training, {self.num_val} validation"
         )
+        text = (
+            f"{self.metric} {self.score:.2f}, 90 % interval [{self.low:.2f}, {self.high:.2f}] "
+            f"(chance {self.chance:.2f} + margin {self.margin:.2f} = {self.threshold:.2f}; {samples})"
+        )
+        if self.verdict == "undecided":
+            more = (
+                f"about {self.samples_to_decide} samples would decide"
+                if self.samples_to_decide is not None
+                else "the score sits on chance + margin: many more samples would be needed"
+            )
+            text += f"; {more}"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for a checkpoint."""
@@ -145,149 +185,152 @@ def modality_features(values: Tensor, max_features: int = MAX_FEATURES, seed: in
     return torch.zeros(rows, max_features, device=values.device, dtype=flat.dtype).index_add_(1, bucket, flat * sign)
 
 
-def class_labels(labels: Tensor) -> Tensor:
-    """``(N,)`` integer class labels from what a batch holds: class ids, one-hot/probability rows or 0/1 floats.
-
-    Raises:
-        ValueError: If the labels are not classes (continuous values, more than two dimensions).
-
-    Example:
-        >>> class_labels(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
-        tensor([1, 0])
-    """
-    if labels.dim() == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.dim() == 2:
-        return labels.argmax(dim=1)
-    if labels.dim() != 1:
-        raise ValueError(
-            f"labels= selected a tensor of shape {tuple(labels.shape)}; the probe needs one class per sample: "
-            "class ids (N,), or one-hot rows (N, C)."
-        )
-    if labels.is_floating_point():
-        if not torch.equal(labels, labels.round()):
-            raise ValueError(
-                "labels= selected continuous values; the probe classifies: pass class ids (a regression target "
-                "cannot be probed)."
-            )
-    return labels.long()
-
-
 def linear_probe(
     features: Tensor,
-    labels: Tensor,
+    labels: Tensor | Labels,
     *,
+    train_features: Tensor | None = None,
+    train_labels: Tensor | Labels | None = None,
+    label_kind: LabelKind = "auto",
     margin: float = DEFAULT_MARGIN,
     folds: int = FOLDS,
     seed: int = SEED,
     what: str = "input",
 ) -> ProbeResult:
-    """Cross-validated L2 logistic regression of ``labels`` on ``features``, scored against chance.
+    """Cross-validated linear probe of ``labels`` on ``features`` (and the training samples), with its verdict.
 
     Args:
-        features: ``(N, D)`` features (:func:`modality_features`).
-        labels: ``(N,)`` class labels (:func:`class_labels`).
-        margin: The score must beat chance by this much (and by :data:`Z` standard errors).
-        folds: Cross-validation folds (fewer when a class has fewer samples).
+        features: ``(N, D)`` features of the validation samples (:func:`modality_features`).
+        labels: Their labels: a tensor (read as ``label_kind``) or :class:`~lightning_mc.analyses.label_kinds.Labels`.
+        train_features: ``(M, D)`` features of training samples, probed with the validation ones (``None``: none).
+        train_labels: Their labels, of the same kind.
+        label_kind: The labels' kind (:func:`~lightning_mc.analyses.label_kinds.read_labels`).
+        margin: How far above chance the bounds are compared.
+        folds: Cross-validation folds.
         seed: Seed of the folds.
         what: What the features are, for the report.
 
     Returns:
-        The :class:`ProbeResult` (``reason`` set, and not informative, when there are fewer than
-        :data:`MIN_SAMPLES` samples or a single class).
+        The :class:`ProbeResult`; ``"undecided"`` with ``reason`` set when fewer than :data:`MIN_SAMPLES` samples or a
+        single class (one value of every finding, no event, a constant target) leave nothing to fit.
     """
     start = time.perf_counter()
-    x = features.detach().to("cpu", torch.float64).flatten(1).clone()
-    classes, y = torch.unique(labels.detach().cpu(), return_inverse=True)
-    counts = torch.bincount(y, minlength=len(classes))
-    num_classes, num_samples = len(classes), x.shape[0]
-    folds = max(2, min(folds, int(counts.max()) if num_classes else 2))
-    metric = "AUROC" if num_classes == 2 else "balanced accuracy"
+    val = labels if isinstance(labels, Labels) else read_labels(labels, label_kind)
+    x, y, num_train = _samples(features, val, train_features, train_labels)
+    kind, num_samples = val.kind, x.shape[0]
+    y, reason = _fit_targets(kind, y)
+    num_val = num_samples - int(num_train)
+    folds = max(2, min(folds, num_samples // 2))
 
-    def failed(reason: str) -> ProbeResult:
-        seconds = time.perf_counter() - start
-        return ProbeResult(
-            "", math.nan, math.nan, math.nan, False, num_samples, num_classes, x.shape[1], folds, what, seconds, reason
-        )
+    def result(verdict: Verdict, found: Score | None, needed: int | None = None, why: str | None = None) -> ProbeResult:
+        values = (found.metric, found.value, found.low, found.high, found.chance) if found else ("",) + (math.nan,) * 4
+        counts = (num_samples, int(num_train), num_val, x.shape[1], folds, what, time.perf_counter() - start)
+        return ProbeResult(verdict, *values, margin, kind, *counts, samples_to_decide=needed, reason=why)
 
-    if num_samples < MIN_SAMPLES:
-        return failed(f"{num_samples} samples, fewer than {MIN_SAMPLES}")
-    if num_classes < 2:
-        return failed(f"a single class among the {num_samples} samples")
-    fold = _stratified_folds(y, folds, seed)
-    predicted = torch.zeros(num_samples, num_classes, dtype=torch.float64)
-    for k in range(folds):
-        test = fold == k
-        if not test.any() or test.all():
-            continue
-        mean, std = x[~test].mean(0), x[~test].std(0, correction=0)
-        std = torch.where(std > 1e-12, std, torch.ones_like(std))
-        weight, bias = _fit_logistic((x[~test] - mean) / std, y[~test], num_classes)
-        predicted[test] = torch.softmax((x[test] - mean) / std @ weight + bias, dim=1)
-    if num_classes == 2:
-        score, error = _auroc(predicted[:, 1], y), math.sqrt((num_samples + 1) / (12.0 * counts[0] * counts[1]))
-        chance = 0.5
-    else:
-        score, chance = _balanced_accuracy(predicted.argmax(1), y, num_classes), 1.0 / num_classes
-        error = math.sqrt(sum(chance * (1 - chance) / int(n) for n in counts)) / num_classes
-    threshold = chance + max(margin, Z * error)
-    seconds = time.perf_counter() - start
-    return ProbeResult(
-        metric, score, chance, threshold, score >= threshold, num_samples, num_classes, x.shape[1], folds, what, seconds
-    )
+    if reason is None and num_samples < MIN_SAMPLES:
+        reason = f"{num_samples} samples, fewer than {MIN_SAMPLES}"
+    if reason is not None:
+        return result("undecided", None, why=reason)
+    outputs = int(y.max()) + 1 if kind == "classes" else None
+    predicted = _out_of_fold(x, y, kind, _folds(y, kind, folds, seed), outputs, seed)
+    found = score(kind, predicted, y)
+    if math.isnan(found.value):
+        return result("undecided", None, why="the probe's predictions are constant: the features do not vary")
+    line = found.chance + margin
+    if found.low > line:
+        return result("informative", found)
+    if found.high < line:
+        return result("uninformative", found)
+    gap = abs(found.value - line)
+    half_width = (found.high - found.low) / 2
+    needed = math.ceil(num_samples * (half_width / gap) ** 2) if gap > 1e-9 else None
+    return result("undecided", found, needed)
 
 
-def _stratified_folds(y: Tensor, folds: int, seed: int) -> Tensor:
-    """Each sample's fold: the samples of each class in a seeded random order, dealt to the folds in turn."""
+def probe_folds(y: Tensor, kind: str, folds: int, seed: int) -> Tensor:
+    """Each sample's fold: stratified by class (``"classes"``) or by event (``"survival"``), dealt from a seeded order.
+
+    Example:
+        >>> probe_folds(torch.tensor([0, 0, 1, 1]), "classes", 2, seed=0).bincount().tolist()
+        [2, 2]
+    """
+    return _folds(y, kind, folds, seed)
+
+
+def _samples(
+    features: Tensor, labels: Labels, train_features: Tensor | None, train_labels: Tensor | Labels | None
+) -> tuple[Tensor, Tensor, int]:
+    """The training and validation rows as one float64 set, exact duplicates dropped; and how many are training.
+
+    A duplicate of a training row among the validation rows counts as training (it was fitted on anyway).
+    """
+    x = features.detach().to("cpu", torch.float64).flatten(1)
+    y = labels.values
+    num_train = 0
+    if train_features is not None and train_features.shape[0] > 0:
+        assert train_labels is not None
+        train = train_labels if isinstance(train_labels, Labels) else read_labels(train_labels, labels.kind)
+        x = torch.cat([train_features.detach().to("cpu", torch.float64).flatten(1), x])
+        y = torch.cat([train.values.to(y.dtype), y])
+        num_train = train_features.shape[0]
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    rows = torch.cat([x, y.reshape(len(y), -1).double()], dim=1)
+    # one row per distinct sample, in the sorted order of the rows: the probe does not depend on the order of its
+    # inputs (under DDP the gathered order is the ranks' order, not the dataset's)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(rows), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(rows)), reduce="amin")
+    return x[first], y[first], int((first < num_train).sum())
+
+
+def _fit_targets(kind: str, y: Tensor) -> tuple[Tensor, str | None]:
+    """The targets the models fit (classes re-indexed, findings with one value dropped), or why there is nothing."""
+    if kind == "classes":
+        classes, y = torch.unique(y, return_inverse=True)
+        return y, None if len(classes) > 1 else "a single class among the samples"
+    if kind == "multilabel":
+        positives = y.sum(0)
+        both = (positives > 0) & (positives < y.shape[0])
+        return y[:, both], None if bool(both.any()) else "every finding has a single value among the samples"
+    if kind == "survival":
+        return y, None if float(y[:, 1].sum()) >= 2 else "fewer than two events among the samples"
+    return y, None if float(y.std()) > 0 else "the target is constant among the samples"
+
+
+def _folds(y: Tensor, kind: str, folds: int, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
+    if kind == "classes":
+        strata = y
+    elif kind == "survival":
+        strata = y[:, 1].long()
+    else:
+        strata = torch.zeros(len(y), dtype=torch.long)
     fold = torch.empty(len(y), dtype=torch.long)
     offset = 0
-    for label in range(int(y.max()) + 1):
-        members = torch.nonzero(y == label).flatten()
+    for label in range(int(strata.max()) + 1):
+        members = torch.nonzero(strata == label).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         fold[members] = (torch.arange(len(members)) + offset) % folds
-        offset += len(members)  # the next class starts where this one stopped: folds of equal size
+        offset += len(members)  # the next stratum starts where this one stopped: folds of equal size
     return fold
 
 
-def _fit_logistic(x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Weights and bias of a multinomial logistic regression with penalty ``L2 / 2 · ‖W‖²``, fitted by LBFGS."""
-    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=LBFGS_ITERATIONS, line_search_fn="strong_wolfe", tolerance_grad=1e-7
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + 0.5 * L2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
-def _auroc(score: Tensor, y: Tensor) -> float:
-    """Area under the ROC curve of ``score`` for class 1 (ties count half): the Mann–Whitney statistic."""
-    ranks = _average_ranks(score)
-    positives = y == 1
-    n1, n0 = int(positives.sum()), int((~positives).sum())
-    return float((ranks[positives].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+def _out_of_fold(x: Tensor, y: Tensor, kind: str, fold: Tensor, outputs: int | None, seed: int) -> Tensor:
+    """Each sample predicted by the model fitted without its fold, at the ``C`` an inner cross-validation chose."""
+    c = choose_c(x, y, kind, _folds(y, kind, INNER_FOLDS, seed + 1), outputs)
+    predicted: Tensor | None = None
+    model = None
+    for k in range(int(fold.max()) + 1):
+        test = fold == k
+        if not test.any() or test.all():
+            continue
+        model = fit(x[~test], y[~test], kind, c, outputs, start=model)  # from the previous fold's weights: fewer steps
+        values = model.predict(x[test])
+        if predicted is None:
+            predicted = torch.zeros((len(y), *values.shape[1:]), dtype=values.dtype)
+        predicted[test] = values
+    assert predicted is not None
+    return predicted
 
 
-def _average_ranks(values: Tensor) -> Tensor:
-    """1-based ranks, tied values sharing their mean rank."""
-    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).to(torch.float64)
-    return ((ends - counts + 1 + ends) / 2)[inverse]
-
-
-def _balanced_accuracy(predicted: Tensor, y: Tensor, num_classes: int) -> float:
-    """Mean over the classes of the fraction of that class's samples predicted as it."""
-    recalls = [float((predicted[y == label] == label).double().mean()) for label in range(num_classes)]
-    return sum(recalls) / num_classes
-
-
-__all__ = ["ProbeResult", "class_labels", "linear_probe", "modality_features"]
+__all__ = ["ProbeResult", "Verdict", "linear_probe", "modality_features", "probe_folds"]

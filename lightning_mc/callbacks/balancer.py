@@ -150,7 +150,7 @@ class ModalityBalancer(MonitorReader):
     fit resumed from a checkpoint (``ckpt_path=``) continues engaged or released as it stopped.
 
     With a :class:`~lightning_mc.CollapseEarlyStopping` that has ``labels`` on the same monitor, the balancer reads
-    its probe's verdicts: a modality whose probe was at chance (uninformative on the validation set) is left out of
+    its probe's verdicts: a modality whose latest verdict is uninformative (not undecided) is left out of
     the decision and of the coefficients, which are computed from the other modalities' shares renormalised.
 
     Args:
@@ -351,7 +351,7 @@ class ModalityBalancer(MonitorReader):
 
     @property
     def uninformative_modalities(self) -> tuple[str, ...]:
-        """Modalities that a :class:`~lightning_mc.CollapseEarlyStopping` with ``labels`` found at chance.
+        """Modalities a :class:`~lightning_mc.CollapseEarlyStopping` with ``labels`` last judged uninformative.
 
         Only stoppers reading the balancer's monitor count. The balancer neither engages for these modalities nor
         counts them in the dominance (their coefficient stays 1): a modality with nothing to give on the validation
@@ -414,7 +414,7 @@ class ModalityBalancer(MonitorReader):
     def _event_message(self, event: str, epoch: int, shares: dict[str, float], skipped: list[str]) -> str:
         """One line: engaged or released at ``epoch``, the share that decided it and what the balancer does now."""
         aside = (
-            f" (not counting {', '.join(map(repr, skipped))}: uninformative on this validation set, by the probe of "
+            f" (not counting {', '.join(map(repr, skipped))}: uninformative on this data, by the probe of "
             "CollapseEarlyStopping(labels=...))"
             if skipped
             else ""

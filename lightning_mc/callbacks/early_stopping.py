@@ -2,6 +2,7 @@ r"""Collapse Early Stopping: stop (or flag) a run when a modality's contribution
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -10,8 +11,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_mc.analyses.label_kinds import LabelKind, check_label_kind, read_labels
 from lightning_mc.analyses.perf_drop import TargetSpec
-from lightning_mc.analyses.probe import DEFAULT_MARGIN, ProbeResult, class_labels, linear_probe
+from lightning_mc.analyses.probe import DEFAULT_MARGIN, ProbeResult, linear_probe
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
 from lightning_mc.callbacks.probe_features import ProbeFeatures, check_labels
@@ -21,6 +23,8 @@ from lightning_mc.views.tensorboard import CollapseMarks, marks_from_stopper
 
 CollapseAction = Literal["stop", "warn"]
 _ACTIONS = ("stop", "warn")
+UndecidedAction = Literal["stop", "continue"]
+_UNDECIDED = ("stop", "continue")
 #: What a share cannot show, said in every label-free flag.
 LABEL_FREE_LIMIT = "label-free, this cannot tell an unlearned modality from an uninformative one: pass labels= to check"
 
@@ -41,19 +45,28 @@ class CollapseEarlyStopping(MonitorReader):
       at this site); the network is right to ignore it.
 
     Without ``labels`` every low share is flagged as a collapse and the message says that it may not be one. With
-    ``labels`` (where the labels are in the batch) each low share is checked before it is flagged: a linear probe
-    (:func:`~lightning_mc.analyses.probe.linear_probe`: a 5-fold cross-validated L2 logistic regression, seeded) is
-    fitted on that modality's features alone, on the samples the monitor measured in that validation run (its
-    encoders' outputs where the monitor has ``encoders``, else its input; :mod:`lightning_mc.callbacks.probe_features`).
-    A probe that beats chance (AUROC 0.5 for two classes, balanced accuracy ``1/K`` for ``K``, which is also what
-    predicting the majority class scores) by ``probe_margin`` and by three standard errors confirms the collapse:
-    flagged, and with ``action="stop"`` the trainer stops. A probe at chance reports the modality as *uninformative
-    on this validation set* and training goes on; it is probed again only if its share recovers and falls again. The
-    probe's score is reported either way (``probe_results``). A probe that cannot decide (fewer than 20 samples, a
-    single class) leaves the stopper as it is without labels. The probe runs only at a check that may flag a
-    modality (its ``patience``-th low check); it costs about a tenth of a second on a thousand samples of 256
-    columns (one CPU thread; ``docs/how-to/collapse.md`` has the measurements), and collecting the features costs one
-    copy of the modality (hashed to at most 256 columns) per measured sample during that validation run.
+    ``labels`` (where the labels are in the batch) each low share is checked before it is flagged, by a linear probe
+    (:func:`~lightning_mc.analyses.probe.linear_probe`) of that modality's features alone (its encoders' outputs where
+    the monitor has ``encoders``, else its input; :mod:`lightning_mc.callbacks.probe_features`), cross-validated over
+    the samples the monitor measured in that validation run *and* a seeded reservoir of up to 1,024 of the epoch's
+    training samples, gathered as the training batches pass (no extra forward call). Its score (AUROC, balanced
+    accuracy, mean AUROC, concordance index or rank correlation, by ``label_kind``) and the score's confidence bounds
+    give one of three verdicts:
+
+    - **informative** (the lower bound clears chance + ``probe_margin``): a collapse, flagged; with ``action="stop"``
+      the trainer stops;
+    - **uninformative** (the upper bound stays under chance + ``probe_margin``): reported as such, training goes on;
+    - **undecided** (neither: too few samples to tell): with ``undecided="stop"`` (the default) the low share is
+      flagged as it would be without labels, saying that the probe could not decide; with ``"continue"`` it is
+      reported and training goes on.
+
+    While a share stays low the probe runs again at every check, so a verdict is never frozen: an uninformative or
+    undecided modality that the probe later finds informative is flagged then. Each verdict is kept with its epoch in
+    ``probe_results``. The probe costs a fraction of a second on a thousand samples (``docs/how-to/collapse.md`` has
+    the measurements) and runs only at a check that may flag a modality; the reservoir costs one copy of the drawn
+    training rows (hashed to at most 256 columns) of each watched modality, from the end of the warm-up. Every
+    ``labels=`` problem (a missing key, an index out of range, labels of the wrong length or of no kind the probe
+    knows) is raised on the first batch Lightning runs, before any training step.
 
     A check whose share is NaN (no occlusion moved any output, so shares are undefined) neither counts towards the
     patience nor resets it; it is reported with a warning. In DDP the probe's features are gathered from every
@@ -75,10 +88,16 @@ class CollapseEarlyStopping(MonitorReader):
         monitor: The monitor whose shares are read (with several monitors in the trainer, e.g. an internal and an
             external validation set, the one to watch). ``None`` finds the single
             :class:`~lightning_mc.ModalityContributionMonitor` in ``trainer.callbacks``.
-        labels: Where the class labels are in each validation batch, spelled as the monitor's ``target``: a dict key,
-            a tuple index or a callable ``batch -> Tensor`` (class ids, or one-hot rows). ``None``: label-free.
-        probe_margin: How far above chance, in ``(0, 1)``, the probe's score must be for a low share to count as a
-            collapse (with ``labels``).
+        labels: Where the labels are in each training and validation batch, spelled as the monitor's ``target``: a
+            dict key, a tuple index or a callable ``batch -> Tensor``. ``None``: label-free.
+        probe_margin: How far above chance, in ``(0, 1)``, the probe's confidence bounds are compared (with
+            ``labels``).
+        label_kind: What the labels are: ``"classes"`` (class ids or one-hot rows), ``"multilabel"`` (multi-hot
+            findings, ``(N, K)``), ``"survival"`` (``[time, event]`` rows, ``(N, 2)``), ``"continuous"`` (one target
+            per sample), or ``"auto"``, which reads the kind from the values and refuses what it cannot tell (integral
+            floats outside 0–19, a two-column float tensor).
+        undecided: What an undecided probe does: ``"stop"`` flags the low share as without labels, ``"continue"``
+            reports it and goes on.
 
     Attributes:
         collapsed_modality: Name of the modality whose collapse was flagged first, ``None`` while there is none.
@@ -90,17 +109,20 @@ class CollapseEarlyStopping(MonitorReader):
         stopped_epoch: Epoch at which training was told to stop, ``None`` if it was not (always ``None`` with
             ``action="warn"``).
         collapse_message: The message reported when the collapse was flagged.
-        reports: Every message reported, in order: each flagged collapse and each uninformative modality.
-        probe_results: ``modality -> ProbeResult`` of the latest probe of each modality (with ``labels``).
+        reports: Every message reported, in order: each flagged collapse, and each uninformative or (with
+            ``undecided="continue"``) undecided verdict when it is first reached.
+        probe_results: ``modality -> [ProbeResult, ...]``: every probe of each modality, in order, each with its
+            ``epoch`` and ``verdict`` (with ``labels``).
         wait_count: ``modality -> number of consecutive counted checks below min_share``.
         history: One entry per check: ``epoch``, ``global_step``, ``shares`` (watched modalities), ``counted``
-            (False during the warm-up), ``wait_count`` after the check, ``collapsed`` (flagged at this check) and
-            ``uninformative`` (the modalities the probe found at chance at this check).
+            (False during the warm-up), ``wait_count`` after the check, ``collapsed`` (flagged at this check),
+            ``uninformative`` and ``undecided`` (the low modalities of those verdicts that training went on with).
 
     Raises:
-        ValueError: If ``min_share``, ``patience``, ``warmup_epochs``, ``action``, ``modalities`` or
-            ``probe_margin`` is invalid (at construction), if ``modalities`` names a modality the monitor does not
-            measure (at ``setup``), or if ``labels`` selects values that are not class labels (at the probe).
+        ValueError: If ``min_share``, ``patience``, ``warmup_epochs``, ``action``, ``modalities``, ``probe_margin``,
+            ``label_kind`` or ``undecided`` is invalid (at construction), if ``modalities`` names a modality the
+            monitor does not measure (at ``setup``), or if ``labels`` finds no labels of ``label_kind`` in a batch (at
+            the first training or validation batch).
         TypeError: If ``monitor`` is not a :class:`~lightning_mc.ModalityContributionMonitor`, or ``labels`` is not a
             key, an index or a callable.
         RuntimeError: At ``setup``, if the trainer has no :class:`~lightning_mc.ModalityContributionMonitor`, or
@@ -117,7 +139,7 @@ class CollapseEarlyStopping(MonitorReader):
         trainer = Trainer(max_epochs=50, callbacks=[monitor, stopper])
         trainer.fit(model, train_loader, val_loader)
         print(stopper.reports)  # ["Modality 'image' collapsed: ...", or "Modality 'table' is uninformative ..."]
-        stopper.probe_results  # {'image': ProbeResult(metric='balanced accuracy', score=0.62, ...)}
+        stopper.probe_results  # {'image': [ProbeResult(verdict='informative', score=0.62, epoch=7, ...)]}
     """
 
     def __init__(
@@ -131,6 +153,8 @@ class CollapseEarlyStopping(MonitorReader):
         monitor: ModalityContributionMonitor | None = None,
         labels: TargetSpec | None = None,
         probe_margin: float = DEFAULT_MARGIN,
+        label_kind: LabelKind = "auto",
+        undecided: UndecidedAction = "stop",
     ) -> None:
         super().__init__(monitor)
         check_fraction("min_share", min_share)
@@ -140,6 +164,9 @@ class CollapseEarlyStopping(MonitorReader):
             raise ValueError(f"action={action!r} must be one of {', '.join(map(repr, _ACTIONS))}.")
         check_labels(labels)
         check_fraction("probe_margin", probe_margin, hint=" (above chance)")
+        check_label_kind(label_kind)
+        if undecided not in _UNDECIDED:
+            raise ValueError(f"undecided={undecided!r} must be one of {', '.join(map(repr, _UNDECIDED))}.")
         self.min_share = float(min_share)
         self.patience = patience
         self.warmup_epochs = warmup_epochs
@@ -148,7 +175,9 @@ class CollapseEarlyStopping(MonitorReader):
         self.verbose = verbose
         self.labels = labels
         self.probe_margin = float(probe_margin)
-        self._features = ProbeFeatures(labels) if labels is not None else None
+        self.label_kind = label_kind
+        self.undecided = undecided
+        self._features = ProbeFeatures(labels, label_kind) if labels is not None else None
         self._watched: tuple[str, ...] = ()
         self._start_fit()
 
@@ -162,12 +191,14 @@ class CollapseEarlyStopping(MonitorReader):
         self.stopped_epoch: int | None = None
         self.collapse_message: str | None = None
         self.reports: list[str] = []
-        self.probe_results: dict[str, ProbeResult] = {}
+        self.probe_results: dict[str, list[ProbeResult]] = {}
         self.wait_count: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
         self._below_since: dict[str, int] = {}
         self._flagged: set[str] = set()
-        self._uninformative: set[str] = set()  # at chance while below min_share: not probed again until it recovers
+        self._verdicts: dict[
+            str, str
+        ] = {}  # the latest verdict of each modality while it stays low: reported on change
 
     @property
     @override
@@ -186,14 +217,16 @@ class CollapseEarlyStopping(MonitorReader):
 
     @property
     def uninformative_modalities(self) -> tuple[str, ...]:
-        """The modalities uninformative on this validation set, whose latest probe was at chance (with ``labels``)."""
-        return tuple(name for name, result in self.probe_results.items() if result.decided and not result.informative)
+        """The modalities whose latest probe says uninformative (with ``labels``)."""
+        return tuple(name for name, results in self.probe_results.items() if results[-1].verdict == "uninformative")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.monitor = self._find_monitor(trainer)
         if stage == TrainerFn.FITTING:
             self._start_fit()  # a resumed fit's checkpoint is loaded after setup and overwrites this
+        if self._features is not None:
+            self._features.checked = set()  # every run checks labels= on its first batches
         names = self.monitor.modality_names
         if self.modalities is None:
             self._watched = names
@@ -213,7 +246,7 @@ class CollapseEarlyStopping(MonitorReader):
             "wait_count": dict(self.wait_count),
             "below_since": dict(self._below_since),
             "flagged": sorted(self._flagged),
-            "uninformative": sorted(self._uninformative),
+            "verdicts": dict(self._verdicts),
             "collapsed_modality": self.collapsed_modality,
             "collapse_epoch": self.collapse_epoch,
             "collapse_start_epoch": self.collapse_start_epoch,
@@ -221,7 +254,9 @@ class CollapseEarlyStopping(MonitorReader):
             "stopped_epoch": self.stopped_epoch,
             "collapse_message": self.collapse_message,
             "reports": list(self.reports),
-            "probe_results": {name: result.as_dict() for name, result in self.probe_results.items()},
+            "probe_results": {
+                name: [result.as_dict() for result in results] for name, results in self.probe_results.items()
+            },
             "history": [dict(entry) for entry in self.history],
         }
 
@@ -231,7 +266,7 @@ class CollapseEarlyStopping(MonitorReader):
         self.wait_count = dict(state_dict.get("wait_count", {}))
         self._below_since = dict(state_dict.get("below_since", {}))
         self._flagged = set(state_dict.get("flagged", []))
-        self._uninformative = set(state_dict.get("uninformative", []))
+        self._verdicts = dict(state_dict.get("verdicts", {}))
         self.collapsed_modality = state_dict.get("collapsed_modality")
         self.collapse_epoch = state_dict.get("collapse_epoch")
         self.collapse_start_epoch = state_dict.get("collapse_start_epoch")
@@ -240,8 +275,35 @@ class CollapseEarlyStopping(MonitorReader):
         self.collapse_message = state_dict.get("collapse_message")
         self.reports = list(state_dict.get("reports", []))
         stored = state_dict.get("probe_results", {})
-        self.probe_results = {name: ProbeResult.from_dict(values) for name, values in stored.items()}
+        self.probe_results = {
+            name: [ProbeResult.from_dict(values) for values in results] for name, results in stored.items()
+        }
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._features is not None and self.monitor is not None:
+            self._features.train_start(trainer, pl_module, self.monitor, self._collected(trainer.current_epoch))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._features is not None and self.monitor is not None:
+            self._features.check(self.monitor, batch, "training")
+            self._features.train_batch_start(batch)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._features is not None:
+            self._features.train_batch_end(batch)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._features is not None:
+            self._features.train_stop()
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -252,7 +314,9 @@ class CollapseEarlyStopping(MonitorReader):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._features is not None:
+        if self._features is not None and self.monitor is not None:
+            if dataloader_idx == self.monitor.dataloader_idx:  # the loader the monitor measures and the probe reads
+                self._features.check(self.monitor, batch, "validation")
             self._features.batch_start(trainer, batch, batch_idx, dataloader_idx)
 
     @override
@@ -283,13 +347,24 @@ class CollapseEarlyStopping(MonitorReader):
         if self._features is not None:
             self._features.clear()
 
+    def _collected(self, epoch: int) -> tuple[str, ...]:
+        """The modalities whose training rows an epoch keeps: every watched one not flagged, from the warm-up's end.
+
+        Every one, not only those one low check short of ``patience``: a check in the middle of the epoch
+        (``val_check_interval``) may bring one there.
+        """
+        if epoch < self.warmup_epochs:
+            return ()
+        return tuple(name for name in self._watched if name not in self._flagged)
+
     def _may_flag(self, epoch: int) -> tuple[str, ...]:
         """The watched modalities that a check at ``epoch`` may flag: those one low check short of ``patience``."""
         if epoch < self.warmup_epochs:
             return ()
-        done = self._flagged | self._uninformative
         return tuple(
-            name for name in self._watched if name not in done and self.wait_count.get(name, 0) + 1 >= self.patience
+            name
+            for name in self._watched
+            if name not in self._flagged and self.wait_count.get(name, 0) + 1 >= self.patience
         )
 
     @override
@@ -307,13 +382,15 @@ class CollapseEarlyStopping(MonitorReader):
         counted = epoch >= self.warmup_epochs
         low = self._update_counts(shares, epoch) if counted else []
         probes = self._probe(trainer, low) if low and self._features is not None else {}
-        collapsed, uninformative = None, []
+        collapsed, uninformative, undecided = None, [], []
         for name in low:  # lowest share first: it names the collapse
             result = probes.get(name)
-            if result is not None and result.decided and not result.informative:
-                self._uninformative.add(name)
-                uninformative.append(name)
-                self._report(self._uninformative_message(name, shares[name], epoch, result), warn=False)
+            verdict = "label-free" if result is None else result.verdict
+            if verdict == "uninformative" or (verdict == "undecided" and self.undecided == "continue"):
+                (uninformative if verdict == "uninformative" else undecided).append(name)
+                if self._verdicts.get(name) != verdict:  # said once per verdict, not at every check it holds
+                    self._report(self._continue_message(name, shares[name], epoch, result), warn=False)
+                self._verdicts[name] = verdict
             else:
                 self._flag(name, shares[name], epoch, result)
                 collapsed = collapsed or name
@@ -326,6 +403,7 @@ class CollapseEarlyStopping(MonitorReader):
                 "wait_count": dict(self.wait_count),
                 "collapsed": collapsed,
                 "uninformative": uninformative,
+                "undecided": undecided,
             }
         )
         if self.action != "stop":
@@ -357,7 +435,7 @@ class CollapseEarlyStopping(MonitorReader):
                 self.wait_count[name] = 0
                 self._below_since.pop(name, None)
                 self._flagged.discard(name)
-                self._uninformative.discard(name)
+                self._verdicts.pop(name, None)
                 continue
             self.wait_count[name] = self.wait_count.get(name, 0) + 1
             self._below_since.setdefault(name, epoch)
@@ -367,25 +445,37 @@ class CollapseEarlyStopping(MonitorReader):
                     f"at epoch "
                     f"{epoch} ({self.wait_count[name]}/{self.patience} checks)."
                 )
-            if self.wait_count[name] >= self.patience and name not in self._flagged | self._uninformative:
-                reaching.append(name)
+            if self.wait_count[name] >= self.patience and name not in self._flagged:
+                reaching.append(name)  # probed again at every check while it stays low: the verdict is never frozen
         return sorted(reaching, key=lambda name: shares[name])
 
     def _probe(self, trainer: pl.Trainer, names: list[str]) -> dict[str, ProbeResult]:
-        """The linear probe of each of ``names`` on this run's features (collective under DDP: every rank calls it)."""
+        """The linear probe of each of ``names`` on this epoch's rows (collective under DDP: every rank calls it)."""
         assert self._features is not None
-        features, labels, sources = self._features.gather(trainer)
-        labels = class_labels(labels)
+        found, labels, train_labels = self._features.gather(trainer)
+        kind = read_labels(labels, self.label_kind) if len(labels) else None
         results = {}
         for name in names:
-            if name not in features:  # not collected in this run (the stopper's state was set by hand)
+            if name not in found or kind is None:  # not collected in this run (the stopper's state was set by hand)
                 continue
-            result = linear_probe(features[name], labels, margin=self.probe_margin, what=sources[name])
+            val, train, source = found[name]
+            result = linear_probe(
+                val,
+                kind,
+                train_features=train,
+                train_labels=train_labels if train is not None else None,
+                margin=self.probe_margin,
+                what=source,
+            )
             # every rank fitted the same rows with the same seed; reducing keeps them in lockstep all the same
-            informative = trainer.strategy.reduce_boolean_decision(result.informative, all=True)
-            if informative != result.informative:
-                result = ProbeResult.from_dict({**result.as_dict(), "informative": informative})
-            results[name] = self.probe_results[name] = result
+            verdict = result.verdict
+            for candidate in ("informative", "uninformative"):
+                agreed = trainer.strategy.reduce_boolean_decision(verdict == candidate, all=True)
+                if (verdict == candidate) != agreed:
+                    verdict = "undecided"
+            result = dataclasses.replace(result, verdict=verdict, epoch=int(trainer.current_epoch))
+            self.probe_results.setdefault(name, []).append(result)
+            results[name] = result
         return results
 
     def _shares_text(self, name: str, share: float, epoch: int) -> str:
@@ -413,15 +503,16 @@ class CollapseEarlyStopping(MonitorReader):
         consequence = "Signaling Trainer to stop." if self.action == "stop" else "Training continues (action='warn')."
         if result is None:
             meaning = f"; {LABEL_FREE_LIMIT}."
-        elif result.decided:
+        elif result.informative:
             meaning = (
-                f", yet its {result.features} alone predicts the labels, a linear probe scores {result.describe()}: an "
-                "informative modality, abandoned."
+                f", yet its {result.features} alone predicts the labels: a linear probe scores {result.describe()}: "
+                "an informative modality, abandoned."
             )
         else:
             meaning = (
-                f"; {result.describe()}, so it is flagged as without labels: the shares alone cannot tell an unlearned "
-                "modality from an uninformative one."
+                f"; a linear probe of its {result.features} could not decide whether it predicts the labels: "
+                f"{result.describe()}. It is flagged as without labels (undecided='stop'): the shares alone cannot "
+                "tell an unlearned modality from an uninformative one."
             )
         message = f"Modality {name!r} collapsed: {self._shares_text(name, share, epoch)}{meaning} {consequence}"
         if self.collapsed_modality is None:
@@ -432,11 +523,19 @@ class CollapseEarlyStopping(MonitorReader):
             self.collapse_message = message
         self._report(message, warn=self.action != "stop")
 
-    def _uninformative_message(self, name: str, share: float, epoch: int, result: ProbeResult) -> str:
+    def _continue_message(self, name: str, share: float, epoch: int, result: ProbeResult) -> str:
+        again = "the probe runs again at each check while the share stays low."
+        if result.verdict == "uninformative":
+            return (
+                f"Modality {name!r} is uninformative on this data, not collapsed: "
+                f"{self._shares_text(name, share, epoch)}, and its {result.features} alone does not predict the "
+                f"labels: a linear probe scores {result.describe()}, within the margin of chance: it has nothing to "
+                f"give here. Training continues; {again}"
+            )
         return (
-            f"Modality {name!r} is uninformative on this validation set, not collapsed: "
-            f"{self._shares_text(name, share, epoch)}, and its {result.features} alone does not predict the labels, a "
-            f"linear probe scores {result.describe()}: it has nothing to give here. Training continues."
+            f"Modality {name!r} is low, and the probe is undecided: {self._shares_text(name, share, epoch)}; a linear "
+            f"probe of its {result.features} could not decide whether it predicts the labels: {result.describe()}. "
+            f"Training continues (undecided='continue'); {again}"
         )
 
     def _report(self, message: str, warn: bool) -> None:
