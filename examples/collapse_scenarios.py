@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
+import re
 import statistics
 import time
 import warnings
@@ -54,6 +56,8 @@ COLUMNS = 8
 MODALITIES = {"image": 0, "table": 1}
 #: Amplitude of the class template in the image (unit noise): informative, slower to learn than the table.
 IMAGE_SIGNAL = 0.2
+#: The same for the multi-label and survival rows: the findings or the risk times the templates.
+TASK_IMAGE_SIGNAL = 0.2
 #: The shortcut: the label's one-hot × SHORTCUT_SCALE plus noise of σ SHORTCUT_NOISE (near-perfect and easy).
 SHORTCUT_SCALE, SHORTCUT_NOISE = 2.0, 0.2
 #: The honest hint: the one-hot in noise of this σ.
@@ -78,6 +82,8 @@ class Scenario:
     onset: int | None
     #: The schedule the validation set follows: "val", or "train" for a held-out slice of the training data.
     val_split: str = "val"
+    #: What the labels are: "classes" (four classes), "multilabel" (four findings) or "survival" ([time, event]).
+    task: str = "classes"
 
 
 def shortcut(when: Callable[[int], bool], splits: tuple[str, ...] = ("train", "val")) -> Callable[[str, int], str]:
@@ -97,15 +103,52 @@ SCENARIOS = [
 ]
 
 
+#: The small-set rows: a collapse, nothing to give, both modalities informative, a dip; multi-label and survival labels.
+SMALL_SET_SCENARIOS = [
+    SCENARIOS[0],
+    SCENARIOS[1],
+    SCENARIOS[3],
+    SCENARIOS[4],
+    SCENARIOS[5],
+    Scenario("multi-label collapse", shortcut(lambda epoch: True), onset=0, task="multilabel"),
+    Scenario("survival collapse", shortcut(lambda epoch: True), onset=0, task="survival"),
+]
+#: Validation set sizes of the small-set rows (the training set: SMALL_SET_TRAIN samples, ≥ 10× larger).
+SMALL_SET_VAL, SMALL_SET_TRAIN = (40, 100), 1000
+
+
+def planted_labels(task: str, num: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """The labels of ``task``, and the ``(num, NUM_CLASSES)`` truths that the image and the table carry of them.
+
+    Findings: each present with probability 0.3; image and table carry the multi-hot. Survival: an exponential event
+    time whose log-hazard is a latent risk, censored at random (about 30 %); the image carries the risk, the table the
+    label itself (minus the log time and the event: what a leaked follow-up field would hold).
+    """
+    if task == "multilabel":
+        findings = (torch.rand(num, NUM_CLASSES, generator=generator) < 0.3).float()
+        return findings, findings, findings
+    risk = torch.randn(num, generator=generator)
+    event_time = -torch.log(torch.rand(num, generator=generator)) / torch.exp(risk)
+    censor_time = -torch.log(torch.rand(num, generator=generator)) * 2.0
+    labels = torch.stack([torch.minimum(event_time, censor_time), (event_time <= censor_time).float()], dim=1)
+    leaked = torch.stack([-torch.log(labels[:, 0]), labels[:, 1]], dim=1)
+    return labels, nn.functional.pad(risk[:, None], (0, NUM_CLASSES - 1)), nn.functional.pad(leaked, (0, 2))
+
+
 class PlantedData(Dataset):
     """One split: images, labels and a table of every kind; the scenario and :attr:`epoch` pick the table served."""
 
     def __init__(self, scenario: Scenario, split: str, num: int, templates: Tensor, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.scenario, self.split, self.epoch = scenario, split, 0
-        self.labels = torch.randint(0, NUM_CLASSES, (num,), generator=generator)
-        self.images = IMAGE_SIGNAL * templates[self.labels] + torch.randn(num, PIXELS, generator=generator)
-        one_hot = nn.functional.one_hot(self.labels, COLUMNS).float()
+        if scenario.task == "classes":
+            self.labels = torch.randint(0, NUM_CLASSES, (num,), generator=generator)
+            self.images = IMAGE_SIGNAL * templates[self.labels] + torch.randn(num, PIXELS, generator=generator)
+            truth = nn.functional.one_hot(self.labels, NUM_CLASSES).float()
+        else:
+            self.labels, seen, truth = planted_labels(scenario.task, num, generator)
+            self.images = TASK_IMAGE_SIGNAL * seen @ templates + torch.randn(num, PIXELS, generator=generator)
+        one_hot = nn.functional.pad(truth, (0, COLUMNS - NUM_CLASSES))
         evidence = self.images @ templates.T / templates.norm(dim=1)  # the image's evidence for each class
         self.tables = {
             "shortcut": SHORTCUT_SCALE * one_hot + SHORTCUT_NOISE * torch.randn(num, COLUMNS, generator=generator),
@@ -148,21 +191,34 @@ class KeepWeights(L.Callback):
             self.weights[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
 
 
-class FusionNet(L.LightningModule):
-    """Late fusion: an MLP per modality, a linear head on both embeddings."""
+def cox_loss(risk: Tensor, labels: Tensor) -> Tensor:
+    """Breslow's negative log partial likelihood of ``risk`` for ``[time, event]`` labels (ties broken by order)."""
+    order = torch.argsort(labels[:, 0], descending=True)
+    risk, event = risk[order], labels[order, 1]
+    return -((risk - torch.logcumsumexp(risk, dim=0)) * event).sum() / event.sum().clamp(min=1)
 
-    def __init__(self) -> None:
+
+class FusionNet(L.LightningModule):
+    """Late fusion: an MLP per modality, a linear head on both embeddings; the loss of the task's labels."""
+
+    def __init__(self, task: str = "classes") -> None:
         super().__init__()
+        self.task = task
         self.image_branch = nn.Sequential(nn.Linear(PIXELS, 32), nn.ReLU())
         self.table_branch = nn.Sequential(nn.Linear(COLUMNS, 32), nn.ReLU())
-        self.head = nn.Linear(64, NUM_CLASSES)
+        self.head = nn.Linear(64, 1 if task == "survival" else NUM_CLASSES)
 
     def forward(self, image: Tensor, table: Tensor) -> Tensor:
         return self.head(torch.cat([self.image_branch(image), self.table_branch(table)], dim=1))
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         image, table, label = batch
-        return nn.functional.cross_entropy(self(image, table), label)
+        output = self(image, table)
+        if self.task == "multilabel":
+            return nn.functional.binary_cross_entropy_with_logits(output, label)
+        if self.task == "survival":
+            return cox_loss(output[:, 0], label)
+        return nn.functional.cross_entropy(output, label)
 
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         image, table, _ = batch
@@ -174,7 +230,9 @@ class FusionNet(L.LightningModule):
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, tables: Tensor, labels: Tensor) -> float:
-    """Accuracy of ``model`` in eval mode."""
+    """Accuracy of ``model`` in eval mode (NaN for labels that are not classes)."""
+    if labels.dim() != 1:
+        return math.nan
     model.eval()
     return (model(images, tables).argmax(dim=1) == labels).float().mean().item()
 
@@ -192,6 +250,10 @@ class Verdict:
     probe: float | None
     #: Shortcut-free test accuracy of the model kept.
     kept_accuracy: float
+    #: The verdict of that probe ("informative", "uninformative", "undecided"; None: no probe ran).
+    verdict: str | None = None
+    #: Whether every message that calls a modality uninformative has a probe of that verdict behind it.
+    honest: bool = True
 
 
 @dataclass
@@ -220,14 +282,32 @@ def verdict(stopper: CollapseEarlyStopping, model: FusionNet, keep: KeepWeights,
         {name for entry in stopper.history if stop is None or entry["epoch"] <= stop for name in entry["uninformative"]}
     )
     probed = stopper.collapsed_modality or (reported[0] if reported else None)
-    result = stopper.probe_results.get(probed) if probed is not None else None
+    probed = probed or next(iter(stopper.probe_results), None)
+    results = stopper.probe_results.get(probed, []) if probed is not None else []
+    at_stop = [result for result in results if stop is None or result.epoch <= stop]
+    result = at_stop[-1] if at_stop else None
     return Verdict(
         stop=stop,
         modality=stopper.collapsed_modality,
         uninformative=reported,
-        probe=result.score if result is not None and result.decided else None,
+        probe=result.score if result is not None and result.reason is None else None,
         kept_accuracy=accuracy(kept, test.images, test.table(), test.labels),
+        verdict=result.verdict if result is not None else None,
+        honest=honest(stopper),
     )
+
+
+def honest(stopper: CollapseEarlyStopping) -> bool:
+    """Whether each report that calls a modality uninformative (or says it has nothing to give) follows a probe of
+    that modality, at that check, whose verdict was uninformative."""
+    for report in stopper.reports:
+        found = re.match(r"Modality '(\w+)' .*? at epoch (\d+)", report)
+        if found and ("is uninformative" in report or "nothing to give" in report):
+            name, epoch = found.group(1), int(found.group(2))
+            results = stopper.probe_results.get(name, [])
+            if not any(result.epoch == epoch and result.verdict == "uninformative" for result in results):
+                return False
+    return True
 
 
 def run(
@@ -239,9 +319,11 @@ def run(
     train = PlantedData(scenario, "train", num_train, templates, seed=1000 + seed)
     val = PlantedData(scenario, scenario.val_split, num_val, templates, seed=2000 + seed)
     test = PlantedData(scenario, "test", num_val, templates, seed=3000 + seed)
-    monitor = ModalityContributionMonitor(MODALITIES, output_transform="softmax", occlusion="mean")
+    transform = {"classes": "softmax", "multilabel": "sigmoid", "survival": None}[scenario.task]
+    monitor = ModalityContributionMonitor(MODALITIES, output_transform=transform, occlusion="mean")
     label_free = CollapseEarlyStopping(**STOPPER, action=action)
-    with_labels = CollapseEarlyStopping(**STOPPER, action=action, labels=2)
+    kind = "survival" if scenario.task == "survival" else "auto"  # "auto" does not guess [time, event] pairs
+    with_labels = CollapseEarlyStopping(**STOPPER, action=action, labels=2, label_kind=kind)
     keep = KeepWeights()
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -254,7 +336,7 @@ def run(
         num_sanity_val_steps=0,
         callbacks=[PlantSchedule(train, val), monitor, label_free, with_labels, keep],
     )
-    model = FusionNet()
+    model = FusionNet(scenario.task)
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=num_val))
     tables = val.table()
     return Run(
@@ -334,6 +416,55 @@ def row(scenario: Scenario, runs: list[Run]) -> str:
     return " | ".join(f"{cell:<{width}}" for cell, (_, width) in zip(cells, COLUMNS_SHOWN)).rstrip()
 
 
+SMALL_COLUMNS = [
+    ("scenario", 21),
+    ("val", 3),
+    ("label-free stop", 20),
+    ("labels= stop", 20),
+    ("labels= verdicts", 30),
+    ("probe", 5),
+    ("honest", 6),
+]
+
+
+def verdicts(runs: list[Run]) -> str:
+    """How many seeds' probes said what, e.g. "5 informative image" ("-": no probe ran)."""
+    said: dict[str, int] = {}
+    for r in runs:
+        v = r.with_labels
+        if v.verdict is not None:
+            name = v.modality or (v.uninformative[0] if v.uninformative else "")
+            key = f"{v.verdict} {name}".strip()
+            said[key] = said.get(key, 0) + 1
+    return ", ".join(f"{count} {key}" for key, count in sorted(said.items(), key=lambda item: -item[1])) or "-"
+
+
+def small_set_row(scenario: Scenario, num_val: int, runs: list[Run]) -> str:
+    """One line of the small-set table: the scenario at one validation set size, over its seeds."""
+    scores = [r.with_labels.probe for r in runs if r.with_labels.probe is not None]
+    cells = [
+        scenario.name,
+        str(num_val),
+        stops([r.label_free for r in runs]),
+        stops([r.with_labels for r in runs]),
+        verdicts(runs),
+        mean(scores) if scores else "-",
+        f"{sum(r.with_labels.honest for r in runs)}/{len(runs)}",
+    ]
+    return " | ".join(f"{cell:<{width}}" for cell, (_, width) in zip(cells, SMALL_COLUMNS)).rstrip()
+
+
+def small_sets(seeds: int, epochs: int) -> None:
+    """The small-set table: 40 and 100 validation samples beside 1000 training ones (multi-label, survival: 40)."""
+    print(f"{seeds} seeds, {epochs} epochs, {SMALL_SET_TRAIN} training samples; validation samples as listed")
+    print(" | ".join(f"{name:<{width}}" for name, width in SMALL_COLUMNS).rstrip())
+    for scenario in SMALL_SET_SCENARIOS:
+        sizes = SMALL_SET_VAL if scenario.task == "classes" else SMALL_SET_VAL[:1]
+        for num_val in sizes:
+            runs = [run(scenario, seed, epochs, SMALL_SET_TRAIN, num_val) for seed in range(seeds)]
+            print(small_set_row(scenario, num_val, runs), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -341,12 +472,17 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=800, help="training samples")
     parser.add_argument("--val", type=int, default=400, help="validation (and test) samples")
     parser.add_argument("--verbose", action="store_true", help="also print the image share of every check")
+    parser.add_argument("--small-sets", action="store_true", help="the small-set table (40 and 100 validation samples)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # networks this small train fastest on one thread
     warnings.filterwarnings("ignore")  # the label-free stopper's flags are warnings with action="warn"
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)  # no per-run banners, no stopper reports: the table has them
     start = time.perf_counter()
+    if args.small_sets:
+        small_sets(args.seeds, args.epochs)
+        print(f"Done in {time.perf_counter() - start:.0f} s.")
+        return
     print(f"{args.seeds} seeds, {args.epochs} epochs, {args.train} training and {args.val} validation samples")
     print(" | ".join(f"{name:<{width}}" for name, width in COLUMNS_SHOWN).rstrip())
     for scenario in SCENARIOS:

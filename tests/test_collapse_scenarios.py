@@ -2,7 +2,9 @@
 
 The example trains each planted truth with a label-free stopper and a ``labels=`` one side by side, both
 ``action="warn"``; these tests run the rows that tell the two apart and check that a warn stop is where
-``action="stop"`` ends the run, and that the probe's score is the probe of the validation images themselves.
+``action="stop"`` ends the run, and that the probe's score is the probe of the training and validation images
+themselves. The small-set rows: on 40 validation samples beside 1000 training ones a collapse is still confirmed and a
+pure-noise table still shown uninformative, for class, multi-label and survival labels.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ EPOCHS = 8
 pytestmark = pytest.mark.filterwarnings("ignore:Modality '(image|table)' collapsed:UserWarning")
 
 
-def validation_split(scenario, seed: int = 0):
-    """The validation split ``scenarios.run`` builds for ``seed``: the samples the probe sees."""
+def splits(scenario, seed: int = 0, num_train: int = 800, num_val: int = 400):
+    """The training and validation splits ``scenarios.run`` builds for ``seed``: the samples the probe sees."""
     generator = torch.Generator().manual_seed(100 + seed)
     templates = torch.randn(scenarios.NUM_CLASSES, scenarios.PIXELS, generator=generator)
-    return scenarios.PlantedData(scenario, scenario.val_split, 400, templates, seed=2000 + seed)
+    train = scenarios.PlantedData(scenario, "train", num_train, templates, seed=1000 + seed)
+    return train, scenarios.PlantedData(scenario, scenario.val_split, num_val, templates, seed=2000 + seed)
 
 
 def test_a_planted_collapse_stops_both_stoppers_and_the_probe_confirms_it_on_the_validation_images() -> None:
@@ -34,9 +37,10 @@ def test_a_planted_collapse_stops_both_stoppers_and_the_probe_confirms_it_on_the
     for verdict in (warned.label_free, warned.with_labels):
         assert (verdict.stop, verdict.modality, verdict.uninformative) == (3, "image", [])  # warm-up 2 + patience 2
     assert warned.lowest_share["image"] < 0.05
-    val = validation_split(scenario)
-    assert_same_numbers(warned.with_labels.probe, linear_probe(val.images, val.labels).score)
-    assert warned.with_labels.probe > 0.5  # four classes: chance 0.25
+    train, val = splits(scenario)
+    expected = linear_probe(val.images, val.labels, train_features=train.images, train_labels=train.labels)
+    assert_same_numbers(warned.with_labels.probe, expected.score)  # the epoch's training rows and the validation rows
+    assert warned.with_labels.probe > 0.5 and warned.with_labels.verdict == "informative"  # four classes: chance 0.25
     assert warned.epochs_run == EPOCHS
 
     stopped = scenarios.run(scenario, seed=0, epochs=EPOCHS, action="stop")  # the same training, ended at the stop
@@ -49,9 +53,12 @@ def test_a_pure_noise_table_stops_only_the_label_free_stopper() -> None:
     result = scenarios.run(scenario, seed=0, epochs=EPOCHS)
     assert (result.label_free.stop, result.label_free.modality) == (3, "table")
     assert (result.with_labels.stop, result.with_labels.uninformative) == (None, ["table"])
-    val = validation_split(scenario)
-    assert_same_numbers(result.with_labels.probe, linear_probe(val.tables["noise"], val.labels).score)
-    assert abs(result.with_labels.probe - 0.25) < 0.07  # balanced accuracy at chance for four classes
+    train, val = splits(scenario)
+    expected = linear_probe(
+        val.tables["noise"], val.labels, train_features=train.tables["noise"], train_labels=train.labels
+    )
+    assert_same_numbers(result.with_labels.probe, expected.score)
+    assert abs(result.with_labels.probe - 0.25) < 0.03 and result.with_labels.verdict == "uninformative"
     assert result.alone["table"] < 0.32  # the fusion head on the table alone is at chance too
 
 
@@ -62,3 +69,20 @@ def test_a_train_only_shortcut_is_missed_on_the_validation_set_and_caught_on_a_t
     caught = scenarios.run(ROWS["on a training slice"], seed=0, epochs=EPOCHS)
     assert (caught.with_labels.stop, caught.with_labels.modality) == (3, "image")
     assert caught.lowest_share["image"] < 0.05
+
+
+@pytest.mark.parametrize("name", ["collapse from epoch 0", "multi-label collapse", "survival collapse"])
+def test_on_40_validation_samples_a_collapse_is_confirmed_for_every_label_kind(name) -> None:
+    scenario = {scenario.name: scenario for scenario in scenarios.SMALL_SET_SCENARIOS}[name]
+    result = scenarios.run(scenario, seed=0, epochs=6, num_train=scenarios.SMALL_SET_TRAIN, num_val=40)
+    verdict = result.with_labels
+    assert (verdict.modality, verdict.verdict) == ("image", "informative") and verdict.stop in (3, 4, 5)
+    assert verdict.honest and result.lowest_share["image"] < scenarios.STOPPER["min_share"]
+
+
+def test_on_40_validation_samples_a_pure_noise_table_is_shown_uninformative_and_not_stopped_on() -> None:
+    result = scenarios.run(ROWS["pure-noise table"], seed=0, epochs=5, num_train=scenarios.SMALL_SET_TRAIN, num_val=40)
+    assert (result.label_free.stop, result.label_free.modality) == (3, "table")
+    verdict = result.with_labels
+    assert (verdict.stop, verdict.uninformative, verdict.verdict) == (None, ["table"], "uninformative")
+    assert verdict.honest
