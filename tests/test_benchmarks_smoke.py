@@ -218,3 +218,14 @@ def test_p10_small_sets_runs_and_the_table_copies_build_no_ct_rows(tmp_path) -> 
     memory = next(row for row in results["summary"] if row["measure"].startswith("bytes allocated"))
     saved = memory["allocated_mib"]["copied"] - memory["allocated_mib"]["not_copied"]
     assert saved == pytest.approx(10 * 8 * 24**3 * 4 / 2**20, rel=0.01)  # the 80 CT rows of the 10 table copies
+
+
+def test_p11_probe_cost_runs_and_the_reservoir_keeps_the_gathered_rows(tmp_path) -> None:
+    threads = str(torch.get_num_threads())
+    assert main(["--quick", "--only", "P11", "--threads", threads, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "quick-P11.json").read_text())
+    [row] = [row for row in results["summary"] if row["id"] == "P11"]
+    assert row["measure"] == "gathering ÷ training step" and 0 < row["median"] < 1
+    [table] = [table for table in results["tables"] if table["title"].startswith("P11")]
+    assert [cells[0].split(":")[0] for cells in table["rows"]] == ["demo", "small set"]
+    assert all(cells[1].endswith(" ms") for cells in table["rows"])
