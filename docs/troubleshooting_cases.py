@@ -190,9 +190,25 @@ def _validate_unmeasured() -> None:
     trainer.validate(_Net(), _tuple_loader(), verbose=False)
 
 
-def _labels_not_classes() -> None:
-    stopper = CollapseEarlyStopping(min_share=0.99, patience=1, labels=lambda batch: batch[0][:, 0])
-    _fit([ModalityContributionMonitor({"a": 0, "b": 1}), stopper])
+def _labels(labels: Any, label_kind: str = "auto", val: int = 6, **options: Any) -> Callable[[], None]:
+    """A fit whose stopper reads ``labels`` on ``val`` validation samples (problems: at the first training batch)."""
+
+    def fit() -> None:
+        torch.manual_seed(0)
+        stopper = CollapseEarlyStopping(min_share=0.99, patience=1, labels=labels, label_kind=label_kind, **options)
+        _fit([ModalityContributionMonitor({"a": 0, "b": 1}, occlusion="zeros"), stopper], val=_tuple_loader(val))
+
+    return fit
+
+
+def first_three(batch: Any) -> Tensor:
+    """Labels of the wrong length."""
+    return batch[2][:3]
+
+
+def sign_of_a(batch: Any) -> Tensor:
+    """Two classes, by the sign of ``a``'s first column."""
+    return (batch[0][:, 0] > 0).long()
 
 
 #: ``case id -> trigger``; each raises (or warns) the message the page quotes for that case.
@@ -220,7 +236,15 @@ CASES: dict[str, Callable[[], Any]] = {
     "min_share": lambda: CollapseEarlyStopping(min_share=10),
     "action": lambda: CollapseEarlyStopping(action="pause"),
     "stopper_labels": lambda: CollapseEarlyStopping(labels=2.5),
-    "labels_not_classes": _labels_not_classes,
+    # at the first training batch
+    "labels_out_of_range": _labels(5),
+    "labels_wrong_length": _labels(first_three),
+    "labels_auto_ambiguous": _labels(lambda batch: batch[2] + 40),
+    "labels_kind_mismatch": _labels(2, "survival"),
+    "labels_not_classes": _labels(lambda batch: batch[0][:, 0], "classes"),
+    # at the check: the labels are the sign of a; b is noise, on too few samples to show it
+    "probe_informative": _labels(sign_of_a, val=30, action="warn"),
+    "probe_undecided": _labels(sign_of_a, val=30, action="warn"),
     # at setup, with a trainer
     "same_monitor_twice": lambda: _fit(
         [ModalityContributionMonitor({"a": 0, "b": 1}), ModalityContributionMonitor({"a": 0, "b": 1})]
@@ -339,6 +363,8 @@ PICK = {
     "stopper_nan": "CollapseEarlyStopping",
     "empty_loader": "measured no batch",
     "validate_unmeasured": "does not measure trainer.validate()",
+    "probe_informative": "Modality 'a' collapsed",
+    "probe_undecided": "Modality 'b' collapsed",
 }
 
 #: Warnings of other libraries that some triggers also raise (Lightning's tips); not part of the page.
