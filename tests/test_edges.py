@@ -40,3 +40,76 @@ def test_two_names_for_one_batch_item_are_refused_before_any_batch(forward_fn) -
             Modality("b", getter=lambda b: b[0][:, 2:], setter=lambda b, v: b),
         ]
     )
+
+
+# ---------------------------------------------------------------------------------- the model's floating dtype kept
+
+
+class _Float64Logit(torch.nn.Module):
+    """``[2 + 3e-6·a + 2e-6·b, 0]`` in float64: the occlusions move a probability by ~1e-6, near float32's step."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        logit = 2.0 + 3e-6 * a + 2e-6 * b
+        return torch.cat([logit, torch.zeros_like(logit)], dim=1)
+
+
+def _by_hand_share_a(a: torch.Tensor, b: torch.Tensor, transform) -> float:
+    """Algorithm 1 in float64 with the zeros fill: Σ|p⁰ − p_a| / (Σ|p⁰ − p_a| + Σ|p⁰ − p_b|)."""
+    model = _Float64Logit()
+    clean = transform(model(a, b))
+    moved_a = (clean - transform(model(torch.zeros_like(a), b))).abs().sum()
+    moved_b = (clean - transform(model(a, torch.zeros_like(b)))).abs().sum()
+    return float(moved_a / (moved_a + moved_b))
+
+
+@pytest.mark.parametrize(
+    ("output_transform", "transform"),
+    [
+        ("sigmoid", torch.sigmoid),
+        ("softmax", lambda x: x.softmax(dim=-1)),
+        ("log_softmax", lambda x: x.log_softmax(dim=-1)),
+        (torch.sigmoid, torch.sigmoid),
+        (None, lambda x: x),
+    ],
+    ids=["sigmoid", "softmax", "log_softmax", "callable", "none"],
+)
+@pytest.mark.parametrize("normalization", ["ratio_of_sums", "per_sample"])
+def test_a_float64_model_keeps_float64_through_the_transform_the_differences_and_the_sums(
+    output_transform, transform, normalization
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(32, 1, generator=generator, dtype=torch.float64) for _ in range(2))
+    result = modality_contribution(
+        _Float64Logit(), [{"a": a, "b": b}], {"a": "a", "b": "b"}, occlusion="zeros",
+        output_transform=output_transform, normalization=normalization,
+    )  # fmt: skip
+    if normalization == "ratio_of_sums":
+        expected = _by_hand_share_a(a, b, transform)
+    else:  # the mean of each sample's share
+        model = _Float64Logit()
+        clean = transform(model(a, b))
+        moved_a = (clean - transform(model(torch.zeros_like(a), b))).abs().sum(1)
+        moved_b = (clean - transform(model(a, torch.zeros_like(b)))).abs().sum(1)
+        expected = float((moved_a / (moved_a + moved_b)).mean())
+    assert result.shares["a"] == pytest.approx(expected, rel=1e-9)
+    # the same computation in float32 is off by far more than 1e-9: the test would catch a float32 step anywhere
+    a32, b32 = a.float(), b.float()
+    float32 = modality_contribution(
+        _Float64Logit(), [{"a": a32, "b": b32}], {"a": "a", "b": "b"}, occlusion="zeros",
+        output_transform=output_transform, normalization=normalization,
+    )  # fmt: skip
+    assert abs(float32.shares["a"] - expected) > 1e-4
+
+
+@pytest.mark.parametrize("output_transform", ["sigmoid", "softmax", "log_softmax", "softmax:1", None])
+def test_outputs_are_read_in_full_precision_half_precision_in_float32(output_transform) -> None:
+    from lightning_mc.core.metric import absolute_differences
+    from lightning_mc.core.outputs import OutputReader
+
+    reader = OutputReader(output_key=None, output_transform=output_transform)
+    float64 = reader.transform(torch.zeros(2, 3, dtype=torch.float64), rows=2)
+    bf16 = reader.transform(torch.zeros(2, 3, dtype=torch.bfloat16), rows=2)
+    assert float64.dtype == torch.float64
+    assert bf16.dtype == (torch.bfloat16 if output_transform is None else torch.float32)  # None: the model's own
+    assert absolute_differences(bf16, bf16.unsqueeze(1)).dtype == torch.float32
+    assert absolute_differences(float64, float64.unsqueeze(1)).dtype == torch.float64

@@ -11,6 +11,9 @@ language-model heads); a bare ``"softmax"`` there is refused at the first batch,
 compares log-probabilities, which stay apart where float32 probabilities saturate to exactly 0 and 1. ``"sigmoid"`` is
 element-wise and fits any shape.
 
+Every named transform and every difference works in the outputs' full precision (:func:`full_precision`): a float64
+model keeps float64, half-precision outputs (bf16, fp16) are computed in float32.
+
 Example:
     >>> import torch
     >>> select_prediction({"logits": torch.zeros(2, 3), "loss": torch.tensor(1.0)}, "logits").shape
@@ -26,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args
 
+import torch
 from torch import Tensor
 from torchmetrics.utilities import rank_zero_warn
 
@@ -40,6 +44,32 @@ OutputTransform = Union[
 OUTPUT_TRANSFORMS: tuple[str, ...] = get_args(get_args(OutputTransform)[0])
 #: The named transforms that give probabilities (the ones that can saturate to exactly 0 and 1).
 PROBABILITY_TRANSFORMS: tuple[str, ...] = ("softmax", "softmax:1", "softmax:-1", "sigmoid")
+
+
+def full_precision_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype outputs of ``dtypes`` are compared in: float64 if any is float64, else float32.
+
+    Example:
+        >>> full_precision_dtype(torch.bfloat16), full_precision_dtype(torch.float32, torch.float64)
+        (torch.float32, torch.float64)
+    """
+    dtype = torch.float32
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return dtype
+
+
+def full_precision(tensor: Tensor) -> Tensor:
+    """``tensor`` in the precision outputs are compared in: float64 stays float64, anything less becomes float32.
+
+    The one rule for every named output transform and every difference of outputs: half precision (bf16, fp16) and
+    integer outputs are promoted to float32, float32 and float64 are kept (no copy).
+
+    Example:
+        >>> full_precision(torch.zeros(1, dtype=torch.bfloat16)).dtype, full_precision(torch.zeros(1).double()).dtype
+        (torch.float32, torch.float64)
+    """
+    return tensor.to(full_precision_dtype(tensor.dtype))
 
 
 def check_output_key(output_key: str | None) -> None:
@@ -99,7 +129,7 @@ def _identity(outputs: Tensor) -> Tensor:
 
 
 def _sigmoid(outputs: Tensor) -> Tensor:
-    return outputs.float().sigmoid()
+    return full_precision(outputs).sigmoid()
 
 
 class _OverClasses:
@@ -124,7 +154,7 @@ class _OverClasses:
                 f"output_transform='{self.name}:{dim}' on outputs of shape {tuple(outputs.shape)}: dimension {dim} "
                 "is not a class dimension (dimension 0 holds the samples)."
             )
-        outputs = outputs.float()
+        outputs = full_precision(outputs)
         return outputs.log_softmax(dim=dim) if self.name == "log_softmax" else outputs.softmax(dim=dim)
 
     def classes(self, shape: tuple[int, ...]) -> int | None:
