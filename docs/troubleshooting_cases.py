@@ -315,6 +315,9 @@ CASES: dict[str, Callable[[], Any]] = {
     "saturated": lambda: modality_contribution(
         _Confident(), [_batch()], {"a": "a", "b": "b"}, output_transform="softmax"
     ),
+    "tolerance_unmet": lambda: modality_contribution(
+        _OneOutput(), [_batch(60)], {"a": "a", "b": "b"}, occlusion="zeros", tolerance=0.01
+    ),
     "redundant": _redundant,
     "stopper_nan": _stopper_sees_nan,
     "validate_unmeasured": _validate_unmeasured,

@@ -4,12 +4,13 @@ the argument and the fix (issue 37).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
-from lightning_mc import Modality, ModalityContributionMonitor
+from lightning_mc import ContributionMeasurement, Modality, ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
 
 from helpers import LinearSum
@@ -113,3 +114,68 @@ def test_outputs_are_read_in_full_precision_half_precision_in_float32(output_tra
     assert bf16.dtype == (torch.bfloat16 if output_transform is None else torch.float32)  # None: the model's own
     assert absolute_differences(bf16, bf16.unsqueeze(1)).dtype == torch.float32
     assert absolute_differences(float64, float64.unsqueeze(1)).dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------ tolerance not reached
+
+
+class _Sum1(torch.nn.Module):
+    """``a + b`` (one output each): with the zeros fill sample ``n`` moves by ``|a_n|`` and ``|b_n|``."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+def _sum_batches(samples: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(samples, 1, generator=generator), 2 * torch.randn(samples, 1, generator=generator)
+    return [{"a": a[start : start + 20], "b": b[start : start + 20]} for start in range(0, samples, 20)]
+
+
+def _by_hand_half_width(batches: list[dict[str, torch.Tensor]]) -> float:
+    """The delta-method 95% half-width of share a = Σ|a| / Σ(|a| + |b|), worked out in float64."""
+    d = torch.cat([batch["a"] for batch in batches]).double().abs().flatten()
+    t = d + torch.cat([batch["b"] for batch in batches]).double().abs().flatten()
+    share = d.sum() / t.sum()
+    residual = d - share * t
+    return float(1.959963984540054 * (residual.var() / len(d)).sqrt() / t.mean())
+
+
+def test_a_tolerance_not_reached_warns_once_with_the_half_width_and_the_samples_it_would_take() -> None:
+    batches = _sum_batches(100, seed=0)
+    half_width = _by_hand_half_width(batches)
+    needed = math.ceil(100 * (half_width / 0.02) ** 2)
+    measurement = ContributionMeasurement({"a": "a", "b": "b"}, occlusion="zeros", tolerance=0.02)
+    results = []
+
+    def measure() -> None:
+        measurement.reset()
+        for batch in batches:
+            measurement.update(_Sum1(), batch)
+        results.append(measurement.compute())
+
+    first, second = _caught(measure), _caught(measure)  # two measurements with one object: one warning
+    assert results[0].share_half_width["a"] == pytest.approx(half_width, rel=1e-6)  # float32 outputs
+    assert [message for message in first if "was not reached" in message] == [
+        f"tolerance=0.02 was not reached: the widest 95% half-width of the shares is {half_width:.3g} ('a') after "
+        f"100 samples; about {needed} samples would reach it (a half-width shrinks as 1/√samples). Measure more "
+        "samples (a larger limit_batches or a larger validation set), or pass a larger tolerance; "
+        "result.share_half_width holds the half-widths."
+    ]
+    assert not [message for message in second if "was not reached" in message]
+    # the estimate is right: that many samples of the same data reach about the tolerance
+    assert _by_hand_half_width(_sum_batches(needed, seed=1)) == pytest.approx(0.02, rel=0.15)
+    # reached: nothing said
+    reached = _sum_batches(2 * needed, seed=2)
+    run = lambda: modality_contribution(_Sum1(), reached, {"a": "a", "b": "b"}, occlusion="zeros", tolerance=0.02)  # noqa: E731
+    assert not [message for message in _caught(run) if "was not reached" in message]
+
+
+def test_a_tolerance_on_fewer_than_50_samples_says_none_was_computed() -> None:
+    few = _sum_batches(40, seed=0)
+    run = lambda: modality_contribution(_Sum1(), few, {"a": "a", "b": "b"}, occlusion="zeros", tolerance=0.3)  # noqa: E731
+    assert [message for message in _caught(run) if "was not reached" in message] == [
+        "tolerance=0.3 was not reached: fewer than 50 samples were measured (40), too few for a half-width; at least "
+        "50 samples are needed before one is computed. Measure more samples (a larger limit_batches or a larger "
+        "validation set), or pass a larger tolerance; result.share_half_width holds the half-widths."
+    ]
