@@ -179,3 +179,34 @@ def test_a_tolerance_on_fewer_than_50_samples_says_none_was_computed() -> None:
         "50 samples are needed before one is computed. Measure more samples (a larger limit_batches or a larger "
         "validation set), or pass a larger tolerance; result.share_half_width holds the half-widths."
     ]
+
+
+# ------------------------------------------------------------------------------ NaN in an input, the "mean" fill
+
+
+class _Imputes(torch.nn.Module):
+    """``Σ_j w_j · nan_to_num(a)_j + Σ_j b_j``: missing table values (NaN) are read as 0."""
+
+    weights = (1.0, -2.0, 0.5, 3.0)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (torch.nan_to_num(a) * torch.tensor(self.weights)).sum(1, keepdim=True) + b.sum(1, keepdim=True)
+
+
+def test_the_mean_fill_skips_nan_entries_as_a_nan_aware_mean() -> None:
+    a = torch.tensor([[1.0, float("nan"), 3.0, -1.0], [2.0, 2.0, float("nan"), float("nan")], [0.5, 1.5, -2.0, 4.0]])
+    b = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 1.0]])
+    result = modality_contribution(_Imputes(), [{"a": a, "b": b}], {"a": "a", "b": "b"}, occlusion="mean")
+    # by hand: each sample's fill is the mean of its non-NaN entries
+    moved_a, moved_b = [], []
+    for row_a, row_b in zip(a.tolist(), b.tolist()):
+        present = [x for x in row_a if x == x]
+        fill_a, fill_b = sum(present) / len(present), sum(row_b) / len(row_b)
+        clean = sum(w * (x if x == x else 0.0) for w, x in zip(_Imputes.weights, row_a)) + sum(row_b)
+        moved_a.append(abs(clean - (sum(w * fill_a for w in _Imputes.weights) + sum(row_b))))
+        read_a = sum(w * (x if x == x else 0.0) for w, x in zip(_Imputes.weights, row_a))
+        moved_b.append(abs(clean - (read_a + 2 * fill_b)))
+    assert result.raw["a"] == pytest.approx(sum(moved_a) / 3, rel=1e-6)
+    assert result.raw["b"] == pytest.approx(sum(moved_b) / 3, rel=1e-6)
+    assert result.shares["a"] == pytest.approx(sum(moved_a) / (sum(moved_a) + sum(moved_b)), rel=1e-6)
+    assert result.num_skipped == 0
