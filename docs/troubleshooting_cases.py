@@ -56,6 +56,20 @@ class _Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class _ReturnsProbabilities(_Net):
+    """A validation step that returns the softmax of the logits (what ``reuse_outputs`` must not be given)."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self(batch[0], batch[1]).softmax(dim=1)
+
+
+class _ReturnsOther(_Net):
+    """A validation step that returns other logits than the model's forward call (here doubled)."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return 2.0 * self(batch[0], batch[1])
+
+
 def _batch(n: int = 6) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {"a": torch.randn(n, 4, generator=generator), "b": torch.randn(n, 3, generator=generator)}
@@ -242,6 +256,13 @@ CASES: dict[str, Callable[[], Any]] = {
     ),
     "stopper_unknown_modality": lambda: _fit(
         [ModalityContributionMonitor({"a": 0, "b": 1}), CollapseEarlyStopping(modalities=["image"])]
+    ),
+    "reuse_probabilities": lambda: _fit(
+        [ModalityContributionMonitor({"a": 0, "b": 1}, output_transform="softmax", reuse_outputs=True)],
+        model=_ReturnsProbabilities(),
+    ),
+    "reuse_other": lambda: _fit(
+        [ModalityContributionMonitor({"a": 0, "b": 1}, reuse_outputs=True)], model=_ReturnsOther()
     ),
     "dataloader_idx": lambda: _fit([ModalityContributionMonitor({"a": 0, "b": 1}, dataloader_idx=2)]),
     # during a check: the _batch

@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 import warnings
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mc import ContributionMeasurement, Modality, ModalityContributionMonitor
 from lightning_mc.functional import modality_contribution
@@ -210,3 +212,81 @@ def test_the_mean_fill_skips_nan_entries_as_a_nan_aware_mean() -> None:
     assert result.raw["b"] == pytest.approx(sum(moved_b) / 3, rel=1e-6)
     assert result.shares["a"] == pytest.approx(sum(moved_a) / (sum(moved_a) + sum(moved_b)), rel=1e-6)
     assert result.num_skipped == 0
+
+
+# -------------------------------------------------------------------------- reused outputs on the model's scale
+
+
+class _Returns(L.LightningModule):
+    """``A·a + B·b`` (3 logits, fixed weights); ``validation_step`` returns the logits or their softmax."""
+
+    def __init__(self, returns: str) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(4, 3, generator=generator))
+        self.b = torch.nn.Parameter(0.5 * torch.randn(2, 3, generator=generator))
+        self.returns = returns
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ self.a + b @ self.b
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0], batch[1]).sum() * 0.0
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0], batch[1])
+        return logits if self.returns == "logits" else logits.softmax(dim=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _returns_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    return DataLoader(
+        TensorDataset(torch.randn(24, 4, generator=generator), torch.randn(24, 2, generator=generator)), 8
+    )
+
+
+def _fit_reusing(model: L.LightningModule, tmp_path) -> ModalityContributionMonitor:
+    monitor = ModalityContributionMonitor(
+        {"a": 0, "b": 1}, occlusion="zeros", output_transform="softmax", reuse_outputs=True
+    )
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, _returns_loader(), _returns_loader())
+    return monitor
+
+
+def test_reused_outputs_that_are_probabilities_are_refused_and_logits_give_the_hand_computed_shares(tmp_path) -> None:
+    with pytest.raises(ValueError) as refused:
+        _fit_reusing(_Returns("probabilities"), tmp_path)
+    assert str(refused.value) == (
+        "reuse_outputs=True: validation_step returns the model's outputs after output_transform='softmax' (they equal "
+        "the transformed output of the model's own forward call on this batch), and the measurement applies the "
+        "transform to the clean outputs again while the occluded copies get it once. Return the model's prediction "
+        "before the transform from validation_step (e.g. the logits, with the probabilities computed from them "
+        "elsewhere), or set reuse_outputs=False."
+    )
+    monitor = _fit_reusing(_Returns("logits"), tmp_path)
+    # by hand: Algorithm 1 on the softmax of A·a + B·b, zeros fill
+    model = _Returns("logits")
+    a, b = (torch.cat(parts) for parts in zip(*_returns_loader()))
+    with torch.no_grad():
+        clean = model(a, b).softmax(1)
+        moved_a = (clean - model(torch.zeros_like(a), b).softmax(1)).abs().sum()
+        moved_b = (clean - model(a, torch.zeros_like(b)).softmax(1)).abs().sum()
+    assert monitor.latest.shares["a"] == pytest.approx(float(moved_a / (moved_a + moved_b)), rel=1e-5)
+
+
+def test_reused_logits_of_another_computation_are_refused_naming_the_gap(tmp_path) -> None:
+    class Shifted(_Returns):
+        def validation_step(self, batch, batch_idx):
+            return super().validation_step(batch, batch_idx) * 2.0
+
+    with pytest.raises(ValueError, match=r"reuse_outputs=True: the prediction validation_step returns differs from the "
+                       r"model's own output on this batch \(forward_fn and output_key, before "
+                       r"output_transform='softmax'\) by 1 \(relative\)"):  # fmt: skip
+        _fit_reusing(Shifted("logits"), tmp_path)

@@ -201,6 +201,7 @@ class ModalityContributionMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.measurement.check_encoders_again()  # once per fit: the model (or its wrapping) may differ
+        self._reuse.check_again()  # the reused prediction is compared with the model's own once per fit
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
