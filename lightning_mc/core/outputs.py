@@ -31,7 +31,6 @@ from typing import Any, Literal, Union, get_args
 
 import torch
 from torch import Tensor
-from torchmetrics.utilities import rank_zero_warn
 
 from lightning_mc.core.occlusion import plain_tensor
 
@@ -208,7 +207,6 @@ class OutputReader:
         self.output_key = output_key
         self.output_transform = output_transform
         self._transform = resolve_output_transform(output_transform)
-        self._warned_single_output_softmax = False
 
     def read(self, output: Any, rows: int) -> Tensor:
         """The prediction in ``output`` (what ``forward_fn`` returned for ``rows`` samples), transformed."""
@@ -219,7 +217,8 @@ class OutputReader:
 
         Raises:
             TypeError: If ``output`` is not a tensor.
-            ValueError: If ``output`` does not hold ``rows`` samples along dimension 0.
+            ValueError: If ``output`` does not hold ``rows`` samples along dimension 0, or a softmax would run over a
+                single class (always 1).
         """
         if not isinstance(output, Tensor):
             where = "The model returned" if self.output_key is None else f"output_key={self.output_key!r} selected"
@@ -232,18 +231,16 @@ class OutputReader:
                 f"The model output has shape {tuple(output.shape)} for an input of {rows} samples; expected the "
                 "samples along dimension 0. Use `forward_fn` to return per-sample outputs."
             )
-        output = plain_tensor(output)  # a MetaTensor output would slice by sample metadata
+        output, shape = plain_tensor(output), output.shape  # a MetaTensor output would slice by sample metadata
         if output.ndim == 1:  # one output per sample
             output = output.unsqueeze(1)
-        over_classes = isinstance(self._transform, _OverClasses)
-        single = over_classes and self._transform.classes(tuple(output.shape)) == 1
-        if single and not self._warned_single_output_softmax:
-            self._warned_single_output_softmax = True
-            rank_zero_warn(
-                f"output_transform={self.output_transform!r} on a model with 1 output: the softmax of one logit is "
-                "always 1, so every share will be NaN. Use output_transform='sigmoid' for a binary model with a single "
-                "logit.",
-                UserWarning,
+        if isinstance(self._transform, _OverClasses) and self._transform.classes(tuple(output.shape)) == 1:
+            name = self._transform.name
+            raise ValueError(
+                f"output_transform={self.output_transform!r} on outputs of shape {tuple(shape)}: one class, and the "
+                f"{name} of one logit is always {1 if name == 'softmax' else 0}, so no occlusion could move it (every "
+                "share would be NaN). Use output_transform='sigmoid' for a binary model with a single logit, or None "
+                "for a regression output."
             )
         transformed = self._transform(output)
         if not isinstance(transformed, Tensor) or transformed.shape[0] != rows:
