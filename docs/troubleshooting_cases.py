@@ -16,7 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mc import CollapseEarlyStopping, ContributionMeasurement, Modality, ModalityContributionMonitor
+from lightning_mc import (
+    CollapseEarlyStopping,
+    ContributionMeasurement,
+    Modality,
+    ModalityBalancer,
+    ModalityContributionMonitor,
+)
 from lightning_mc.functional import modality_contribution, modality_shapley
 from lightning_mc.masks import ColumnGroups, Columns, Tokens
 
@@ -192,6 +198,24 @@ def _stopper_sees_nan() -> None:
     _fit([monitor, CollapseEarlyStopping(min_share=0.1)], model=_Net(zero=True))
 
 
+class _NanWhenEvaluated(_Net):
+    """Trains as ``_Net`` and gives NaN outputs in eval mode (a model that diverged, as validation sees it)."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        out = self.model(a, b)
+        return out if self.training else out * float("nan")
+
+
+def _stopper_sees_nan_outputs() -> None:
+    monitor = ModalityContributionMonitor({"a": 0, "b": 1})
+    _fit([monitor, CollapseEarlyStopping(min_share=0.1)], model=_NanWhenEvaluated())
+
+
+def _balancer_sees_nan() -> None:
+    monitor = ModalityContributionMonitor({"a": 0, "b": 1})
+    _fit([monitor, ModalityBalancer({"a": "model.a", "b": "model.b"}, min_share=None)], model=_Net(zero=True))
+
+
 def _validate_unmeasured() -> None:
     trainer = L.Trainer(
         callbacks=[ModalityContributionMonitor({"a": 0, "b": 1})],
@@ -341,6 +365,8 @@ CASES: dict[str, Callable[[], Any]] = {
     ),
     "redundant": _redundant,
     "stopper_nan": _stopper_sees_nan,
+    "stopper_nan_outputs": _stopper_sees_nan_outputs,
+    "balancer_nan": _balancer_sees_nan,
     "validate_unmeasured": _validate_unmeasured,
     "empty_loader": lambda: _fit(
         [ModalityContributionMonitor({"a": 0, "b": 1}, dataloader_idx=1)],
@@ -361,6 +387,8 @@ PICK = {
     "one_sample_permute": "changed no input",
     "saturated": "saturated outputs",
     "stopper_nan": "CollapseEarlyStopping",
+    "stopper_nan_outputs": "CollapseEarlyStopping",
+    "balancer_nan": "ModalityBalancer",
     "empty_loader": "measured no batch",
     "validate_unmeasured": "does not measure trainer.validate()",
 }

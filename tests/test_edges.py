@@ -290,3 +290,53 @@ def test_reused_logits_of_another_computation_are_refused_naming_the_gap(tmp_pat
                        r"model's own output on this batch \(forward_fn and output_key, before "
                        r"output_transform='softmax'\) by 1 \(relative\)"):  # fmt: skip
         _fit_reusing(Shifted("logits"), tmp_path)
+
+
+# ------------------------------------------------------------------- NaN shares: NaN outputs or nothing moved
+
+
+class _NanWhenEvaluated(_Returns):
+    """Trains as ``_Returns`` and gives NaN outputs in eval mode (a model that diverged, seen by validation)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = super().forward(a, b)
+        return out if self.training else out * float("nan")
+
+
+class _Silent(_Returns):
+    """Outputs that ignore both inputs: no occlusion moves them."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 0.0 * super().forward(a, b) + 1.0
+
+
+@pytest.mark.parametrize(
+    ("model", "cause"),
+    [
+        (_NanWhenEvaluated, "the model gave NaN or inf outputs on every sample, so none was measured"),
+        (_Silent, "no occlusion moved any output"),
+    ],
+    ids=["nan_outputs", "nothing_moved"],
+)
+def test_a_nan_share_says_whether_the_outputs_were_nan_or_nothing_moved(model, cause, tmp_path) -> None:
+    from lightning_mc import CollapseEarlyStopping, ModalityBalancer
+
+    monitor = ModalityContributionMonitor({"a": 0, "b": 1}, occlusion="zeros")
+    stopper = CollapseEarlyStopping(min_share=0.1, patience=2)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[monitor, stopper], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    messages = _caught(lambda: trainer.fit(model("logits"), _returns_loader(), _returns_loader()))
+    assert monitor.history[0]["num_samples"] == (0 if model is _NanWhenEvaluated else 24)
+    assert (
+        f"CollapseEarlyStopping: mc/share/a, mc/share/b NaN at epoch 0 ({cause}); this check neither counts towards "
+        "patience=2 nor resets the counts (a: 0, b: 0)."
+    ) in messages
+    balancer = ModalityBalancer({"a": "a", "b": "b"}, min_share=None, dropout=0.0)
+    balanced = _caught(lambda: balancer._update(monitor.history[0]))  # what the balancer reads of a check
+    assert balanced == [
+        f"ModalityBalancer: a mc/share is NaN at epoch 0 ({cause}); the balancer stays released and the coefficients "
+        "stay as they are ({'a': 1.0, 'b': 1.0})."
+    ]
