@@ -111,6 +111,11 @@ def as_double(value: Tensor) -> Tensor:
     return value.double()
 
 
+def _with_features(model: nn.Module, data: Any) -> tuple[Tensor, Tensor]:
+    """A ``forward_fn`` that returns ``(logits, features)``, as a model with ``return_dict=False`` does."""
+    return model(data["a"], data["b"]), data["a"]
+
+
 def reject_zeros(model: nn.Module, data: Any) -> Tensor:
     """A ``forward_fn`` that fails on the copy with ``b`` occluded."""
     if (data["b"] == 0).all():
@@ -302,6 +307,10 @@ CASES: dict[str, Callable[[], Any]] = {
     # during a check: the model's output
     "output_dict": lambda: modality_contribution(
         _Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=lambda model, data: {"logits": model(data["a"], data["b"])}
+    ),
+    "output_tuple": lambda: modality_contribution(_Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=_with_features),
+    "output_name_on_tuple": lambda: modality_contribution(
+        _Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=_with_features, output_key="logits"
     ),
     "output_key": lambda: modality_contribution(
         _Sum(),

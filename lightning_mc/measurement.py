@@ -33,7 +33,7 @@ from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
-from lightning_mc.core.outputs import OutputTransform
+from lightning_mc.core.outputs import OutputKey, OutputTransform
 from lightning_mc.core.replay import Recording
 from lightning_mc.core.result import ContributionResult
 
@@ -107,7 +107,7 @@ class ContributionMeasurement:
         modalities: ModalitiesSpec,
         *,
         forward_fn: ForwardFn | None = None,
-        output_key: str | None = None,
+        output_key: OutputKey = None,
         output_transform: OutputTransform = None,
         occlusion: FillSpec = "mean",
         normalization: Normalization = "ratio_of_sums",

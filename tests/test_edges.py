@@ -340,3 +340,39 @@ def test_a_nan_share_says_whether_the_outputs_were_nan_or_nothing_moved(model, c
         f"ModalityBalancer: a mc/share is NaN at epoch 0 ({cause}); the balancer stays released and the coefficients "
         "stay as they are ({'a': 1.0, 'b': 1.0})."
     ]
+
+
+# --------------------------------------------------------------------------------- a tuple output and output_key
+
+
+class _TupleOut(torch.nn.Module):
+    """Returns ``(logits, features)``, as a Hugging Face model with ``return_dict=False`` does."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.cat([a.sum(1, keepdim=True), 2.0 * b.sum(1, keepdim=True)], dim=1)
+        return logits, torch.ones(a.shape[0], 5)
+
+
+def test_a_tuple_output_is_read_by_index_and_its_messages_say_so() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batch = {"a": torch.randn(8, 3, generator=generator), "b": torch.randn(8, 2, generator=generator)}
+    modalities = {"a": "a", "b": "b"}
+    with pytest.raises(TypeError) as no_key:
+        modality_contribution(_TupleOut(), [batch], modalities)
+    assert str(no_key.value) == (
+        "The model returned a tuple of 2 items, not a tensor. Name the prediction tensor by its index with output_key "
+        "(e.g. output_key=0 for the first item) or pass a forward_fn that returns it."
+    )
+    with pytest.raises(KeyError) as named:
+        modality_contribution(_TupleOut(), [batch], modalities, output_key="logits")
+    assert named.value.args[0] == (
+        "output_key='logits' names a key, but the model's output is a tuple of 2 items, which has none. Pass the "
+        "prediction's index instead, e.g. output_key=0 for the first item."
+    )
+    with pytest.raises(KeyError, match=r"output_key=2 is out of range: .* tuple of 2 items\. .* 0 to 1\."):
+        modality_contribution(_TupleOut(), [batch], modalities, output_key=2)
+    # output_key=0 (and -2) reads the logits: zeros fill, by hand raw_a = mean |Σa|, raw_b = mean |2 Σb|
+    for key in (0, -2):
+        result = modality_contribution(_TupleOut(), [batch], modalities, output_key=key, occlusion="zeros")
+        assert result.raw["a"] == pytest.approx(float(batch["a"].sum(1).abs().mean()), rel=1e-6)
+        assert result.raw["b"] == pytest.approx(float((2.0 * batch["b"].sum(1)).abs().mean()), rel=1e-6)

@@ -1,7 +1,9 @@
 """From what the model returns to the ``(N, C)`` outputs the metric compares: pick the prediction, apply the activation.
 
 A model may return a tensor, a dict (``{"logits": ...}``), a Hugging Face ``ModelOutput`` (a dict that also has
-attributes) or any object with the prediction as an attribute; ``output_key`` names where the prediction is.
+attributes), a tuple (``(logits, features)``, a Hugging Face model with ``return_dict=False``) or any object with the
+prediction as an attribute; ``output_key`` names where the prediction is: a key or attribute name, or an index into a
+tuple or list.
 
 The output transform receives the prediction in the model's own shape; only its result is flattened per sample. A
 softmax needs to know which dimension holds the classes: on ``(N,)`` and ``(N, C)`` outputs it is the last; on denser
@@ -71,11 +73,18 @@ def full_precision(tensor: Tensor) -> Tensor:
     return tensor.to(full_precision_dtype(tensor.dtype))
 
 
-def check_output_key(output_key: str | None) -> None:
-    """Raise a ``TypeError`` unless ``output_key`` is ``None`` or a non-empty string."""
-    if output_key is not None and (not isinstance(output_key, str) or not output_key):
+#: Where the prediction is in the model's output: a key or attribute name, an index into a tuple, or ``None``.
+OutputKey = Union[str, int, None]
+
+
+def check_output_key(output_key: OutputKey) -> None:
+    """Raise a ``TypeError`` unless ``output_key`` is ``None``, a non-empty string or an int (not a bool)."""
+    if output_key is None or (isinstance(output_key, int) and not isinstance(output_key, bool)):
+        return
+    if not isinstance(output_key, str) or not output_key:
         raise TypeError(
-            f"output_key={output_key!r} must be None or the non-empty name of the prediction, e.g. 'logits'."
+            f"output_key={output_key!r} must be None, the non-empty name of the prediction (e.g. 'logits') or its "
+            "index in a tuple output (e.g. 0)."
         )
 
 
@@ -95,26 +104,40 @@ def available_keys(output: Any) -> list[str]:
     return [name for name in vars(output) if not name.startswith("_")]
 
 
-def select_prediction(output: Any, output_key: str | None) -> Any:
-    """The prediction in ``output``: ``output[output_key]`` for a mapping, else ``getattr(output, output_key)``.
+def select_prediction(output: Any, output_key: OutputKey) -> Any:
+    """The prediction in ``output``: ``output[output_key]`` for a mapping or an index, else an attribute.
 
-    ``output_key=None`` returns ``output`` unchanged (the model returns the prediction itself).
+    ``output_key=None`` returns ``output`` unchanged (the model returns the prediction itself); an int indexes a tuple
+    or list (``(logits, features)``: ``output_key=0``).
 
     Raises:
-        KeyError: If ``output`` has no ``output_key``; the message lists the keys (or attributes) it has.
+        KeyError: If ``output`` has no ``output_key``; the message lists the keys (or attributes) it has, or says
+            how many items a tuple has.
+
+    Example:
+        >>> import torch
+        >>> select_prediction((torch.zeros(2, 3), torch.ones(2, 8)), 0).shape
+        torch.Size([2, 3])
     """
     if output_key is None:
         return output
     if isinstance(output, Mapping):
         if output_key in output:
             return output[output_key]
-    elif isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+    elif isinstance(output, (tuple, list)) and (isinstance(output_key, int) or not hasattr(output, "_fields")):
+        if isinstance(output_key, int) and -len(output) <= output_key < len(output):
+            return output[output_key]
+        if isinstance(output_key, int):
+            raise KeyError(
+                f"output_key={output_key} is out of range: the model's output is a {type(output).__name__} of "
+                f"{len(output)} items. Pass the index of the prediction tensor, 0 to {len(output) - 1}."
+            )
         raise KeyError(
             f"output_key={output_key!r} names a key, but the model's output is a {type(output).__name__} of "
-            f"{len(output)} items. Pass a forward_fn that returns the prediction tensor, e.g. "
-            "forward_fn=lambda model, batch: model(...)[0], and no output_key."
+            f"{len(output)} items, which has none. Pass the prediction's index instead, e.g. output_key=0 for the "
+            "first item."
         )
-    elif hasattr(output, output_key):
+    elif isinstance(output_key, str) and hasattr(output, output_key):
         return getattr(output, output_key)
     raise KeyError(
         f"output_key={output_key!r} is not in the model's output ({type(output).__name__}); it has "
@@ -187,12 +210,12 @@ class OutputReader:
     """Turns what one forward call returns into checked ``(rows, C)`` outputs: select, flatten, transform.
 
     Args:
-        output_key: Where the prediction is in the output (see :func:`select_prediction`); ``None``: the output is the
-            prediction tensor.
+        output_key: Where the prediction is in the output, a name or a tuple index (see :func:`select_prediction`);
+            ``None``: the output is the prediction tensor.
         output_transform: ``None``, ``"softmax"`` (over the last dimension), ``"sigmoid"`` or a callable.
 
     Raises:
-        TypeError: If ``output_key`` is not ``None`` or a non-empty string.
+        TypeError: If ``output_key`` is not ``None``, a non-empty string or an int.
         ValueError: If ``output_transform`` is not one of the above.
 
     Example:
@@ -202,7 +225,7 @@ class OutputReader:
         [0.25, 0.25, 0.25, 0.25]
     """
 
-    def __init__(self, output_key: str | None, output_transform: OutputTransform) -> None:
+    def __init__(self, output_key: OutputKey, output_transform: OutputTransform) -> None:
         check_output_key(output_key)
         self.output_key = output_key
         self.output_transform = output_transform
@@ -222,6 +245,12 @@ class OutputReader:
         """
         if not isinstance(output, Tensor):
             where = "The model returned" if self.output_key is None else f"output_key={self.output_key!r} selected"
+            if self.output_key is None and isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+                raise TypeError(
+                    f"{where} a {type(output).__name__} of {len(output)} items, not a tensor. Name the prediction "
+                    "tensor by its index with output_key (e.g. output_key=0 for the first item) or pass a forward_fn "
+                    "that returns it."
+                )
             raise TypeError(
                 f"{where} a {type(output).__name__}, not a tensor. Name the prediction tensor with output_key (e.g. "
                 "output_key='logits' for a dict or a Hugging Face ModelOutput) or pass a forward_fn that returns it."
