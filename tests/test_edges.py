@@ -376,3 +376,50 @@ def test_a_tuple_output_is_read_by_index_and_its_messages_say_so() -> None:
         result = modality_contribution(_TupleOut(), [batch], modalities, output_key=key, occlusion="zeros")
         assert result.raw["a"] == pytest.approx(float(batch["a"].sum(1).abs().mean()), rel=1e-6)
         assert result.raw["b"] == pytest.approx(float((2.0 * batch["b"].sum(1)).abs().mean()), rel=1e-6)
+
+
+# --------------------------------------------------------------------- per-token outputs over dynamic padding
+
+
+class _TokenTagger(torch.nn.Module):
+    """Per-token logits ``(N, L, 2)``: an embedding of each id plus the table, as a token-classification head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 2)
+        self.table = torch.nn.Linear(3, 2)
+
+    def forward(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids) + self.table(table)[:, None, :]
+
+
+def _token_batch(length: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(length)
+    ids = torch.randint(1, 10, (4, length), generator=generator)
+    if pad_to is not None:
+        ids = torch.nn.functional.pad(ids, (0, pad_to - length), value=0)
+    return {"ids": ids, "table": torch.randn(4, 3, generator=generator)}
+
+
+def test_dynamically_padded_per_token_outputs_are_told_to_pad_to_a_fixed_length() -> None:
+    from lightning_mc.masks import Tokens
+
+    modalities = [Modality("ids", key="ids", occlusion=0, attributes=Tokens(max_length=8, pad_id=0)), Modality(
+        "table", key="table", occlusion="zeros")]  # fmt: skip
+    options = {"output_transform": "softmax:-1"}
+    with pytest.raises(ValueError) as refused:
+        modality_contribution(_TokenTagger(), [_token_batch(5), _token_batch(7)], modalities, **options)
+    tokens = tuple(f"t{p}" for p in range(8))
+    assert str(refused.value) == (
+        f"This batch has attributes {{'ids': {tokens}, 'table': ('all',)}} and 14 outputs on cpu; the earlier batches "
+        f"of this measurement had {{'ids': {tokens}, 'table': ('all',)}} and 10 on cpu. Every batch of one "
+        "measurement needs the same attributes and outputs, and their number follows the input's shape, which "
+        "changed. For sequences padded per batch (dynamic padding), pad every batch to one fixed length (a "
+        "tokenizer's padding='max_length' with max_length=..., or a collate_fn that pads to it), or give per-token "
+        "attributes a fixed count (Tokens(max_length=...), Words(max_words=...)). Between measurements of different "
+        "data, call reset()."
+    )
+    # the fix: both batches padded to 8 measure together; the pad positions are never occluded (exactly 0)
+    padded = [_token_batch(5, pad_to=8), _token_batch(7, pad_to=8)]
+    result = modality_contribution(_TokenTagger(), padded, modalities, **options)
+    assert result.attribute_raw["ids"]["t7"] == 0.0 and result.attribute_raw["ids"]["t0"] > 0.0
