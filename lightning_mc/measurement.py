@@ -238,6 +238,7 @@ class ContributionMeasurement:
         """
         if self.engine.cache is not None:
             self.engine.cache.forget_weights()
+            self.engine.cache.start_measurement(check, self.options.seed)
         self.engine.start_draws(check)
         self.contribution.reset()
         for analysis in self.analyses:

@@ -423,3 +423,94 @@ def test_dynamically_padded_per_token_outputs_are_told_to_pad_to_a_fixed_length(
     padded = [_token_batch(5, pad_to=8), _token_batch(7, pad_to=8)]
     result = modality_contribution(_TokenTagger(), padded, modalities, **options)
     assert result.attribute_raw["ids"]["t7"] == 0.0 and result.attribute_raw["ids"]["t0"] > 0.0
+
+
+# ---------------------------------------------------------------------- the encoder check keeps watching
+
+
+class _FiLMImage(torch.nn.Module):
+    """An image encoder with a FiLM term: its output is scaled by ``1 + flag``, a table column the model hands it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.flag = torch.zeros(1, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.linear(image) * (1.0 + self.flag)
+
+
+class _Gated(L.LightningModule):
+    """Late fusion whose image encoder reads the table's first column (a flag) through its FiLM term."""
+
+    def __init__(self, reads_flag: bool = True) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.image_encoder, self.table_encoder = _FiLMImage(), torch.nn.Linear(2, 3)
+        self.head = torch.nn.Linear(6, 2)
+        for parameter in self.parameters():
+            parameter.data = torch.randn(parameter.shape, generator=generator)
+        self.reads_flag = reads_flag
+
+    def forward(self, image: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        self.image_encoder.flag = table[:, :1] if self.reads_flag else torch.zeros(1, 1)
+        return self.head(torch.cat([self.image_encoder(image), self.table_encoder(table)], dim=1))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0], batch[1]).sum() * 0.0
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _flag_loader() -> DataLoader:
+    """24 samples in batches of 8; the table flag (column 0) is 0 in the first batch and 1 after it."""
+    generator = torch.Generator().manual_seed(2)
+    image, table = torch.randn(24, 4, generator=generator), torch.randn(24, 2, generator=generator)
+    table[:, 0] = (torch.arange(24) >= 8).float()
+    return DataLoader(TensorDataset(image, table), batch_size=8)
+
+
+GATED_ENCODERS = {"image": "image_encoder", "table": "table_encoder"}
+
+
+def test_an_encoder_reading_a_flag_that_turns_on_after_the_first_batch_is_caught_within_3_measurements(tmp_path):
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, occlusion="zeros", encoders=GATED_ENCODERS)
+    trainer = L.Trainer(
+        max_epochs=3, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ValueError) as caught:
+        trainer.fit(_Gated(), _flag_loader(), _flag_loader())
+    assert len(monitor.history) < 3  # within 3 measurements (here the first: its second batch)
+    message = str(caught.value)
+    assert message.startswith(
+        "encoders: 'image_encoder' (given for modality 'image') is not an encoder of 'image' alone: with 'table' "
+        "occluded its output differs from its replayed output by "
+    )
+    spot = "(the spot check of batch 1 of this measurement; the fit's first batch passed), so it also depends on "
+    assert spot in message
+    # what it protects: the plain path's shares, by hand (zeros fill: occluding the table also zeroes the flag)
+    model = _Gated()
+    image, table = (torch.cat(parts) for parts in zip(*_flag_loader()))
+    with torch.no_grad():
+        clean = model(image, table)
+        moved_image = (clean - model(torch.zeros_like(image), table)).abs().sum()
+        moved_table = (clean - model(image, torch.zeros_like(table))).abs().sum()
+    plain = modality_contribution(_Gated(), _flag_loader(), {"image": 0, "table": 1}, occlusion="zeros")
+    assert plain.shares["table"] == pytest.approx(float(moved_table / (moved_image + moved_table)), rel=1e-5)
+
+
+def test_a_late_fusion_model_passes_a_spot_check_in_every_measurement(tmp_path) -> None:
+    monitor = ModalityContributionMonitor({"image": 0, "table": 1}, occlusion="zeros", encoders=GATED_ENCODERS)
+    trainer = L.Trainer(
+        max_epochs=3, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(_Gated(reads_flag=False), _flag_loader(), _flag_loader())
+    assert monitor.engine.cache is not None and monitor.engine.cache.spot.runs == 3
+    plain = modality_contribution(_Gated(reads_flag=False), _flag_loader(), {"image": 0, "table": 1}, occlusion="zeros")
+    assert monitor.latest.shares["table"] == pytest.approx(plain.shares["table"], rel=1e-5)

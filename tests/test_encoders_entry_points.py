@@ -155,6 +155,7 @@ class CountedEncoders(ReturnsLogits):
         self.image_branch.forward = counting
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_with_reuse_outputs_the_monitor_replays_what_the_validation_step_computed(tmp_path) -> None:
     """``"permute"`` replays the image branch for both copies: besides the validation step's own rows it runs only
     the check's plain path (one row of each of the 2 copies, unless the shuffle leaves that sample in place: then it
