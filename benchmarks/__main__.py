@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import distributed, encoders, report, savings, small_sets, suites
+from benchmarks import distributed, encoders, report, savings, small_sets, spot_check, suites
 from benchmarks.breakdown import breakdown
 from benchmarks.timing import CLOCKS, DEVICES, choose_clock, pick_device, set_clock
 
-SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "scaling", "breakdown")
+SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "scaling", "breakdown")
 
 
 def machine(device: torch.device, command: str) -> dict[str, Any]:
@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(table)
         elif name == "P10":
             found, table = small_sets.p10_small_sets(config)
+            rows += found
+            tables.append(table)
+        elif name == "P11":
+            found, table = spot_check.p11_spot_check(config)
             rows += found
             tables.append(table)
         elif name == "scaling":

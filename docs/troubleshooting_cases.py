@@ -76,6 +76,35 @@ class _ReturnsOther(_Net):
         return 2.0 * self(batch[0], batch[1])
 
 
+class _FlagScaled(nn.Module):
+    """``a``'s encoder is scaled by ``1 + b[:, 0]`` (a FiLM term on a table flag): not an encoder of ``a`` alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a_encoder, self.b_encoder = nn.Linear(4, 2), nn.Linear(3, 2)
+        self.flag = torch.zeros(1, 1)
+        self.a_encoder.register_forward_hook(lambda module, inputs, output: output * (1.0 + self.flag))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        self.flag = b[:, :1]
+        return self.a_encoder(a) + self.b_encoder(b)
+
+
+def _flag_batches(first_on: bool) -> list[dict[str, Tensor]]:
+    """Two batches of 6 whose flag ``b[:, 0]`` is 0 in the first (unless ``first_on``) and 1 in the second."""
+    batches = [_batch(), _batch()]
+    for index, batch in enumerate(batches):
+        batch["b"][:, 0] = float(first_on or index > 0)
+    return batches
+
+
+def _encoder_reads_another(first_on: bool) -> None:
+    modality_contribution(
+        _FlagScaled(), _flag_batches(first_on), {"a": "a", "b": "b"}, occlusion="zeros",
+        encoders={"a": "a_encoder", "b": "b_encoder"},
+    )  # fmt: skip
+
+
 def _batch(n: int = 6) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {"a": torch.randn(n, 4, generator=generator), "b": torch.randn(n, 3, generator=generator)}
@@ -308,6 +337,8 @@ CASES: dict[str, Callable[[], Any]] = {
     "output_dict": lambda: modality_contribution(
         _Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=lambda model, data: {"logits": model(data["a"], data["b"])}
     ),
+    "encoder_reads_another": lambda: _encoder_reads_another(first_on=True),
+    "encoder_reads_another_later": lambda: _encoder_reads_another(first_on=False),
     "output_tuple": lambda: modality_contribution(_Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=_with_features),
     "output_name_on_tuple": lambda: modality_contribution(
         _Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=_with_features, output_key="logits"

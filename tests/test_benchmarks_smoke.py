@@ -218,3 +218,12 @@ def test_p10_small_sets_runs_and_the_table_copies_build_no_ct_rows(tmp_path) -> 
     memory = next(row for row in results["summary"] if row["measure"].startswith("bytes allocated"))
     saved = memory["allocated_mib"]["copied"] - memory["allocated_mib"]["not_copied"]
     assert saved == pytest.approx(10 * 8 * 24**3 * 4 / 2**20, rel=0.01)  # the 80 CT rows of the 10 table copies
+
+
+def test_p11_spot_check_runs_one_spot_check_per_measurement(tmp_path) -> None:
+    threads = str(torch.get_num_threads())
+    assert main(["--quick", "--only", "P11", "--threads", threads, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "quick-P11.json").read_text())
+    rows = [row for row in results["summary"] if row["id"] == "P11"]
+    assert [row["measure"] for row in rows] == ["measurement with the spot check ÷ without"] * 2  # whole, per column
+    assert all(row["median"] > 0 for row in rows)  # the suite itself raises unless each measurement spot-checked once

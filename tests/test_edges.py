@@ -491,7 +491,7 @@ def test_an_encoder_reading_a_flag_that_turns_on_after_the_first_batch_is_caught
         "encoders: 'image_encoder' (given for modality 'image') is not an encoder of 'image' alone: with 'table' "
         "occluded its output differs from its replayed output by "
     )
-    spot = "(the spot check of batch 1 of this measurement; the fit's first batch passed), so it also depends on "
+    spot = "(the spot check of batch 1 of this measurement; the first batch's full check passed), so it also "
     assert spot in message
     # what it protects: the plain path's shares, by hand (zeros fill: occluding the table also zeroes the flag)
     model = _Gated()

@@ -19,8 +19,8 @@ Replay is exact only when an encoder's output row depends on its own modality's 
 for CNNs, MLPs, transformers with their own attention mask). The cache compares the cached and the plain path on one
 row of each copy of the first batch of a fit (and again after :meth:`EncoderCache.check_again`, or for another model)
 and raises a ``ValueError`` naming the module otherwise. One seeded random batch of every measurement is checked again
-on a seeded random row of each copy (:mod:`~lightning_mc.core.spot_check`): an encoder that reads another modality
-only on later batches is caught within a few measurements.
+on a seeded random row (:mod:`~lightning_mc.core.spot_check`): an encoder that reads another modality only on later
+batches is caught within a few measurements.
 
 A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
 (the check makes sure the model reads that input nowhere else). Where replaying does not pay (tiny encoders), the
@@ -190,7 +190,7 @@ class EncoderCache:
             with self._hooks.replaying(model, replay):
                 rows_out = call.run(occluded, self._setting_modes(replay, view, fills, occluded))
         if spot:  # outside the timing: the path choice compares the paths' own work
-            self._spot_check(call, occluded, recorded, rows_out)
+            self._spot_check(call, recorded)
         return [clean_rows, *rows_out] if len(occluded) < len(copies) else rows_out
 
     def _model_key(self, model: nn.Module) -> tuple[Any, ...]:
@@ -322,12 +322,11 @@ class EncoderCache:
         if mismatch is not None:
             raise self._outputs_differ(*mismatch)
 
-    def _spot_check(self, call: _Call, copies: list[Copy], recorded: dict[str, Any], cached: list[Tensor]) -> None:
-        """Run a seeded random row of each copy through the plain path once; raise where the cached path differed.
+    def _spot_check(self, call: _Call, recorded: dict[str, Any]) -> None:
+        """Run a seeded random sample once per modality, it clean and every other modality occluded; compare.
 
-        Each replayed encoder's plain output on the row is compared with the recorded output it was replaced by, and
-        the model's plain output with the cached path's output of that row (``cached``, this batch's). One forward
-        call of one row per copy; nothing else runs again.
+        One plain forward call of one row per modality with encoders: each encoder's output on its own modality's
+        row (its input clean, the others' filled) must equal its recorded clean output, or it reads another modality.
 
         Raises:
             ValueError: As the first batch's check, naming the batch of the measurement.
@@ -335,32 +334,23 @@ class EncoderCache:
         assert self._hooks is not None and self.found is not None
         self.spot.done()
         view = call.view
-        chosen = self.spot.rows(copies, view.size, view.values[0].device)
-        if not chosen:
-            return
-        restricted = [copy for _, _, copy in chosen]
+        sample = self.spot.sample(view.size, view.values[0].device)
+        everything = range(len(self.modality_names))
+        copies = []
+        for modality in self.found:
+            owner = self.modality_names.index(modality)
+            copies.append(Copy(f"all but {modality!r}", frozenset(i for i in everything if i != owner), None, sample))
         with self._hooks.record(call.model) as recording:
-            plain = torch.cat(call.run(restricted))
-        where = f" (the spot check of batch {self.spot.batch} of this measurement; the fit's first batch passed)"
-        owners = {name: modality for modality, names in self.found.items() for name in names}
-        for name, calls in recording.calls.items():
-            got = recording.concatenated([rows_of(output) for output in calls])[name]
-            for row, (_, _, copy) in enumerate(chosen):
-                mode, samples = self._modes(view, call.fills, [copy], [Piece(0, 0, 1)])[name]
-                if mode is not Mode.REPLAY:  # it ran on the copy's rows in the cached path too
-                    continue
-                want = _index_rows(recorded[name], samples)
-                plain_row = _index_rows(got, torch.tensor([row], device=samples.device))
-                gap = relative_gap(plain_row, want)
+            call.run(copies)
+        where = f" (the spot check of batch {self.spot.batch} of this measurement; the first batch's full check passed)"
+        calls = next(iter(recording.calls.values()))  # more than one with a max_batch_size below the modalities
+        plain = recording.concatenated([rows_of(output) for output in calls])
+        for row, (copy, (modality, names)) in enumerate(zip(copies, self.found.items())):
+            for name in names:
+                want = _index_rows(recorded[name], sample)
+                gap = relative_gap(_index_rows(plain[name], torch.tensor([row], device=sample.device)), want)
                 if gap > noise_gap(want):
-                    raise self._not_one_modality(name, owners[name], copy, gap, where)
-        if torch.is_autocast_enabled(plain.device.type):
-            return
-        for row, (index, position, copy) in enumerate(chosen):
-            want, got = plain[row : row + 1], cached[index][position : position + 1]
-            gap = relative_gap(got, want)
-            if gap > noise_gap(want):
-                raise self._outputs_differ(copy, gap, where)
+                    raise self._not_one_modality(name, modality, copy, gap, where)
 
     def _not_one_modality(self, name: str, owner: str, copy: Copy, gap: float, where: str = "") -> ValueError:
         """The error of encoder ``name`` whose output changed with ``copy``'s modalities occluded."""

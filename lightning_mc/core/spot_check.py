@@ -5,10 +5,11 @@ The encoder cache compares its path with the plain one on one row of each copy o
 inputs passes that check: an image encoder with a FiLM term driven by a table flag that is off in the first batch and
 on afterwards replays a clean output where the plain path would have changed. :class:`SpotCheck` picks, in every
 measurement, one batch (seeded, uniformly among the number of batches the previous measurement had; the second batch
-in the first measurement, whose first batch was just checked) and a seeded random row of each copy in it; the cache
-runs those rows once through the plain path, in one forward call, and compares each replayed encoder's output with the
-recorded one and each final output with what the cached path gave for that row. A cross-modal read that shows from
-some batch on is caught within a few measurements, at the price of one model-input row per copy per measurement.
+in the first measurement, whose first batch was just checked) and a seeded random sample of it. There the cache runs,
+in one plain forward call, one row per modality: the sample with that modality's input clean and every other
+modality occluded by its fill; each encoder's output on its own modality's row must equal its recorded clean output,
+or it reads another modality's input. One forward call of one row per modality per measurement, whatever the number
+of attributes: a cross-modal read that shows from some batch on is caught within a few measurements.
 
 The draws depend only on the seed, the measurement (the monitor's ``global_step``) and the batch, so a resumed fit
 checks what an uninterrupted one checks.
@@ -25,12 +26,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
-
 import torch
-
-from lightning_mc.core.layout import Copy
+from torch import Tensor
 
 #: Mixed into the spot check's seeds, so its draws are not those of the random fills.
 _SEED_SALT = 0x73706F74
@@ -74,25 +71,18 @@ class SpotCheck:
         """The index of the batch counted last (for messages)."""
         return self._batch - 1
 
-    def rows(self, copies: Sequence[Copy], batch_size: int, device: torch.device) -> list[tuple[int, int, Copy]]:
-        """``(copy index, position in the copy's rows, the copy restricted to that row)`` of each copy with rows.
+    def sample(self, batch_size: int, device: torch.device | str) -> Tensor:
+        """A seeded random sample of the batch due, as a one-element index tensor on ``device``.
 
         Example:
             >>> spot = SpotCheck()
             >>> spot.start(check=3, seed=0)
-            >>> [(index, copy.samples.tolist()) for index, _, copy in spot.rows([Copy("a"), Copy("b")], 4, "cpu")]
-            [(0, [2]), (1, [3])]
+            >>> spot.next_batch()
+            False
+            >>> spot.sample(8, "cpu")
+            tensor([3])
         """
-        generator = self._generator(self._batch)
-        chosen = []
-        for index, copy in enumerate(copies):
-            count = copy.num_rows(batch_size)
-            if not count:
-                continue
-            position = int(torch.randint(count, (1,), generator=generator))
-            sample = copy.samples[position : position + 1] if copy.samples is not None else torch.tensor([position])
-            chosen.append((index, position, replace(copy, samples=sample.to(device))))
-        return chosen
+        return torch.randint(batch_size, (1,), generator=self._generator(self._batch)).to(device)
 
     def _generator(self, batch: int) -> torch.Generator:
         return torch.Generator().manual_seed(hash((self._seed, _SEED_SALT, self._check, batch)) % 2**63)
