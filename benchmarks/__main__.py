@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import distributed, encoders, probe_cost, report, savings, small_sets, suites
+from benchmarks import distributed, encoders, probe_cost, report, savings, small_sets, spot_check, suites
 from benchmarks.breakdown import breakdown
 from benchmarks.timing import CLOCKS, DEVICES, choose_clock, pick_device, set_clock
 
-SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "scaling", "breakdown")
+SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "scaling", "breakdown")
 
 
 def machine(device: torch.device, command: str) -> dict[str, Any]:
@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(table)
         elif name == "P11":
             found, table = probe_cost.p11_probe_cost(config)
+            rows += found
+            tables.append(table)
+        elif name == "P12":
+            found, table = spot_check.p12_spot_check(config)
             rows += found
             tables.append(table)
         elif name == "scaling":

@@ -65,6 +65,17 @@ EXPLANATIONS: dict[str, str] = {
         "with encoders ÷ one without (≤ 1.0: where caching cannot pay, the first batches' timing chooses the plain "
         "path), and a measurement without encoders ÷ its floor (≤ 1.15)."
     ),
+    "P11": (
+        "gathering ÷ training step: what CollapseEarlyStopping(labels=...) adds to a training step of the demo's "
+        "model (batches of 64) while its reservoir of training rows fills: choosing the rows, their features and "
+        "labels, stored where they are. Target ≤ 0.02 (issue 35). The table: milliseconds per verdict."
+    ),
+    "P12": (
+        "measurement with the spot check ÷ without: a measurement of a fit after its first with encoders= (reset, "
+        "update per batch of 8, compute), with the spot check (each modality's encoders on one seeded random clean "
+        "row of one seeded random batch, every other modality occluded) over the same measurement with the spot "
+        "check switched off, at 24 validation samples, P10's smallest set. Target ≤ 1.03 (issue 37)."
+    ),
 }
 
 

@@ -16,7 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mc import CollapseEarlyStopping, ContributionMeasurement, Modality, ModalityContributionMonitor
+from lightning_mc import (
+    CollapseEarlyStopping,
+    ContributionMeasurement,
+    Modality,
+    ModalityBalancer,
+    ModalityContributionMonitor,
+)
 from lightning_mc.functional import modality_contribution, modality_shapley
 from lightning_mc.masks import ColumnGroups, Columns, Tokens
 
@@ -56,6 +62,49 @@ class _Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class _ReturnsProbabilities(_Net):
+    """A validation step that returns the softmax of the logits (what ``reuse_outputs`` must not be given)."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self(batch[0], batch[1]).softmax(dim=1)
+
+
+class _ReturnsOther(_Net):
+    """A validation step that returns other logits than the model's forward call (here doubled)."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return 2.0 * self(batch[0], batch[1])
+
+
+class _FlagScaled(nn.Module):
+    """``a``'s encoder is scaled by ``1 + b[:, 0]`` (a FiLM term on a table flag): not an encoder of ``a`` alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a_encoder, self.b_encoder = nn.Linear(4, 2), nn.Linear(3, 2)
+        self.flag = torch.zeros(1, 1)
+        self.a_encoder.register_forward_hook(lambda module, inputs, output: output * (1.0 + self.flag))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        self.flag = b[:, :1]
+        return self.a_encoder(a) + self.b_encoder(b)
+
+
+def _flag_batches(first_on: bool) -> list[dict[str, Tensor]]:
+    """Two batches of 6 whose flag ``b[:, 0]`` is 0 in the first (unless ``first_on``) and 1 in the second."""
+    batches = [_batch(), _batch()]
+    for index, batch in enumerate(batches):
+        batch["b"][:, 0] = float(first_on or index > 0)
+    return batches
+
+
+def _encoder_reads_another(first_on: bool) -> None:
+    modality_contribution(
+        _FlagScaled(), _flag_batches(first_on), {"a": "a", "b": "b"}, occlusion="zeros",
+        encoders={"a": "a_encoder", "b": "b_encoder"},
+    )  # fmt: skip
+
+
 def _batch(n: int = 6) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {"a": torch.randn(n, 4, generator=generator), "b": torch.randn(n, 3, generator=generator)}
@@ -89,6 +138,11 @@ def first_row(value: Tensor) -> Tensor:
 def as_double(value: Tensor) -> Tensor:
     """A fill of the wrong dtype."""
     return value.double()
+
+
+def _with_features(model: nn.Module, data: Any) -> tuple[Tensor, Tensor]:
+    """A ``forward_fn`` that returns ``(logits, features)``, as a model with ``return_dict=False`` does."""
+    return model(data["a"], data["b"]), data["a"]
 
 
 def reject_zeros(model: nn.Module, data: Any) -> Tensor:
@@ -176,6 +230,24 @@ class _IdsModel(nn.Module):
 def _stopper_sees_nan() -> None:
     monitor = ModalityContributionMonitor({"a": 0, "b": 1})
     _fit([monitor, CollapseEarlyStopping(min_share=0.1)], model=_Net(zero=True))
+
+
+class _NanWhenEvaluated(_Net):
+    """Trains as ``_Net`` and gives NaN outputs in eval mode (a model that diverged, as validation sees it)."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        out = self.model(a, b)
+        return out if self.training else out * float("nan")
+
+
+def _stopper_sees_nan_outputs() -> None:
+    monitor = ModalityContributionMonitor({"a": 0, "b": 1})
+    _fit([monitor, CollapseEarlyStopping(min_share=0.1)], model=_NanWhenEvaluated())
+
+
+def _balancer_sees_nan() -> None:
+    monitor = ModalityContributionMonitor({"a": 0, "b": 1})
+    _fit([monitor, ModalityBalancer({"a": "model.a", "b": "model.b"}, min_share=None)], model=_Net(zero=True))
 
 
 def _validate_unmeasured() -> None:
@@ -267,6 +339,13 @@ CASES: dict[str, Callable[[], Any]] = {
     "stopper_unknown_modality": lambda: _fit(
         [ModalityContributionMonitor({"a": 0, "b": 1}), CollapseEarlyStopping(modalities=["image"])]
     ),
+    "reuse_probabilities": lambda: _fit(
+        [ModalityContributionMonitor({"a": 0, "b": 1}, output_transform="softmax", reuse_outputs=True)],
+        model=_ReturnsProbabilities(),
+    ),
+    "reuse_other": lambda: _fit(
+        [ModalityContributionMonitor({"a": 0, "b": 1}, reuse_outputs=True)], model=_ReturnsOther()
+    ),
     "dataloader_idx": lambda: _fit([ModalityContributionMonitor({"a": 0, "b": 1}, dataloader_idx=2)]),
     # during a check: the _batch
     "dict_key": lambda: modality_contribution(_Sum(), [_batch()], {"a": "a", "b": "B"}),
@@ -281,6 +360,12 @@ CASES: dict[str, Callable[[], Any]] = {
     # during a check: the model's output
     "output_dict": lambda: modality_contribution(
         _Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=lambda model, data: {"logits": model(data["a"], data["b"])}
+    ),
+    "encoder_reads_another": lambda: _encoder_reads_another(first_on=True),
+    "encoder_reads_another_later": lambda: _encoder_reads_another(first_on=False),
+    "output_tuple": lambda: modality_contribution(_Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=_with_features),
+    "output_name_on_tuple": lambda: modality_contribution(
+        _Sum(), [_batch()], {"a": "a", "b": "b"}, forward_fn=_with_features, output_key="logits"
     ),
     "output_key": lambda: modality_contribution(
         _Sum(),
@@ -339,8 +424,13 @@ CASES: dict[str, Callable[[], Any]] = {
     "saturated": lambda: modality_contribution(
         _Confident(), [_batch()], {"a": "a", "b": "b"}, output_transform="softmax"
     ),
+    "tolerance_unmet": lambda: modality_contribution(
+        _OneOutput(), [_batch(60)], {"a": "a", "b": "b"}, occlusion="zeros", tolerance=0.01
+    ),
     "redundant": _redundant,
     "stopper_nan": _stopper_sees_nan,
+    "stopper_nan_outputs": _stopper_sees_nan_outputs,
+    "balancer_nan": _balancer_sees_nan,
     "validate_unmeasured": _validate_unmeasured,
     "empty_loader": lambda: _fit(
         [ModalityContributionMonitor({"a": 0, "b": 1}, dataloader_idx=1)],
@@ -361,6 +451,8 @@ PICK = {
     "one_sample_permute": "changed no input",
     "saturated": "saturated outputs",
     "stopper_nan": "CollapseEarlyStopping",
+    "stopper_nan_outputs": "CollapseEarlyStopping",
+    "balancer_nan": "ModalityBalancer",
     "empty_loader": "measured no batch",
     "validate_unmeasured": "does not measure trainer.validate()",
     "probe_informative": "Modality 'a' collapsed",

@@ -21,7 +21,7 @@ from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
-from lightning_mc.core.outputs import OutputTransform
+from lightning_mc.core.outputs import OutputKey, OutputTransform
 from lightning_mc.core.result import ContributionResult
 from lightning_mc.measurement import SYNC_DOCS, ContributionMeasurement
 
@@ -37,7 +37,7 @@ def modality_contribution(  # noqa: D417 (the options' docs come from Measuremen
     modalities: ModalitiesSpec,
     *,
     forward_fn: ForwardFn | None = None,
-    output_key: str | None = None,
+    output_key: OutputKey = None,
     output_transform: OutputTransform = None,
     occlusion: FillSpec = "mean",
     normalization: Normalization = "ratio_of_sums",
@@ -101,7 +101,7 @@ def modality_shapley(  # noqa: D417 (the options' docs come from MeasurementOpti
     modalities: ModalitiesSpec,
     *,
     forward_fn: ForwardFn | None = None,
-    output_key: str | None = None,
+    output_key: OutputKey = None,
     output_transform: OutputTransform = None,
     occlusion: FillSpec = "mean",
     max_batch_size: int | None = None,

@@ -33,7 +33,7 @@ from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import Batch, ModalitiesSpec, TargetSpec, resolve_modalities
 from lightning_mc.core.occlusion import FillSpec
-from lightning_mc.core.outputs import OutputTransform
+from lightning_mc.core.outputs import OutputKey, OutputTransform
 from lightning_mc.core.replay import Recording
 from lightning_mc.core.result import ContributionResult
 
@@ -107,7 +107,7 @@ class ContributionMeasurement:
         modalities: ModalitiesSpec,
         *,
         forward_fn: ForwardFn | None = None,
-        output_key: str | None = None,
+        output_key: OutputKey = None,
         output_transform: OutputTransform = None,
         occlusion: FillSpec = "mean",
         normalization: Normalization = "ratio_of_sums",
@@ -238,6 +238,7 @@ class ContributionMeasurement:
         """
         if self.engine.cache is not None:
             self.engine.cache.forget_weights()
+            self.engine.cache.start_measurement(check, self.options.seed)
         self.engine.start_draws(check)
         self.contribution.reset()
         for analysis in self.analyses:
@@ -282,16 +283,35 @@ class ContributionMeasurement:
             return
         if self._num_updates:
             assert self._prepared_for is not None
-            names, num_outputs, device = self._prepared_for
-            raise ValueError(
-                f"This batch has attributes {outputs.attribute_names} and {clean.shape[1]} outputs on {clean.device}; "
-                f"the earlier batches of this measurement had {names} and {num_outputs} on {device}. Every batch of "
-                "one measurement needs the same attributes and outputs: call reset() between measurements."
-            )
+            raise ValueError(_unlike_batches_message(self._prepared_for, fit))
         with _float32_default():  # a bf16-true precision context sets a half default dtype: sums stay full
             for part in (self.contribution, *self.analyses):
                 part.prepare(outputs)
         self._prepared_for = fit
+
+
+def _unlike_batches_message(before: tuple[Any, ...], now: tuple[Any, ...]) -> str:
+    """Why a batch cannot join the measurement's sums, ``(attribute names, outputs, device)`` before and now.
+
+    A change in the number of a modality's attributes or of the outputs is what dynamically padded sequences give
+    (per-position attributes and outputs follow the batch's length): the fix is a fixed padding length, not a reset.
+    """
+    (names, num_outputs, device), (new_names, new_outputs, new_device) = before, now
+    said = (
+        f"This batch has attributes {new_names} and {new_outputs} outputs on {new_device}; the earlier batches of "
+        f"this measurement had {names} and {num_outputs} on {device}. Every batch of one measurement needs the same "
+        "attributes and outputs"
+    )
+    counts = {name: len(attributes) for name, attributes in names.items()}
+    new_counts = {name: len(attributes) for name, attributes in new_names.items()}
+    if device == new_device and (counts != new_counts or num_outputs != new_outputs):
+        return (
+            f"{said}, and their number follows the input's shape, which changed. For sequences padded per batch "
+            "(dynamic padding), pad every batch to one fixed length (a tokenizer's padding='max_length' with "
+            "max_length=..., or a collate_fn that pads to it), or give per-token attributes a fixed count "
+            "(Tokens(max_length=...), Words(max_words=...)). Between measurements of different data, call reset()."
+        )
+    return f"{said}: call reset() between measurements of different data."
 
 
 @contextmanager

@@ -189,17 +189,19 @@ def test_a_fill_callable_returning_the_wrong_shape_or_dtype_is_refused() -> None
         modality_contribution(Sum(), _dict_batches(), modalities, occlusion=as_double)
 
 
-def test_softmax_on_a_single_output_model_warns() -> None:
+@pytest.mark.parametrize(("transform", "always"), [("softmax", 1), ("log_softmax", 0), ("softmax:1", 1)])
+def test_softmax_on_a_single_output_model_is_refused_pointing_to_sigmoid(transform: str, always: int) -> None:
     class OneLogit(Sum):
         def forward(self, a: Tensor, b: Tensor) -> Tensor:
             return super().forward(a, b)[:, :1]
 
-    with (
-        pytest.warns(UserWarning, match=re.escape("output_transform='softmax' on a model with 1 output")),
-        pytest.warns(UserWarning, match="shares are undefined"),
-    ):
-        result = modality_contribution(OneLogit(), _dict_batches(), {"a": "a", "b": "b"}, output_transform="softmax")
-    assert all(math.isnan(share) for share in result.shares.values())
+    with pytest.raises(ValueError) as refused:  # 6 samples and their 2 occluded copies: one call of 18 rows
+        modality_contribution(OneLogit(), _dict_batches(), {"a": "a", "b": "b"}, output_transform=transform)
+    assert str(refused.value).startswith(
+        f"output_transform={transform!r} on outputs of shape (18, 1): one class, and the {transform.split(':')[0]} of "
+        f"one logit is always {always}, so no occlusion could move it (every share would be NaN). Use "
+        "output_transform='sigmoid' for a binary model with a single logit"
+    )
 
 
 def test_a_forward_fn_failing_on_an_occluded_batch_names_the_modality_and_the_functional_reproduction() -> None:

@@ -229,3 +229,12 @@ def test_p11_probe_cost_runs_and_the_reservoir_keeps_the_gathered_rows(tmp_path)
     [table] = [table for table in results["tables"] if table["title"].startswith("P11")]
     assert [cells[0].split(":")[0] for cells in table["rows"]] == ["demo", "small set"]
     assert all(cells[1].endswith(" ms") for cells in table["rows"])
+
+
+def test_p12_spot_check_runs_one_spot_check_per_measurement(tmp_path) -> None:
+    threads = str(torch.get_num_threads())
+    assert main(["--quick", "--only", "P12", "--threads", threads, "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "quick-P12.json").read_text())
+    rows = [row for row in results["summary"] if row["id"] == "P12"]
+    assert [row["measure"] for row in rows] == ["measurement with the spot check ÷ without"] * 2  # whole, per column
+    assert all(row["median"] > 0 for row in rows)  # the suite itself raises unless each measurement spot-checked once

@@ -65,6 +65,7 @@ def test_a_measurement_checks_again_only_for_another_model(counted_checks) -> No
     assert len(counted_checks) == 2
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_the_check_runs_one_row_of_each_copy_on_samples_other_than_its_position() -> None:
     model = LateFusion().eval()
     engine = make_engine(modalities(attributes=True), occlusion="zeros", encoders=ENCODERS)
@@ -103,6 +104,7 @@ class StorageSpy(LateFusion):
         return output + image.mean((1, 2, 3))[:, None] if self.reads_image_outside else output
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_the_cached_path_builds_no_rows_of_inputs_it_replays() -> None:
     model = StorageSpy().eval()
     engine = make_engine(COLUMNS, encoders=ENCODERS)

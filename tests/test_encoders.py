@@ -90,6 +90,7 @@ def test_cached_encoders_give_the_plain_outputs_under_every_fill(fill, attribute
         assert_same_numbers(actual.occluded, expected.occluded, what=f"occluded, fill {fill!r}")
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_each_encoder_runs_only_on_the_rows_it_must() -> None:
     """Rows each module computes on a batch after the first (the first also runs the check)."""
     model = LateFusion().eval()
@@ -120,6 +121,7 @@ def test_the_plain_path_runs_every_encoder_on_every_copy() -> None:
     assert model.image_encoder.rows == model.table_encoder.rows == model.head.rows == (1 + 4 + COLUMNS) * N
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_coalitions_replay_every_encoder_outside_the_coalition() -> None:
     model = LateFusion().eval()
     coalitions = [frozenset({0}), frozenset({1}), frozenset({0, 1})]
@@ -132,6 +134,7 @@ def test_coalitions_replay_every_encoder_outside_the_coalition() -> None:
     assert (model.image_encoder.rows, model.table_encoder.rows) == (N + 2 * N, N + 2 * N)
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_reused_clean_outputs_and_recorded_encoders_never_run_the_clean_batch_again() -> None:
     model = LateFusion().eval()
     engine = make_engine(modalities(), occlusion="mean", encoders=ENCODERS)
@@ -218,6 +221,7 @@ def test_auto_on_an_early_fusion_model_finds_nothing_and_runs_the_plain_path() -
     assert engine.cache.found is None
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_a_constant_fill_runs_its_encoder_on_one_row_per_measurement_and_again_when_the_weights_change() -> None:
     model = LateFusion().eval()
     engine = make_engine(modalities(), occlusion="zeros", encoders=ENCODERS)

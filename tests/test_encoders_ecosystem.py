@@ -60,6 +60,7 @@ def ct_batch(seed: int) -> dict:
 
 @pytest.mark.parametrize("attributes", [False, True], ids=["whole", "patches"])
 @pytest.mark.parametrize("fill", ["zeros", "mean", "permute"])
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_monai_resnet10_encoder_gives_the_plain_numbers_on_metatensor_batches(fill, attributes) -> None:
     model = CTAndLabs().eval()
     modalities = resolve_modalities(
@@ -128,6 +129,7 @@ def call(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 @pytest.mark.parametrize("attributes", [None, Tokens(LENGTH, attention_mask="attention_mask")], ids=["whole", "tokens"])
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_a_hugging_face_bert_encoder_gives_the_plain_numbers_and_runs_only_for_the_reports_copies(attributes) -> None:
     modalities = resolve_modalities(
         [

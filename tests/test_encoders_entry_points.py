@@ -155,13 +155,15 @@ class CountedEncoders(ReturnsLogits):
         self.image_branch.forward = counting
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_with_reuse_outputs_the_monitor_replays_what_the_validation_step_computed(tmp_path) -> None:
     """``"permute"`` replays the image branch for both copies: besides the validation step's own rows it runs only
     the check's plain path (one row of each of the 2 copies, unless the shuffle leaves that sample in place: then it
-    is unchanged and not run), never the clean batch again."""
+    is unchanged and not run) and, once per fit, the first batch (16 rows) to compare the reused prediction with the
+    model's own; never the clean batch of a measured batch again."""
     model = CountedEncoders()
     monitor = ModalityContributionMonitor(MODALITIES, occlusion="permute", encoders=ENCODERS, reuse_outputs=True)
     trainer = L.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_epochs=1))
     trainer.fit(model, loader(two_modality_dataset(16), batch_size=8), loader(two_modality_dataset(40, seed=1)))
-    assert 40 + 1 <= model.validation_rows <= 40 + 2
+    assert 40 + 16 + 1 <= model.validation_rows <= 40 + 16 + 2
     assert monitor.history[-1]["num_samples"] == 40

@@ -114,7 +114,7 @@ def test_occlusion_is_resolved_once_on_its_way_from_the_monitor_to_the_fill() ->
         ({"ci": 95}, ValueError, "ci=95 must be None or a coverage in (0, 1), e.g. 0.95."),
         ({"tolerance": 2}, ValueError, "tolerance=2 must be None or a half-width in (0, 1), e.g. 0.02."),
         ({"normalization": "sum"}, ValueError, "normalization='sum' is not one of"),
-        ({"output_key": ""}, TypeError, "output_key='' must be None or the non-empty name"),
+        ({"output_key": ""}, TypeError, "output_key='' must be None, the non-empty name of the prediction"),
         ({"forward_fn": 3}, TypeError, "forward_fn=3 must be a callable (model, batch) -> Tensor."),
         ({"target": 1}, ValueError, "perf_metric and target go together"),
         ({"encoders": []}, TypeError, "encoders=[] must be None, 'auto' or a non-empty mapping"),

@@ -180,10 +180,13 @@ def test_a_missing_key_of_a_hugging_face_output_lists_its_fields(net, batches) -
     )
 
 
-@pytest.mark.parametrize("output_key", [0, ["logits"], b"logits", ""], ids=["int", "list", "bytes", "empty"])
+@pytest.mark.parametrize("output_key", [True, ["logits"], b"logits", ""], ids=["bool", "list", "bytes", "empty"])
 @pytest.mark.parametrize("entry_point", ["functional", "shapley", "measurement", "monitor"])
-def test_an_output_key_that_is_not_a_name_is_a_type_error(net, batches, output_key, entry_point) -> None:
-    expected = re.escape(f"output_key={output_key!r} must be None or the non-empty name of the prediction")
+def test_an_output_key_neither_a_name_nor_an_index_is_a_type_error(net, batches, output_key, entry_point) -> None:
+    expected = re.escape(
+        f"output_key={output_key!r} must be None, the non-empty name of the prediction (e.g. 'logits') or its index in "
+        "a tuple output (e.g. 0)."
+    )
     with pytest.raises(TypeError, match=expected):
         if entry_point == "functional":
             modality_contribution(Wrapped(net, _as_dict), batches, MODALITIES, output_key=output_key)

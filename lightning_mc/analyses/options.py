@@ -40,7 +40,7 @@ from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization, check_normalization
 from lightning_mc.core.modality import TargetSpec
 from lightning_mc.core.occlusion import FillSpec, resolve_fill
-from lightning_mc.core.outputs import OutputReader, OutputTransform
+from lightning_mc.core.outputs import OutputKey, OutputReader, OutputTransform
 
 #: Default of ``max_ci_samples``: the most samples per process whose per-sample values are kept for the intervals.
 DEFAULT_MAX_CI_SAMPLES = 100_000
@@ -77,12 +77,12 @@ class MeasurementOptions:
             _check_forward_fn,
         ),
     )
-    output_key: str | None = field(
+    output_key: OutputKey = field(
         default=None,
         metadata=_about(
             "Where the prediction is in the model's output: a dict key, a Hugging Face ``ModelOutput`` field or an "
-            "attribute, e.g. ``'logits'`` (applied after ``forward_fn``). ``None``: the output is the prediction "
-            "tensor.",
+            "attribute, e.g. ``'logits'``, or an index into a tuple output, e.g. ``0`` (applied after "
+            "``forward_fn``). ``None``: the output is the prediction tensor.",
             None,  # checked by OutputReader, built once in __post_init__
         ),
     )

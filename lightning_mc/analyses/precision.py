@@ -43,6 +43,7 @@ from lightning_mc.analyses.options import MeasurementOptions
 from lightning_mc.analyses.part import MetricAnalysis, Passes, Reduce
 from lightning_mc.core.checks import check_fraction
 from lightning_mc.core.result import ContributionResult
+from lightning_mc.core.warn_once import WarnOnce
 
 #: ``z`` of a two-sided 95% normal interval.
 Z_95 = 1.959963984540054
@@ -148,6 +149,7 @@ class SharePrecision(MetricAnalysis):
     def __init__(self, modality_names: tuple[str, ...], tolerance: float, normalization: str) -> None:
         self.modality_names, self.tolerance = modality_names, tolerance
         self.metric = ShareHalfWidth(len(modality_names), normalization)
+        self._warn = WarnOnce()
 
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> SharePrecision | None:
@@ -167,7 +169,41 @@ class SharePrecision(MetricAnalysis):
         if self.metric.sync_on_compute and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)  # one collective (torchmetrics would all-gather each of the 6 states)
         widths = self.metric.half_widths(sums)
-        return dataclasses.replace(result, share_half_width=dict(zip(self.modality_names, widths.tolist())))
+        share_half_width = dict(zip(self.modality_names, widths.tolist()))
+        message = self.unmet(share_half_width, int(sums[0]), result.shares)
+        if message is not None:
+            self._warn("unmet", message)
+        return dataclasses.replace(result, share_half_width=share_half_width)
+
+    def unmet(self, half_widths: dict[str, float], samples: int, shares: dict[str, float]) -> str | None:
+        """The warning of a measurement that ended before every half-width reached ``tolerance`` (``None``: reached).
+
+        Half-widths shrink as ``1/√samples``, so ``samples · (widest / tolerance)²`` samples would about reach it.
+        Nothing is said when no occlusion moved any output (the shares are undefined, and warned about).
+
+        Example:
+            >>> precision = SharePrecision(("a", "b"), 0.02, "ratio_of_sums")
+            >>> message = precision.unmet({"a": 0.04, "b": 0.03}, 100, {"a": 0.5, "b": 0.5})
+            >>> message[message.index("about") :][:23]
+            'about 400 samples would'
+        """
+        name, widest = max(half_widths.items(), key=lambda item: item[1])
+        if widest <= self.tolerance or any(share != share for share in shares.values()):
+            return None
+        if math.isinf(widest):
+            reached = f"fewer than {MIN_SAMPLES} samples were measured ({samples}), too few for a half-width"
+            needed = f"at least {MIN_SAMPLES} samples are needed before one is computed"
+        else:
+            reached = f"the widest 95% half-width of the shares is {widest:.3g} ({name!r}) after {samples} samples"
+            needed = (
+                f"about {math.ceil(samples * (widest / self.tolerance) ** 2)} samples would reach it (a half-width "
+                "shrinks as 1/√samples)"
+            )
+        return (
+            f"tolerance={self.tolerance!r} was not reached: {reached}; {needed}. Measure more samples (a larger "
+            "limit_batches or a larger validation set), or pass a larger tolerance; result.share_half_width holds "
+            "the half-widths."
+        )
 
     def converged(self, reduce: Reduce | None = None) -> bool:
         """Whether every half-width is at most ``tolerance``: of this process's samples, or of every process's.

@@ -30,6 +30,7 @@ from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
 from lightning_mc.core.checks import check_fraction, check_int, check_positive
 from lightning_mc.core.encoders import resolve_encoders, submodule
+from lightning_mc.core.result import undefined_shares_cause
 
 EncoderSpec = Mapping[str, "str | Sequence[str]"]
 
@@ -369,7 +370,7 @@ class ModalityBalancer(MonitorReader):
         shares = {name: float(share) for name, share in entry["shares"].items()}
         epoch = int(entry["epoch"])
         if any(math.isnan(share) for share in shares.values()):
-            self._warn_nan(epoch)
+            self._warn_nan(epoch, undefined_shares_cause(entry))
             return
         was_active = self.active
         if self._release is None:  # not set up (a check fed by hand): the default for these shares
@@ -402,11 +403,11 @@ class ModalityBalancer(MonitorReader):
             }
         )
 
-    def _warn_nan(self, epoch: int) -> None:
+    def _warn_nan(self, epoch: int, cause: str) -> None:
         if not self._warned_nan:
             self._warned_nan = True
             rank_zero_warn(
-                f"ModalityBalancer: a {self._prefix}/share is NaN at epoch {epoch} (no occlusion moved any output); "
+                f"ModalityBalancer: a {self._prefix}/share is NaN at epoch {epoch} ({cause}); "
                 f"the balancer stays {'engaged' if self.active else 'released'} and the coefficients stay as they "
                 f"are ({self.coefficients})."
             )

@@ -18,7 +18,7 @@ from lightning_mc.callbacks.monitor import ModalityContributionMonitor
 from lightning_mc.callbacks.monitor_reader import MonitorReader
 from lightning_mc.callbacks.probe_features import ProbeFeatures, check_labels
 from lightning_mc.core.checks import check_fraction, check_int
-from lightning_mc.core.result import HistoryEntry
+from lightning_mc.core.result import HistoryEntry, undefined_shares_cause
 from lightning_mc.views.tensorboard import CollapseMarks, marks_from_stopper
 
 CollapseAction = Literal["stop", "warn"]
@@ -68,7 +68,7 @@ class CollapseEarlyStopping(MonitorReader):
     ``labels=`` problem (a missing key, an index out of range, labels of the wrong length or of no kind the probe
     knows) is raised on the first batch Lightning runs, before any training step.
 
-    A check whose share is NaN (no occlusion moved any output, so shares are undefined) neither counts towards the
+    A check whose share is NaN (no occlusion moved any output, or every output was NaN) neither counts towards the
     patience nor resets it; it is reported with a warning. In DDP the probe's features are gathered from every
     process (every rank fits the same probe) and the decisions are reduced across processes, so every rank stops at
     the same epoch.
@@ -380,7 +380,7 @@ class CollapseEarlyStopping(MonitorReader):
         epoch = int(entry["epoch"])
         shares = {name: float(entry["shares"][name]) for name in self._watched}
         counted = epoch >= self.warmup_epochs
-        low = self._update_counts(shares, epoch) if counted else []
+        low = self._update_counts(shares, epoch, undefined_shares_cause(entry)) if counted else []
         probes = self._probe(trainer, low) if low and self._features is not None else {}
         collapsed, uninformative, undecided = None, [], []
         for name in low:  # lowest share first: it names the collapse
@@ -416,15 +416,17 @@ class CollapseEarlyStopping(MonitorReader):
             if self.stopped_epoch is None:
                 self.stopped_epoch = epoch
 
-    def _update_counts(self, shares: dict[str, float], epoch: int) -> list[str]:
-        """Counts consecutive checks below ``min_share``; returns the modalities that reach ``patience`` now."""
+    def _update_counts(self, shares: dict[str, float], epoch: int, cause: str) -> list[str]:
+        """Counts consecutive checks below ``min_share``; returns the modalities that reach ``patience`` now.
+
+        ``cause`` says why shares are NaN, when some are (:func:`~lightning_mc.core.result.undefined_shares_cause`).
+        """
         undefined = [name for name, share in shares.items() if math.isnan(share)]
         if undefined:
             counts = ", ".join(f"{name}: {self.wait_count.get(name, 0)}" for name in undefined)
             rank_zero_warn(
                 f"CollapseEarlyStopping: {', '.join(f'{self._prefix}/share/{name}' for name in undefined)} NaN at "
-                f"epoch {epoch} "
-                f"(no occlusion moved any output); this check neither counts towards patience={self.patience} nor "
+                f"epoch {epoch} ({cause}); this check neither counts towards patience={self.patience} nor "
                 f"resets the counts ({counts})."
             )
         reaching: list[str] = []

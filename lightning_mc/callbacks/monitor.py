@@ -26,7 +26,7 @@ from lightning_mc.core.forward import ForwardFn
 from lightning_mc.core.metric import Normalization
 from lightning_mc.core.modality import ModalitiesSpec, Modality, TargetSpec
 from lightning_mc.core.occlusion import FillSpec
-from lightning_mc.core.outputs import OutputTransform
+from lightning_mc.core.outputs import OutputKey, OutputTransform
 from lightning_mc.core.result import ContributionResult, HistoryEntry
 from lightning_mc.core.warn_once import WarnOnce
 from lightning_mc.measurement import ContributionMeasurement
@@ -90,7 +90,7 @@ class ModalityContributionMonitor(Callback):
         modalities: ModalitiesSpec,
         *,
         forward_fn: ForwardFn | None = None,
-        output_key: str | None = None,
+        output_key: OutputKey = None,
         output_transform: OutputTransform = None,
         occlusion: FillSpec = "mean",
         normalization: Normalization = "ratio_of_sums",
@@ -201,6 +201,7 @@ class ModalityContributionMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.measurement.check_encoders_again()  # once per fit: the model (or its wrapping) may differ
+        self._reuse.check_again()  # the reused prediction is compared with the model's own once per fit
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,7 +20,8 @@ MONITOR_DOCS = {
     "``ModalityContributionMonitor(..., dataloader_idx=1, prefix='mc_external')``.",
     "reuse_outputs": "Take the clean outputs from what ``validation_step`` returned (only the occluded copies run): "
     "``True`` (it returns the output tensor), the key or attribute holding it, or a callable ``outputs -> Tensor``. It "
-    "must be what ``forward_fn``/``output_key`` give, before ``output_transform``.",
+    "must be what ``forward_fn``/``output_key`` give, before ``output_transform``: the first measured batch of each "
+    "fit runs once more to compare, and a prediction on another scale (probabilities) is refused.",
 }
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Union
 
+import torch
 from torch import Tensor
 
+from lightning_mc.core.encoders import noise_gap, relative_gap
 from lightning_mc.core.engine import GivenCleanError, OcclusionEngine
+from lightning_mc.core.occlusion import plain_tensor
 from lightning_mc.core.outputs import available_keys, select_prediction
 from lightning_mc.core.replay import Recording
 from lightning_mc.measurement import ContributionMeasurement
@@ -23,6 +26,11 @@ class ValidationStepReuse:
     :meth:`measure` stops it and hands the measurement the step's prediction with what the encoders computed in the
     step's forward call, so the measurement never runs the clean batch again.
 
+    The first measured batch of each fit (:meth:`check_again`) is also run once through the model as the occluded
+    copies are (``forward_fn``, ``output_key``), and the step's prediction must equal that output up to float noise
+    (:func:`check_reused_prediction`): a step that returns probabilities, or other logits, is refused, never measured
+    with its clean outputs on another scale than the copies'. One clean forward call per fit.
+
     Args:
         reuse_outputs: The monitor's ``reuse_outputs`` (checked by :func:`check_reuse_outputs`).
     """
@@ -30,6 +38,11 @@ class ValidationStepReuse:
     def __init__(self, reuse_outputs: Any) -> None:
         self.reuse_outputs = check_reuse_outputs(reuse_outputs)
         self._active: tuple[Any, Recording | None] | None = None
+        self._check_pending = True
+
+    def check_again(self) -> None:
+        """Compare the next reused prediction with the model's own output (a new fit: maybe another model)."""
+        self._check_pending = True
 
     def start(self, engine: OcclusionEngine, model: Any) -> None:
         """Record the encoders in the forward calls from now on (nothing without ``reuse_outputs``)."""
@@ -50,8 +63,12 @@ class ValidationStepReuse:
         if self.reuse_outputs is False:
             measurement.update(model, batch, num_samples)
             return
+        prediction = reused_prediction(self.reuse_outputs, outputs)
+        if self._check_pending:
+            check_reused_prediction(self.reuse_outputs, measurement.engine, model, batch, prediction)
+            self._check_pending = False
         try:
-            measurement.update(model, batch, num_samples, reused_prediction(self.reuse_outputs, outputs), recording)
+            measurement.update(model, batch, num_samples, prediction, recording)
         except GivenCleanError as err:
             raise ValueError(f"reuse_outputs={self.reuse_outputs!r}: {err}") from None
 
@@ -65,7 +82,7 @@ class ValidationStepReuse:
         return recording
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the monitor; a running recording stays behind
-        return {"reuse_outputs": self.reuse_outputs, "_active": None}
+        return {"reuse_outputs": self.reuse_outputs, "_active": None, "_check_pending": True}
 
 
 def check_reuse_outputs(reuse_outputs: Any) -> ReuseOutputs:
@@ -120,4 +137,51 @@ def reused_prediction(reuse_outputs: ReuseOutputs, outputs: Any) -> Tensor:
     return prediction
 
 
-__all__ = ["ReuseOutputs", "ValidationStepReuse", "check_reuse_outputs", "reused_prediction"]
+def check_reused_prediction(
+    reuse_outputs: ReuseOutputs, engine: OcclusionEngine, model: Any, batch: Any, prediction: Tensor
+) -> None:
+    """Raise unless ``prediction`` (the validation step's) is the model's own output on ``batch``, up to float noise.
+
+    The occluded copies are the model's output (``forward_fn``, ``output_key``) passed through ``output_transform``;
+    the reused clean prediction is passed through it too, so it must be on the same scale: the logits, not what the
+    step made of them. A prediction whose shape differs is left to the engine's own check (a clearer message).
+
+    Raises:
+        ValueError: Naming ``reuse_outputs`` and ``output_transform``, the gap, and the fix; when ``prediction`` is
+            the model's output after ``output_transform`` (probabilities), saying so.
+    """
+    reader = engine.outputs
+    with torch.no_grad():
+        own = select_prediction(engine.forward_fn(model, batch), reader.output_key)
+    if not isinstance(own, Tensor) or own.shape != prediction.shape:
+        return
+    own, prediction = plain_tensor(own), plain_tensor(prediction)
+    gap = relative_gap(prediction, own)
+    if gap <= noise_gap(own):
+        return
+    transform = reader.output_transform
+    rows = own.shape[0] if own.ndim else 0
+    transformed = None
+    if transform is not None and rows:
+        try:
+            transformed = reader.transform(own, rows)
+        except (TypeError, ValueError):  # the engine says why, with the copies' outputs
+            transformed = None
+    reuse = f"reuse_outputs={reuse_outputs!r}"
+    if transformed is not None and relative_gap(prediction.reshape(rows, -1), transformed) <= noise_gap(transformed):
+        raise ValueError(
+            f"{reuse}: validation_step returns the model's outputs after output_transform={transform!r} (they equal "
+            "the transformed output of the model's own forward call on this batch), and the measurement applies the "
+            "transform to the clean outputs again while the occluded copies get it once. Return the model's "
+            "prediction before the transform from validation_step (e.g. the logits, with the probabilities computed "
+            "from them elsewhere), or set reuse_outputs=False."
+        )
+    raise ValueError(
+        f"{reuse}: the prediction validation_step returns differs from the model's own output on this batch "
+        f"(forward_fn and output_key, before output_transform={transform!r}) by {gap:.3g} (relative), beyond float "
+        "noise: the clean outputs would come from another computation than the occluded copies. Return exactly what "
+        "the model's forward call gives on the batch, or set reuse_outputs=False."
+    )
+
+
+__all__ = ["ReuseOutputs", "ValidationStepReuse", "check_reuse_outputs", "check_reused_prediction", "reused_prediction"]

@@ -18,7 +18,9 @@ encoders run.
 Replay is exact only when an encoder's output row depends on its own modality's input row alone (true in eval mode
 for CNNs, MLPs, transformers with their own attention mask). The cache compares the cached and the plain path on one
 row of each copy of the first batch of a fit (and again after :meth:`EncoderCache.check_again`, or for another model)
-and raises a ``ValueError`` naming the module otherwise.
+and raises a ``ValueError`` naming the module otherwise. One seeded random batch of every measurement is checked again
+on a seeded random row (:mod:`~lightning_mc.core.spot_check`): an encoder that reads another modality only on later
+batches is caught within a few measurements.
 
 A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
 (the check makes sure the model reads that input nowhere else). Where replaying does not pay (tiny encoders), the
@@ -42,7 +44,8 @@ from lightning_mc.core.encoders import ResolvedEncoders, noise_gap, relative_gap
 from lightning_mc.core.layout import BatchFills, BatchView, Copy, Piece, samples_of
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.path_choice import PathChoice
-from lightning_mc.core.replay import EncoderHooks, Mode, Recording, Replay
+from lightning_mc.core.replay import EncoderHooks, Mode, Recording, Replay, _index_rows, rows_of
+from lightning_mc.core.spot_check import SpotCheck
 
 #: Called with the pieces of each chunk before its forward call; returns the modalities (indices) whose rows are not
 #: built for the call (read only through replayed encoders), or ``None``.
@@ -116,6 +119,12 @@ class EncoderCache:
         self.choice = PathChoice()
         #: ``encoder name -> (state, input row, output row)`` of a fill that is the same for every sample.
         self._once: dict[str, tuple[Any, Any, Any]] = {}
+        #: Which batch of each measurement is checked again (:mod:`~lightning_mc.core.spot_check`).
+        self.spot = SpotCheck()
+
+    def start_measurement(self, check: int, seed: int) -> None:
+        """A measurement starts: draw the batch its spot check runs on (``check``, ``seed``: as the fills')."""
+        self.spot.start(check, seed)
 
     def check_again(self) -> None:
         """Compare the cached path with the plain one on the next batch, and time both again (a new fit)."""
@@ -164,6 +173,7 @@ class EncoderCache:
                 self.check_again()
             self._checked_for = checked_for
         device, rows = view.values[0].device, sum(copy.num_rows(view.size) for copy in copies)
+        spot = self.spot.next_batch() and not self._check_pending  # a fully checked batch needs no spot check
         timed = None if self._check_pending else self.choice.next_to_time
         if timed == "plain":
             with self.choice.timing("plain", rows, device):
@@ -179,6 +189,8 @@ class EncoderCache:
             replay = Replay(recorded, self._once)
             with self._hooks.replaying(model, replay):
                 rows_out = call.run(occluded, self._setting_modes(replay, view, fills, occluded))
+        if spot:  # outside the timing: the path choice compares the paths' own work
+            self._spot_check(call, recorded)
         return [clean_rows, *rows_out] if len(occluded) < len(copies) else rows_out
 
     def _model_key(self, model: nn.Module) -> tuple[Any, ...]:
@@ -305,24 +317,61 @@ class EncoderCache:
             for copy, want, got in zip(call_copies, plain_calls, cached_recording.calls[name]):
                 gap = relative_gap(got, want)
                 if gap > noise_gap(want):
-                    occluded = ", ".join(repr(self.modality_names[i]) for i in sorted(copy.occluded))
-                    raise ValueError(
-                        f"encoders: {name!r} (given for modality {owners[name]!r}) is not an encoder of "
-                        f"{owners[name]!r} alone: with {occluded} occluded its output differs from its replayed "
-                        f"output by {gap:.3g} (relative) on sample {int(copy.samples[0])}, so it also depends on "
-                        f"modality {occluded} (cross-attention, FiLM, early fusion, or state kept between calls). "
-                        f"Name only modules whose output depends on {owners[name]!r}'s input alone, or leave "
-                        f"{owners[name]!r} out of encoders."
-                    )
+                    raise self._not_one_modality(name, owners[name], copy, gap)
         mismatch = _first_mismatch(restricted, plain, cached)
         if mismatch is not None:
-            copy, gap = mismatch
-            raise ValueError(
-                f"encoders={self.found!r}: every encoder's output matches the plain path, but the model's "
-                f"outputs with {copy.name!r} occluded differ by {gap:.3g} (relative) on sample {int(copy.samples[0])}; "
-                "the model does not run its encoders once per forward call on its own inputs. Leave encoders out for "
-                "this model."
-            )
+            raise self._outputs_differ(*mismatch)
+
+    def _spot_check(self, call: _Call, recorded: dict[str, Any]) -> None:
+        """Run a seeded random sample once per modality, it clean and every other modality occluded; compare.
+
+        One plain forward call of one row per modality with encoders: each encoder's output on its own modality's
+        row (its input clean, the others' filled) must equal its recorded clean output, or it reads another modality.
+
+        Raises:
+            ValueError: As the first batch's check, naming the batch of the measurement.
+        """
+        assert self._hooks is not None and self.found is not None
+        self.spot.done()
+        view = call.view
+        sample = self.spot.sample(view.size, view.values[0].device)
+        everything = range(len(self.modality_names))
+        copies = []
+        for modality in self.found:
+            owner = self.modality_names.index(modality)
+            copies.append(Copy(f"all but {modality!r}", frozenset(i for i in everything if i != owner), None, sample))
+        with self._hooks.record(call.model) as recording:
+            call.run(copies)
+        where = f" (the spot check of batch {self.spot.batch} of this measurement; the first batch's full check passed)"
+        calls = next(iter(recording.calls.values()))  # more than one with a max_batch_size below the modalities
+        plain = recording.concatenated([rows_of(output) for output in calls])
+        for row, (copy, (modality, names)) in enumerate(zip(copies, self.found.items())):
+            for name in names:
+                want = _index_rows(recorded[name], sample)
+                gap = relative_gap(_index_rows(plain[name], torch.tensor([row], device=sample.device)), want)
+                if gap > noise_gap(want):
+                    raise self._not_one_modality(name, modality, copy, gap, where)
+
+    def _not_one_modality(self, name: str, owner: str, copy: Copy, gap: float, where: str = "") -> ValueError:
+        """The error of encoder ``name`` whose output changed with ``copy``'s modalities occluded."""
+        occluded = ", ".join(repr(self.modality_names[i]) for i in sorted(copy.occluded))
+        assert copy.samples is not None
+        return ValueError(
+            f"encoders: {name!r} (given for modality {owner!r}) is not an encoder of {owner!r} alone: with {occluded} "
+            f"occluded its output differs from its replayed output by {gap:.3g} (relative) on sample "
+            f"{int(copy.samples[0])}{where}, so it also depends on modality {occluded} (cross-attention, FiLM, early "
+            f"fusion, or state kept between calls). Name only modules whose output depends on {owner!r}'s input alone, "
+            f"or leave {owner!r} out of encoders."
+        )
+
+    def _outputs_differ(self, copy: Copy, gap: float, where: str = "") -> ValueError:
+        """The error of a model whose outputs with ``copy`` occluded differ between the paths, encoders matching."""
+        assert copy.samples is not None
+        return ValueError(
+            f"encoders={self.found!r}: every encoder's output matches the plain path, but the model's outputs with "
+            f"{copy.name!r} occluded differ by {gap:.3g} (relative) on sample {int(copy.samples[0])}{where}; the model "
+            "does not run its encoders once per forward call on its own inputs. Leave encoders out for this model."
+        )
 
     def _cached_rows(self, call: _Call, copies: list[Copy], recorded: dict[str, Any]) -> tuple[Recording, list[Tensor]]:
         """The cached path's outputs of ``copies``, with the encoders' (replayed) outputs of each call recorded."""

@@ -23,6 +23,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
+from lightning_mc.core.outputs import full_precision_dtype
+
 Normalization = Literal["ratio_of_sums", "per_sample", "per_sample_output"]
 NORMALIZATIONS: tuple[str, ...] = ("ratio_of_sums", "per_sample", "per_sample_output")
 
@@ -35,9 +37,10 @@ def absolute_differences(clean: Tensor, occluded: Tensor) -> Tensor:
         occluded: Outputs with one attribute occluded at a time, ``(N, H, C)`` (``H`` attributes of all modalities).
 
     Returns:
-        ``|clean − occluded|`` of shape ``(N, H, C)`` in float32 (or float64 if the inputs are).
+        ``|clean − occluded|`` of shape ``(N, H, C)`` in float32, or float64 if either input is
+        (:func:`~lightning_mc.core.outputs.full_precision_dtype`).
     """
-    dtype = torch.promote_types(torch.promote_types(clean.dtype, occluded.dtype), torch.float32)
+    dtype = full_precision_dtype(clean.dtype, occluded.dtype)
     return (occluded.to(dtype) - clean.to(dtype).unsqueeze(1)).abs()
 
 
@@ -197,7 +200,10 @@ class ModalityContribution(Metric):
                 f"clean has {clean.shape[1]} outputs but earlier batches had {self.attribute_diff.shape[1]}; the "
                 "number of outputs must stay the same."
             )
-        diffs = absolute_differences(clean, stacked).to(self.attribute_diff.dtype)
+        diffs = absolute_differences(clean, stacked)
+        if diffs.dtype == torch.float64 and self.attribute_diff.dtype != torch.float64:
+            self._sum_in_float64()
+        diffs = diffs.to(self.attribute_diff.dtype)
         # a difference is finite exactly when both outputs are (inf − inf is NaN), so one pass finds the bad samples;
         # they contribute 0 (torch.where, not boolean indexing: no copy of the batch). On CPU reading the flag is
         # free and spares the masking when every sample is finite; on a GPU it would sync, so mask there always.
@@ -218,6 +224,16 @@ class ModalityContribution(Metric):
             self._update_sample_shares(diffs)
         elif self.normalization == "per_sample_output":
             self._update_output_shares(diffs)
+
+    def _sum_in_float64(self) -> None:
+        """Keep float64 outputs' differences in float64 sums (a float32 sum would lose what float64 resolves).
+
+        The states are created in the default dtype; a reset gives them back, and the next float64 batch promotes them
+        again. Counts stay as they are.
+        """
+        for name in ("attribute_diff", "sample_share_sum", "output_share_sum"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name).double())
 
     def _update_sample_shares(self, diffs: Tensor) -> None:
         sample_totals = sum_per_modality(diffs, self.attribute_counts, dim=1).sum(dim=2)  # (N, M)

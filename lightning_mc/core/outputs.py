@@ -1,7 +1,9 @@
 """From what the model returns to the ``(N, C)`` outputs the metric compares: pick the prediction, apply the activation.
 
 A model may return a tensor, a dict (``{"logits": ...}``), a Hugging Face ``ModelOutput`` (a dict that also has
-attributes) or any object with the prediction as an attribute; ``output_key`` names where the prediction is.
+attributes), a tuple (``(logits, features)``, a Hugging Face model with ``return_dict=False``) or any object with the
+prediction as an attribute; ``output_key`` names where the prediction is: a key or attribute name, or an index into a
+tuple or list.
 
 The output transform receives the prediction in the model's own shape; only its result is flattened per sample. A
 softmax needs to know which dimension holds the classes: on ``(N,)`` and ``(N, C)`` outputs it is the last; on denser
@@ -10,6 +12,9 @@ segmentation nets) or ``"softmax:-1"`` for class-last logits ``(N, T, C)`` (Hugg
 language-model heads); a bare ``"softmax"`` there is refused at the first batch, never guessed. ``"log_softmax"``
 compares log-probabilities, which stay apart where float32 probabilities saturate to exactly 0 and 1. ``"sigmoid"`` is
 element-wise and fits any shape.
+
+Every named transform and every difference works in the outputs' full precision (:func:`full_precision`): a float64
+model keeps float64, half-precision outputs (bf16, fp16) are computed in float32.
 
 Example:
     >>> import torch
@@ -26,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args
 
+import torch
 from torch import Tensor
-from torchmetrics.utilities import rank_zero_warn
 
 from lightning_mc.core.occlusion import plain_tensor
 
@@ -42,11 +47,44 @@ OUTPUT_TRANSFORMS: tuple[str, ...] = get_args(get_args(OutputTransform)[0])
 PROBABILITY_TRANSFORMS: tuple[str, ...] = ("softmax", "softmax:1", "softmax:-1", "sigmoid")
 
 
-def check_output_key(output_key: str | None) -> None:
-    """Raise a ``TypeError`` unless ``output_key`` is ``None`` or a non-empty string."""
-    if output_key is not None and (not isinstance(output_key, str) or not output_key):
+def full_precision_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype outputs of ``dtypes`` are compared in: float64 if any is float64, else float32.
+
+    Example:
+        >>> full_precision_dtype(torch.bfloat16), full_precision_dtype(torch.float32, torch.float64)
+        (torch.float32, torch.float64)
+    """
+    dtype = torch.float32
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return dtype
+
+
+def full_precision(tensor: Tensor) -> Tensor:
+    """``tensor`` in the precision outputs are compared in: float64 stays float64, anything less becomes float32.
+
+    The one rule for every named output transform and every difference of outputs: half precision (bf16, fp16) and
+    integer outputs are promoted to float32, float32 and float64 are kept (no copy).
+
+    Example:
+        >>> full_precision(torch.zeros(1, dtype=torch.bfloat16)).dtype, full_precision(torch.zeros(1).double()).dtype
+        (torch.float32, torch.float64)
+    """
+    return tensor.to(full_precision_dtype(tensor.dtype))
+
+
+#: Where the prediction is in the model's output: a key or attribute name, an index into a tuple, or ``None``.
+OutputKey = Union[str, int, None]
+
+
+def check_output_key(output_key: OutputKey) -> None:
+    """Raise a ``TypeError`` unless ``output_key`` is ``None``, a non-empty string or an int (not a bool)."""
+    if output_key is None or (isinstance(output_key, int) and not isinstance(output_key, bool)):
+        return
+    if not isinstance(output_key, str) or not output_key:
         raise TypeError(
-            f"output_key={output_key!r} must be None or the non-empty name of the prediction, e.g. 'logits'."
+            f"output_key={output_key!r} must be None, the non-empty name of the prediction (e.g. 'logits') or its "
+            "index in a tuple output (e.g. 0)."
         )
 
 
@@ -66,26 +104,40 @@ def available_keys(output: Any) -> list[str]:
     return [name for name in vars(output) if not name.startswith("_")]
 
 
-def select_prediction(output: Any, output_key: str | None) -> Any:
-    """The prediction in ``output``: ``output[output_key]`` for a mapping, else ``getattr(output, output_key)``.
+def select_prediction(output: Any, output_key: OutputKey) -> Any:
+    """The prediction in ``output``: ``output[output_key]`` for a mapping or an index, else an attribute.
 
-    ``output_key=None`` returns ``output`` unchanged (the model returns the prediction itself).
+    ``output_key=None`` returns ``output`` unchanged (the model returns the prediction itself); an int indexes a tuple
+    or list (``(logits, features)``: ``output_key=0``).
 
     Raises:
-        KeyError: If ``output`` has no ``output_key``; the message lists the keys (or attributes) it has.
+        KeyError: If ``output`` has no ``output_key``; the message lists the keys (or attributes) it has, or says
+            how many items a tuple has.
+
+    Example:
+        >>> import torch
+        >>> select_prediction((torch.zeros(2, 3), torch.ones(2, 8)), 0).shape
+        torch.Size([2, 3])
     """
     if output_key is None:
         return output
     if isinstance(output, Mapping):
         if output_key in output:
             return output[output_key]
-    elif isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+    elif isinstance(output, (tuple, list)) and (isinstance(output_key, int) or not hasattr(output, "_fields")):
+        if isinstance(output_key, int) and -len(output) <= output_key < len(output):
+            return output[output_key]
+        if isinstance(output_key, int):
+            raise KeyError(
+                f"output_key={output_key} is out of range: the model's output is a {type(output).__name__} of "
+                f"{len(output)} items. Pass the index of the prediction tensor, 0 to {len(output) - 1}."
+            )
         raise KeyError(
             f"output_key={output_key!r} names a key, but the model's output is a {type(output).__name__} of "
-            f"{len(output)} items. Pass a forward_fn that returns the prediction tensor, e.g. "
-            "forward_fn=lambda model, batch: model(...)[0], and no output_key."
+            f"{len(output)} items, which has none. Pass the prediction's index instead, e.g. output_key=0 for the "
+            "first item."
         )
-    elif hasattr(output, output_key):
+    elif isinstance(output_key, str) and hasattr(output, output_key):
         return getattr(output, output_key)
     raise KeyError(
         f"output_key={output_key!r} is not in the model's output ({type(output).__name__}); it has "
@@ -99,7 +151,7 @@ def _identity(outputs: Tensor) -> Tensor:
 
 
 def _sigmoid(outputs: Tensor) -> Tensor:
-    return outputs.float().sigmoid()
+    return full_precision(outputs).sigmoid()
 
 
 class _OverClasses:
@@ -124,7 +176,7 @@ class _OverClasses:
                 f"output_transform='{self.name}:{dim}' on outputs of shape {tuple(outputs.shape)}: dimension {dim} "
                 "is not a class dimension (dimension 0 holds the samples)."
             )
-        outputs = outputs.float()
+        outputs = full_precision(outputs)
         return outputs.log_softmax(dim=dim) if self.name == "log_softmax" else outputs.softmax(dim=dim)
 
     def classes(self, shape: tuple[int, ...]) -> int | None:
@@ -158,12 +210,12 @@ class OutputReader:
     """Turns what one forward call returns into checked ``(rows, C)`` outputs: select, flatten, transform.
 
     Args:
-        output_key: Where the prediction is in the output (see :func:`select_prediction`); ``None``: the output is the
-            prediction tensor.
+        output_key: Where the prediction is in the output, a name or a tuple index (see :func:`select_prediction`);
+            ``None``: the output is the prediction tensor.
         output_transform: ``None``, ``"softmax"`` (over the last dimension), ``"sigmoid"`` or a callable.
 
     Raises:
-        TypeError: If ``output_key`` is not ``None`` or a non-empty string.
+        TypeError: If ``output_key`` is not ``None``, a non-empty string or an int.
         ValueError: If ``output_transform`` is not one of the above.
 
     Example:
@@ -173,12 +225,11 @@ class OutputReader:
         [0.25, 0.25, 0.25, 0.25]
     """
 
-    def __init__(self, output_key: str | None, output_transform: OutputTransform) -> None:
+    def __init__(self, output_key: OutputKey, output_transform: OutputTransform) -> None:
         check_output_key(output_key)
         self.output_key = output_key
         self.output_transform = output_transform
         self._transform = resolve_output_transform(output_transform)
-        self._warned_single_output_softmax = False
 
     def read(self, output: Any, rows: int) -> Tensor:
         """The prediction in ``output`` (what ``forward_fn`` returned for ``rows`` samples), transformed."""
@@ -189,10 +240,17 @@ class OutputReader:
 
         Raises:
             TypeError: If ``output`` is not a tensor.
-            ValueError: If ``output`` does not hold ``rows`` samples along dimension 0.
+            ValueError: If ``output`` does not hold ``rows`` samples along dimension 0, or a softmax would run over a
+                single class (always 1).
         """
         if not isinstance(output, Tensor):
             where = "The model returned" if self.output_key is None else f"output_key={self.output_key!r} selected"
+            if self.output_key is None and isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+                raise TypeError(
+                    f"{where} a {type(output).__name__} of {len(output)} items, not a tensor. Name the prediction "
+                    "tensor by its index with output_key (e.g. output_key=0 for the first item) or pass a forward_fn "
+                    "that returns it."
+                )
             raise TypeError(
                 f"{where} a {type(output).__name__}, not a tensor. Name the prediction tensor with output_key (e.g. "
                 "output_key='logits' for a dict or a Hugging Face ModelOutput) or pass a forward_fn that returns it."
@@ -202,18 +260,16 @@ class OutputReader:
                 f"The model output has shape {tuple(output.shape)} for an input of {rows} samples; expected the "
                 "samples along dimension 0. Use `forward_fn` to return per-sample outputs."
             )
-        output = plain_tensor(output)  # a MetaTensor output would slice by sample metadata
+        output, shape = plain_tensor(output), output.shape  # a MetaTensor output would slice by sample metadata
         if output.ndim == 1:  # one output per sample
             output = output.unsqueeze(1)
-        over_classes = isinstance(self._transform, _OverClasses)
-        single = over_classes and self._transform.classes(tuple(output.shape)) == 1
-        if single and not self._warned_single_output_softmax:
-            self._warned_single_output_softmax = True
-            rank_zero_warn(
-                f"output_transform={self.output_transform!r} on a model with 1 output: the softmax of one logit is "
-                "always 1, so every share will be NaN. Use output_transform='sigmoid' for a binary model with a single "
-                "logit.",
-                UserWarning,
+        if isinstance(self._transform, _OverClasses) and self._transform.classes(tuple(output.shape)) == 1:
+            name = self._transform.name
+            raise ValueError(
+                f"output_transform={self.output_transform!r} on outputs of shape {tuple(shape)}: one class, and the "
+                f"{name} of one logit is always {1 if name == 'softmax' else 0}, so no occlusion could move it (every "
+                "share would be NaN). Use output_transform='sigmoid' for a binary model with a single logit, or None "
+                "for a regression output."
             )
         transformed = self._transform(output)
         if not isinstance(transformed, Tensor) or transformed.shape[0] != rows:

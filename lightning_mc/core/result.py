@@ -45,6 +45,23 @@ class HistoryEntry(TypedDict):
     shapley: NotRequired[dict[str, float]]
 
 
+def undefined_shares_cause(entry: Mapping[str, object]) -> str:
+    """Why a check's shares are NaN, for messages: no finite output to measure, or no occlusion moved any output.
+
+    The shares are NaN exactly when no sample was measured (every sample had a NaN or inf output, clean or occluded,
+    and was skipped: ``num_samples`` counts the finite ones) or when none of the measured samples moved.
+
+    Example:
+        >>> undefined_shares_cause({"num_samples": 0})
+        'the model gave NaN or inf outputs on every sample, so none was measured'
+        >>> undefined_shares_cause({"num_samples": 12})
+        'no occlusion moved any output'
+    """
+    if entry.get("num_samples") == 0:
+        return "the model gave NaN or inf outputs on every sample, so none was measured"
+    return "no occlusion moved any output"
+
+
 @dataclass(frozen=True)
 class ContributionResult:
     """Modality contributions measured on a set of samples.
