@@ -30,9 +30,10 @@ Example:
     >>> result = linear_probe(informative, labels)
     >>> result.metric, result.verdict, result.score > 0.7
     ('AUROC', 'informative', True)
-    >>> linear_probe(torch.randn(400, 3, generator=generator), labels).verdict
+    >>> noise = torch.randn(2000, 3, generator=generator)
+    >>> linear_probe(noise, torch.arange(2000) % 2).verdict
     'uninformative'
-    >>> linear_probe(torch.randn(40, 3, generator=generator), labels[:40]).verdict  # too few samples to show absence
+    >>> linear_probe(noise[:40], labels[:40]).verdict  # too few samples to show absence
     'undecided'
 """
 
