@@ -22,7 +22,8 @@ and raises a ``ValueError`` naming the module otherwise.
 
 A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
 (the check makes sure the model reads that input nowhere else). Where replaying does not pay (tiny encoders), the
-first batches' timing keeps the plain path for the fit (:mod:`~lightning_mc.core.path_choice`).
+first batch's timing (its clean pass against its cached copies, per row) keeps the plain path for the fit
+(:mod:`~lightning_mc.core.path_choice`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class CopiesRunner(Protocol):
         copies: Sequence[Copy],
         before_chunk: BeforeChunk | None = None,
     ) -> list[Tensor]: ...
+
+    def rows_per_call(self, batch_size: int) -> int:  # noqa: D102
+        ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class EncoderCache:
         #: Whether a modality read only through replayed encoders gets one expanded row instead of its copies' rows
         #: (off once the check finds that the model also reads such an input elsewhere).
         self.stand_ins = True
-        #: Which path runs the copies: timed on the first batches, the plain one where caching does not pay.
+        #: Which path runs the copies: timed on the first batch, the plain one where caching does not pay.
         self.choice = PathChoice()
         #: ``encoder name -> (state, input row, output row)`` of a fill that is the same for every sample.
         self._once: dict[str, tuple[Any, Any, Any]] = {}
@@ -150,8 +154,9 @@ class EncoderCache:
     ) -> list[Tensor]:
         """The outputs of each copy, with the encoders replayed where their modality is left alone.
 
-        The first batch of a fit (or of another model) is checked against the plain path first; the first batches
-        after it are timed on both paths, and the plain path is kept where caching does not pay.
+        The first batch of a fit (or of another model) is checked against the plain path first; its clean pass (the
+        plain path's work on the clean rows) and its cached copies are timed, and the plain path is kept where caching
+        does not pay (:mod:`~lightning_mc.core.path_choice`).
         """
         call = _Call(runner, model, view, fills)
         if self._hooks is None and not self._searched and view.size > 1:
@@ -163,20 +168,27 @@ class EncoderCache:
             if self._checked_for is not None:  # another model: other weights, maybe another architecture
                 self.check_again()
             self._checked_for = checked_for
-        device, rows = view.values[0].device, sum(copy.num_rows(view.size) for copy in copies)
-        timed = None if self._check_pending else self.choice.next_to_time
-        if timed == "plain":
-            with self.choice.timing("plain", rows, device):
+        device = view.values[0].device
+        timed = self.choice.next_to_time
+        if timed == "plain":  # the first batch ran no clean pass of its own (reuse_outputs): time this one plain
+            rows = sum(copy.num_rows(view.size) for copy in copies)
+            with self.choice.timing("plain", rows, device, "on the next batch"):
                 return call.run(copies)
+        occluded = [copy for copy in copies if copy.occluded]
+        rows = sum(copy.num_rows(view.size) for copy in occluded)
+        # The plain path would run the occluded rows in `calls` forward calls. With a call's cost = a + b · rows, the
+        # clean pass (one call of N rows) times the rows of one such call, or N where they are fewer, is at most what
+        # the plain path costs: the estimate leans to the plain path, which is never dearer than without encoders.
+        calls = -(-rows // runner.rows_per_call(view.size))
+        clean_stands_for = max(view.size, rows // max(calls, 1))
+        recorded, clean_rows = self._recorded(call, copies, given, clean_stands_for if timed else None)
+        if self._check_pending:
+            self._check(call, occluded, recorded)
+            self._check_pending = False
+            if view.size < 2:  # the stand-in row is the only row: whether the model reads it cannot show
+                self.stand_ins = False
+        replay = Replay(recorded, self._once)
         with self.choice.timing("cached", rows, device) if timed else nullcontext():
-            recorded, clean_rows = self._recorded(call, copies, given)
-            occluded = [copy for copy in copies if copy.occluded]
-            if self._check_pending:
-                self._check(call, occluded, recorded)
-                self._check_pending = False
-                if view.size < 2:  # the stand-in row is the only row: whether the model reads it cannot show
-                    self.stand_ins = False
-            replay = Replay(recorded, self._once)
             with self._hooks.replaying(model, replay):
                 rows_out = call.run(occluded, self._setting_modes(replay, view, fills, occluded))
         return [clean_rows, *rows_out] if len(occluded) < len(copies) else rows_out
@@ -187,11 +199,12 @@ class EncoderCache:
         return (id(model), *((id(encoder.module), type(encoder.module)) for encoder in self._hooks.bind(model)))
 
     def _recorded(
-        self, call: _Call, copies: list[Copy], given: Recording | None
+        self, call: _Call, copies: list[Copy], given: Recording | None, timed_as: int | None = None
     ) -> tuple[dict[str, Any], Tensor | None]:
         """The encoders' outputs on the clean rows, and the clean outputs when the clean copy ran for them.
 
-        What the caller recorded in the forward call that gave the clean outputs; else the clean copy runs, recorded.
+        What the caller recorded in the forward call that gave the clean outputs; else the clean copy runs, recorded
+        (``timed_as``: timed for :attr:`choice` as the plain path's work on that many rows).
         """
         assert self._hooks is not None
         recorded = None
@@ -203,7 +216,13 @@ class EncoderCache:
         clean_rows = None
         if recorded is None or (copies and copies[0].name is None):
             calls: list[int] = []
-            with self._hooks.record(call.model) as recording:
+            device = call.view.values[0].device
+            timing = (
+                nullcontext()
+                if timed_as is None
+                else self.choice.timing("plain", timed_as, device, "(from the first batch's clean pass)")
+            )
+            with self._hooks.record(call.model) as recording, timing:
                 clean_rows = call.run([Copy(None)], _counting_rows(calls))[0]
             recorded = recording.concatenated(calls)
         return recorded, clean_rows

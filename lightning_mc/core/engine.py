@@ -266,7 +266,7 @@ class OcclusionEngine:
                 rows are not built (one clean row stands in for all, expanded without a copy).
         """
         outputs, labels = [], []
-        max_rows = self.settings.max_batch_size or DEFAULT_COPIES_PER_CALL * view.size
+        max_rows = self.rows_per_call(view.size)
         groups = None if before_chunk is None else [(copy.occluded, copy.mask is None) for copy in copies]
         for chunk in plan_chunks([copy.num_rows(view.size) for copy in copies], max_rows, groups):
             stand_ins = before_chunk(chunk) if before_chunk is not None else None
@@ -277,6 +277,10 @@ class OcclusionEngine:
             return [torch.empty(0, 0) for _ in copies]
         self.outputs.check_same_width(outputs, labels)
         return list(torch.cat(outputs).split([copy.num_rows(view.size) for copy in copies]))
+
+    def rows_per_call(self, batch_size: int) -> int:
+        """The most rows one forward call takes, for batches of ``batch_size`` samples."""
+        return self.settings.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
 
     # ------------------------------------------------------------------------------------------------ the copies
 
