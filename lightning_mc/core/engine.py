@@ -32,12 +32,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_mc.core.copies import (
-    attribute_copies,
     attribute_masks,
     coalition_copy,
+    describe_copies,
     is_whole,
     outputs_by_modality,
-    what_changed,
 )
 from lightning_mc.core.encoder_cache import BeforeChunk, EncoderCache
 from lightning_mc.core.encoders import ResolvedEncoders
@@ -214,10 +213,7 @@ class OcclusionEngine:
         extra = [copy for copy in extra if copy.occluded not in reused]
         with _evaluating(model), torch.inference_mode():
             fills = self.draws.fill(view)
-            per_modality = [
-                attribute_copies(modalities, i, m, view.values[i], fills.values[i]) for i, m in enumerate(masks)
-            ]
-            attributes = [copy for copies_of_modality, _ in per_modality for copy in copies_of_modality]
+            attributes, changed = describe_copies(modalities, masks, view.values, fills.values)
             copies = [*([Copy(None)] if clean is None else []), *attributes, *extra]
             rows = self._run_copies(model, view, fills, copies, encoder_outputs)
             clean_rows = rows.pop(0) if clean is None else self.outputs.given_clean(clean, _width(rows), view.size)
@@ -227,7 +223,6 @@ class OcclusionEngine:
             coalition_rows[members] = occluded[modalities[owner].name][:, 0]
         names = {m.name: a.names for m, a in zip(modalities, masks)}
         coalition_outputs = {c: coalition_rows[frozenset(c)] for c in coalitions}
-        changed = what_changed(modalities, per_modality)
         return OccludedOutputs(clean_rows, occluded, names, coalition_outputs, changed, view.size)
 
     def check_batch(self, model: nn.Module, batch: Batch) -> None:
