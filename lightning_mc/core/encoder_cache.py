@@ -43,7 +43,7 @@ from lightning_mc.core.encoders import ResolvedEncoders, noise_gap, relative_gap
 from lightning_mc.core.layout import BatchFills, BatchView, Copy, Piece, samples_of
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.path_choice import PathChoice
-from lightning_mc.core.replay import EncoderHooks, Mode, Recording, Replay
+from lightning_mc.core.replay import EncoderHooks, Kept, Mode, Recording, Replay
 
 #: Called with the pieces of each chunk before its forward call; returns the modalities (indices) whose rows are not
 #: built for the call (read only through replayed encoders), or ``None``.
@@ -118,8 +118,8 @@ class EncoderCache:
         self.stand_ins = True
         #: Which path runs the copies: timed on the first batch, the plain one where caching does not pay.
         self.choice = PathChoice()
-        #: ``encoder name -> (state, input row, output row)`` of a fill that is the same for every sample.
-        self._once: dict[str, tuple[Any, Any, Any]] = {}
+        #: ``encoder name ->`` its output row on a fill that is the same for every sample.
+        self._once: dict[str, Kept] = {}
 
     def check_again(self) -> None:
         """Compare the cached path with the plain one on the next batch, and time both again (a new fit)."""

@@ -145,11 +145,10 @@ class Replay:
 
     Args:
         recorded: Each encoder's output on the clean rows.
-        once: Where a constant fill's output row is kept between batches (``encoder name -> (state, input row,
-            output row)``).
+        once: Where a constant fill's output row is kept between batches (``encoder name ->`` :class:`Kept`).
     """
 
-    def __init__(self, recorded: Mapping[str, Any], once: dict[str, tuple[Any, Any, Any]]) -> None:
+    def __init__(self, recorded: Mapping[str, Any], once: dict[str, Kept]) -> None:
         self.recorded = recorded
         self.once = once
         #: ``encoder name -> (mode, sample of each row)`` for the next forward call.
@@ -174,25 +173,74 @@ class Replay:
     ) -> Any:
         """Run the first row only when every row of every input is the same, and expand it to ``rows`` rows.
 
-        The row's output is kept and reused while the input row, the module's parameters and buffers (their version
-        counters move on every in-place update, an optimizer step) and the autocast state stay the same.
+        The row's output is kept (:class:`Kept`) and reused while every row of the inputs equals the kept input row
+        (one comparison per input tensor), the module's parameters and buffers stay the same (their version counters
+        move on every in-place update, an optimizer step; the tensors are listed once, when the row is computed, not
+        walked on every call) and so does the autocast state.
         """
         inputs = pytree.tree_leaves((args, kwargs))
         batched = [leaf for leaf in inputs if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows]
-        if not batched or not all(_rows_equal(leaf) for leaf in batched):
-            return forward(*args, **kwargs)  # the fill is constant but the encoder also reads per-sample inputs
-        first = pytree.tree_map(lambda leaf: _first_row(leaf, rows), (args, kwargs))
+        if not batched:
+            return forward(*args, **kwargs)
         device = batched[0].device.type
-        state = (
-            tuple(tensor._version for tensor in (*module.parameters(), *module.buffers())),
-            torch.is_autocast_enabled(device),
-            torch.get_autocast_dtype(device),
-        )
         kept = self.once.get(name)
-        if kept is None or kept[0] != state or not same_tree(kept[1], first):
-            kept = (state, first, forward(*first[0], **first[1]))
+        if kept is None or not kept.holds(inputs, rows, device):
+            if not all(_rows_equal(leaf) for leaf in batched):
+                return forward(*args, **kwargs)  # the fill is constant but the encoder also reads per-sample inputs
+            first = pytree.tree_map(lambda leaf: _first_row(leaf, rows), (args, kwargs))
+            kept = Kept.of(module, first, forward(*first[0], **first[1]), device)
             self.once[name] = kept
-        return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), kept[2])
+        return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), kept.output)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An encoder's output on one row of a constant fill, and what it was computed from.
+
+    Attributes:
+        tensors: The module's parameters and buffers then.
+        state: Their version counters, and the autocast state.
+        inputs: The input row (``(args, kwargs)``, batch tensors cut to their first row).
+        output: The output row.
+    """
+
+    tensors: tuple[Tensor, ...]
+    state: tuple[Any, ...]
+    inputs: Any
+    output: Any
+
+    @classmethod
+    def of(cls, module: nn.Module, inputs: Any, output: Any, device: str) -> Kept:
+        """The kept row of ``module``, computed on ``inputs`` now."""
+        tensors = (*module.parameters(), *module.buffers())
+        return cls(tensors, _state(tensors, device), inputs, output)
+
+    def holds(self, inputs: list[Any], rows: int, device: str) -> bool:
+        """Whether the output still holds for a call with the leaves ``inputs`` of ``rows`` rows each."""
+        if _state(self.tensors, device) != self.state:
+            return False
+        kept = pytree.tree_leaves(self.inputs)
+        return len(kept) == len(inputs) and all(_same_rows(row, leaf, rows) for row, leaf in zip(kept, inputs))
+
+
+def _state(tensors: tuple[Tensor, ...], device: str) -> tuple[Any, ...]:
+    return (
+        tuple(tensor._version for tensor in tensors),
+        torch.is_autocast_enabled(device),
+        torch.get_autocast_dtype(device),
+    )
+
+
+def _same_rows(row: Any, leaf: Any, rows: int) -> bool:
+    """Whether ``leaf`` is ``row`` (a kept leaf): every row equal to it for a batch tensor, else equal or the same."""
+    if not isinstance(row, Tensor) or not isinstance(leaf, Tensor):
+        return row is leaf
+    if leaf.ndim and leaf.shape[0] == rows and row.ndim and row.shape[0] == 1:
+        if leaf.dtype != row.dtype or leaf.shape[1:] != row.shape[1:] or leaf.device != row.device:
+            return False
+        leaf = leaf[:1] if leaf.stride(0) == 0 else leaf
+        return torch.equal(leaf, row.expand_as(leaf))
+    return torch.equal(leaf, row)
 
 
 # pytree helpers, shared with encoder discovery (lightning_mc.core.discovery) --------------------------------------
@@ -268,4 +316,4 @@ def _expand_row(leaf: Any, rows: int) -> Any:
     return leaf
 
 
-__all__ = ["Encoder", "EncoderHooks", "Mode", "Recording", "Replay"]
+__all__ = ["Encoder", "EncoderHooks", "Kept", "Mode", "Recording", "Replay"]
