@@ -259,6 +259,8 @@ class ContributionMeasurement:
 
     def _set_sync(self, sync: bool) -> None:
         """Whether every accumulator (and any metric inside it) syncs across processes in its ``compute()``."""
+        for analysis in self.analyses:
+            analysis.sync = sync
         owned = [self.contribution.metric, *(metric for analysis in self.analyses for metric in analysis.metrics())]
         for metric in (module for owner in owned if owner is not None for module in owner.modules()):
             if isinstance(metric, Metric) and metric.sync_on_compute != sync:
