@@ -3,14 +3,14 @@
 Each measurement is what the monitor runs per check (``reset``, ``update`` per batch, ``compute``) on a
 :class:`~lightning_mc.ContributionMeasurement` that has measured before in the same fit: the safety check of
 ``encoders=`` runs once per fit, on its first measurement, so the later ones are what a fit pays per check. The note
-gives the first measurement of a fit too (the check, and the timing of its first batch's clean pass and copies).
+gives the first measurement of a fit too (the check, and the timing of one batch's clean pass and copies).
 
 - A 3-D CNN (3 conv layers of 16 channels) on 24³ volumes and an MLP for 10 table columns, batches of 8, for 24,
   96 and 384 validation samples: a measurement ÷ a plain validation pass over the same samples, whole modalities and
   the table column by column, zeros fill, with and without ``encoders``; and the peak memory of one batch's copies
   with the CT rows of the table copies not built (one expanded row) ÷ built.
 - A tiny late-fusion MLP (2 modalities of 32 features, 4 batches of 64): a measurement with ``encoders`` ÷ one
-  without (the cache's own work exceeds what it saves there: the plain path is chosen from the first batch's
+  without (the cache's own work exceeds what it saves there: the plain path is chosen from one batch's
   timing), and a measurement without ÷ its floor (the forward passes alone, 1 clean + 1 per modality).
 """
 
@@ -230,7 +230,7 @@ def tiny_mlp(config: Config) -> list[Row]:
             with_,
             f"≤ {TINY_TARGET}",
             with_.median <= TINY_TARGET,
-            note=f"the first batch's timing chose the {chose} path",
+            note=f"one batch's timing chose the {chose} path",
             extra={"path": chose},
         ),
         Row(

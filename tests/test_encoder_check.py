@@ -133,15 +133,15 @@ def test_where_caching_does_not_pay_the_plain_path_is_chosen_and_said_once(monke
     model = LateFusion().eval()
     measurement = ContributionMeasurement(modalities(), occlusion="zeros", encoders=ENCODERS)
     cache = measurement.engine.cache
-    # the first batch's clean pass takes 1 s (one forward call: the plain path runs the 2 copies' 2N rows in one), its 2
-    # cached copies 5 s
-    ticks = iter([0.0, 1.0, 10.0, 15.0])  # read on the first batch only: no batch runs the plain path to be timed
+    # the clean pass of the batch after the check takes 1 s (one forward call: the plain path runs the 2 copies' 2N
+    # rows in one), its 2 cached copies 5 s
+    ticks = iter([0.0, 1.0, 10.0, 15.0])  # read on that batch only: no batch runs the plain path to be timed
     cache.choice.clock = lambda: next(ticks)
     with pytest.warns(UserWarning, match="the encoders are too small for caching to pay") as said:
-        measurement.update(model, batch(0))  # the check, the clean pass and the cached copies timed
+        measurement.update(model, batch(0))  # the check
+        measurement.update(model, batch(1))  # the clean pass and the cached copies timed
         assert cache.choice.plain
-        for seed in (1, 2):
-            measurement.update(model, batch(seed))
+        measurement.update(model, batch(2))
     assert cache.choice.plain and len([w for w in said if "caching to pay" in str(w.message)]) == 1
     model.reset_counts()
     with warnings.catch_warnings():
@@ -172,16 +172,17 @@ def test_with_the_clean_pass_given_the_batch_after_the_first_times_the_plain_pat
     monkeypatch.setattr(path_choice, "PLAIN_IF_DEARER", 1.0)
     model = LateFusion().eval()
     engine = make_engine(modalities(), occlusion="zeros", encoders=ENCODERS)
-    # no clean pass of the engine's own (reuse_outputs): batch 0's 2 cached copies (2N rows) take 5 s, batch 1 on the
-    # plain path 1 s for its 2N rows
+    # no clean pass of the engine's own (reuse_outputs): batch 1's 2 cached copies (2N rows) take 5 s, batch 2 on the
+    # plain path 1 s for its 2N rows (batch 0 is the check's, never timed)
     ticks = iter([0.0, 5.0, 10.0, 11.0])
     engine.cache.choice.clock = lambda: next(ticks)
     rows = []
     with pytest.warns(UserWarning, match="µs on the next batch: the encoders are too small for caching to pay"):
-        for seed in range(3):
+        for seed in range(4):
             with torch.no_grad(), engine.recording_encoders(model) as recording:
                 clean = model(*batch(seed))  # what the validation step computes
             model.reset_counts()
             engine.run(model, batch(seed), clean=clean, encoder_outputs=recording)
             rows.append((engine.cache.choice.plain, model.image_encoder.rows, model.table_encoder.rows))
-    assert rows[0][0] is False and rows[1:] == [(True, 2 * N, 2 * N)] * 2  # plain from batch 1: every copy runs all
+    assert [plain for plain, _, _ in rows[:2]] == [False, False]
+    assert rows[2:] == [(True, 2 * N, 2 * N)] * 2  # the plain path from batch 2 on: every copy runs the whole model

@@ -22,7 +22,7 @@ and raises a ``ValueError`` naming the module otherwise.
 
 A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
 (the check makes sure the model reads that input nowhere else). Where replaying does not pay (tiny encoders), the
-first batch's timing (its clean pass against its cached copies, per row) keeps the plain path for the fit
+timing of the batch after the check (its clean pass against its cached copies, per row) keeps the plain path for the fit
 (:mod:`~lightning_mc.core.path_choice`).
 """
 
@@ -116,7 +116,7 @@ class EncoderCache:
         #: Whether a modality read only through replayed encoders gets one expanded row instead of its copies' rows
         #: (off once the check finds that the model also reads such an input elsewhere).
         self.stand_ins = True
-        #: Which path runs the copies: timed on the first batch, the plain one where caching does not pay.
+        #: Which path runs the copies: timed on the batch after the check, the plain one where caching does not pay.
         self.choice = PathChoice()
         #: ``encoder name ->`` its output row on a fill that is the same for every sample.
         self._once: dict[str, Kept] = {}
@@ -154,9 +154,9 @@ class EncoderCache:
     ) -> list[Tensor]:
         """The outputs of each copy, with the encoders replayed where their modality is left alone.
 
-        The first batch of a fit (or of another model) is checked against the plain path first; its clean pass (the
-        plain path's work on the clean rows) and its cached copies are timed, and the plain path is kept where caching
-        does not pay (:mod:`~lightning_mc.core.path_choice`).
+        The first batch of a fit (or of another model) is checked against the plain path first; the next one's clean
+        pass (the plain path's work on the clean rows) and its cached copies are timed, and the plain path is kept
+        where caching does not pay (:mod:`~lightning_mc.core.path_choice`).
         """
         call = _Call(runner, model, view, fills)
         if self._hooks is None and not self._searched and view.size > 1:
@@ -169,8 +169,9 @@ class EncoderCache:
                 self.check_again()
             self._checked_for = checked_for
         device = view.values[0].device
-        timed = self.choice.next_to_time
-        if timed == "plain":  # the first batch ran no clean pass of its own (reuse_outputs): time this one plain
+        # the check's batch is not timed: its clean pass is the model's first call with these shapes (and warms it)
+        timed = None if self._check_pending else self.choice.next_to_time
+        if timed == "plain":  # the timed batch ran no clean pass of its own (reuse_outputs): time this one plain
             rows = sum(copy.num_rows(view.size) for copy in copies)
             with self.choice.timing("plain", rows, device, "on the next batch"):
                 return call.run(copies)
@@ -220,7 +221,7 @@ class EncoderCache:
             timing = (
                 nullcontext()
                 if timed_as is None
-                else self.choice.timing("plain", timed_as, device, "(from the first batch's clean pass)")
+                else self.choice.timing("plain", timed_as, device, "(from the clean pass of the same batch)")
             )
             with self._hooks.record(call.model) as recording, timing:
                 clean_rows = call.run([Copy(None)], _counting_rows(calls))[0]

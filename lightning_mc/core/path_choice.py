@@ -1,12 +1,13 @@
-"""Never dearer than without: the encoder cache's path chosen on the first batch, without running it the slow way.
+"""Never dearer than without: the encoder cache's path chosen on one batch, without running it the slow way.
 
 Replaying encoders saves their forward passes but adds work of its own (hooks, indexing the recorded rows, one forward
 call per kind of copy instead of chunks that mix them). Where the encoders are tiny, that work costs more than it
 saves. The clean pass the cache records the encoders in is the plain path's work on the clean rows (the whole model,
-encoders included), so :class:`PathChoice` times it, and the occluded copies of the same batch on the cached path,
-per model-input row; where the cached rows were dearer, the plain path is kept for the rest of the fit (said once,
-with both figures). Where no clean pass runs (the clean outputs and the encoders' recording given, as
-``reuse_outputs`` does), the next batch is timed on the plain path instead. Both paths give the same numbers, so which
+encoders included), so :class:`PathChoice` times it on the batch after the check (whose clean pass is the model's
+first call with these shapes), and the occluded copies of the same batch on the cached path, per model-input row;
+where the cached rows were dearer, the plain path is kept for the rest of the fit (said once, with both figures).
+Where no clean pass runs (the clean outputs and the encoders' recording given, as ``reuse_outputs`` does), the batch
+after is timed on the plain path instead. Both paths give the same numbers, so which
 one ran a batch never shows in a result.
 
 Example:
@@ -31,13 +32,13 @@ from torchmetrics.utilities import rank_zero_warn
 
 Path = Literal["cached", "plain"]
 
-#: The plain path is kept when the cached path's seconds per row on the first batch exceed this multiple of the
+#: The plain path is kept when the cached path's seconds per row on the timed batch exceed this multiple of the
 #: plain path's; ``None``: the cached path is always kept (the tests set it; 0 always takes the plain path).
 PLAIN_IF_DEARER: float | None = 1.0
 
 
 class PathChoice:
-    """Which path the encoder cache takes: the cheaper per row of the first batch's clean pass and cached copies.
+    """Which path the encoder cache takes: the cheaper per row of one batch's clean pass and cached copies.
 
     Args:
         clock: Seconds (``time.perf_counter`` by default); CUDA work is synchronised around each timed batch.
@@ -69,7 +70,7 @@ class PathChoice:
 
     @contextmanager
     def timing(
-        self, path: Path, rows: int, device: torch.device | None, timed_on: str = "on the first batch"
+        self, path: Path, rows: int, device: torch.device | None, timed_on: str = "on the batch after the check"
     ) -> Iterator[None]:
         """Time the block as ``rows`` model-input rows on ``path``; choose once both were timed.
 
