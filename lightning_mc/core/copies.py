@@ -70,12 +70,12 @@ def describe_copies(
                 f"Modality {modalities[owner].name!r}: attributes returned {type(attribute_masks).__name__}, expected "
                 "lightning_mc.masks.AttributeMasks."
             )
-        changed = plain_tensor(value) != plain_tensor(fill)  # NaN != NaN: a NaN input counts as changed
         if attribute_masks.whole:
-            runs = changed.reshape(changed.shape[0], -1).any(dim=-1).unsqueeze(0)  # (1, N)
+            runs = _changed_rows(plain_tensor(value), plain_tensor(fill)).unsqueeze(0)  # (1, N)
             covered = torch.ones(1, 1, dtype=torch.bool, device=runs.device)
             aligned_masks.append(None)
         else:
+            changed = plain_tensor(value) != plain_tensor(fill)  # NaN != NaN: a NaN input counts as changed
             aligned = _aligned(attribute_masks.masks, value.ndim)
             covered = aligned.reshape(*aligned.shape[:2], -1).any(dim=-1).any(dim=-1, keepdim=True)  # (h, 1)
             runs = _changed_samples(aligned, changed)
@@ -102,6 +102,30 @@ def describe_copies(
         changed_by_name[modality.name] = torch.where(covered[rows], ran[rows].long(), -1)
         first += count
     return copies, changed_by_name
+
+
+#: From this many elements per sample, a whole modality on the CPU is compared with its fill sample by sample.
+_PER_SAMPLE_FROM = 4096
+
+
+def _changed_rows(value: Tensor, fill: Tensor) -> Tensor:
+    """``(N,)``: whether each sample's input differs from its fill anywhere (a NaN input counts as changed).
+
+    On the CPU, large samples are compared one by one with :func:`torch.equal`, which stops at the first element that
+    differs (where data and fill differ, at once): comparing every element costs more than the fill itself. On other
+    devices, and for small samples, every element is compared at once (no host sync).
+
+    Example:
+        >>> _changed_rows(torch.tensor([[0.0, 1.0], [0.0, 0.0], [float("nan"), 0.0]]), torch.zeros(3, 2)).tolist()
+        [True, False, True]
+    """
+    per_sample = value[0].numel() if value.ndim and value.shape[0] else 0
+    if value.device.type == "cpu" and fill.shape == value.shape and fill.dtype == value.dtype:
+        if per_sample >= _PER_SAMPLE_FROM:  # torch.equal: NaN never equals, -0.0 equals 0.0, as != has it
+            return torch.tensor(
+                [not torch.equal(row, fill_row) for row, fill_row in zip(value, fill)], dtype=torch.bool
+            )
+    return (value != fill).reshape(value.shape[0], -1).any(dim=-1)
 
 
 def _aligned(masks: Tensor, ndim: int) -> Tensor:
