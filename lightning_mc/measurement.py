@@ -234,10 +234,10 @@ class ContributionMeasurement:
                 resumed fit draws what an uninterrupted one draws.
 
         The encoder cache keeps what it checked (a new fit checks again: :meth:`check_encoders_again`) and forgets
-        what it computed with the old weights.
+        what it computed with weights that changed since.
         """
         if self.engine.cache is not None:
-            self.engine.cache.forget_weights()
+            self.engine.cache.new_measurement()
         self.engine.start_draws(check)
         self.contribution.reset()
         for analysis in self.analyses:

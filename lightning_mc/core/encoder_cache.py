@@ -11,7 +11,7 @@ encoders run.
     copy                    image encoder            table encoder            fusion head
     clean                   runs, recorded           runs, recorded           runs
     image occluded          runs on the copy         replays                  runs
-      (fill "zeros"/number: once per batch, expanded; "permute": replays permuted recorded rows)
+      (fill "zeros"/number: one row, expanded, kept while the weights hold; "permute": replays permuted rows)
     table column j          replays                  runs on the copy         runs
     image+table (Shapley)   runs on the copy         runs on the copy         runs
 
@@ -43,7 +43,7 @@ from lightning_mc.core.encoders import ResolvedEncoders, noise_gap, relative_gap
 from lightning_mc.core.layout import BatchFills, BatchView, Copy, Piece, samples_of
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.path_choice import PathChoice
-from lightning_mc.core.replay import EncoderHooks, Kept, Mode, Recording, Replay
+from lightning_mc.core.replay import EncoderHooks, KeptRows, Mode, Recording, Replay
 
 #: Called with the pieces of each chunk before its forward call; returns the modalities (indices) whose rows are not
 #: built for the call (read only through replayed encoders), or ``None``.
@@ -118,18 +118,22 @@ class EncoderCache:
         self.stand_ins = True
         #: Which path runs the copies: timed on the batch after the check, the plain one where caching does not pay.
         self.choice = PathChoice()
-        #: ``encoder name ->`` its output row on a fill that is the same for every sample.
-        self._once: dict[str, Kept] = {}
+        #: Each encoder's output row on a fill that is the same for every sample.
+        self._once = KeptRows()
 
     def check_again(self) -> None:
         """Compare the cached path with the plain one on the next batch, and time both again (a new fit)."""
         self._check_pending = True
         self.choice.restart()
-        self.forget_weights()
-
-    def forget_weights(self) -> None:
-        """Run the encoders of fills that are the same for every sample again (the weights changed since)."""
         self._once.clear()
+
+    def new_measurement(self) -> None:
+        """A new measurement: the weights may have changed, so each kept row of a constant fill is checked once.
+
+        The row is reused where the encoder's parameters and buffers hold the values it was computed with, and run
+        again otherwise (:class:`~lightning_mc.core.replay.KeptRows`).
+        """
+        self._once.new_measurement()
 
     @contextmanager
     def recording(self, model: nn.Module) -> Iterator[Recording | None]:
