@@ -45,6 +45,9 @@ from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.path_choice import PathChoice
 from lightning_mc.core.replay import EncoderHooks, KeptRows, Mode, Recording, Replay
 
+#: Chunk layouts whose encoder modes are kept (a batch of another size or device adds its own).
+_MAX_CHUNK_PLANS = 256
+
 #: Called with the pieces of each chunk before its forward call; returns the modalities (indices) whose rows are not
 #: built for the call (read only through replayed encoders), or ``None``.
 BeforeChunk = Callable[[list[Piece]], "frozenset[int] | None"]
@@ -120,6 +123,8 @@ class EncoderCache:
         self.choice = PathChoice()
         #: Each encoder's output row on a fill that is the same for every sample.
         self._once = KeptRows()
+        #: ``chunk layout -> (each encoder's mode, the modalities not built)`` of chunks of whole rows.
+        self._chunk_plans: dict[tuple[Any, ...], tuple[dict[str, tuple[Mode, Tensor]], frozenset[int] | None]] = {}
 
     def check_again(self) -> None:
         """Compare the cached path with the plain one on the next batch, and time both again (a new fit)."""
@@ -251,10 +256,25 @@ class EncoderCache:
         """A ``before_chunk`` that sets what each encoder does in the chunk about to run."""
 
         def set_modes(chunk: list[Piece]) -> frozenset[int] | None:
-            replay.modes = self._modes(view, fills, copies, chunk)
-            if not self.stand_ins:
-                return None
-            return self._replayed_whole(copies[chunk[0].copy], fills)
+            first = copies[chunk[0].copy]
+            # what a chunk of whole rows does depends on its layout alone (no permutation drawn): decided once
+            key = None
+            if all(copies[piece.copy].samples is None for piece in chunk) and all(s is None for s in fills.sources):
+                ranges = tuple((piece.start, piece.stop) for piece in chunk)
+                layout = (view.size, view.values[0].device, self.stand_ins, fills.same_for_every_sample)
+                key = (*layout, first.occluded, first.mask is None, ranges)
+                planned = self._chunk_plans.get(key)
+                if planned is not None:
+                    replay.modes = planned[0]
+                    return planned[1]
+            modes = self._modes(view, fills, copies, chunk)
+            stand_ins = self._replayed_whole(first, fills) if self.stand_ins else None
+            if key is not None:
+                if len(self._chunk_plans) >= _MAX_CHUNK_PLANS:
+                    self._chunk_plans.clear()
+                self._chunk_plans[key] = (modes, stand_ins)
+            replay.modes = modes
+            return stand_ins
 
         return set_modes
 
