@@ -7,8 +7,8 @@ gives the first measurement of a fit too (the check, and the timing of one batch
 
 - A 3-D CNN (3 conv layers of 16 channels) on 24³ volumes and an MLP for 10 table columns, batches of 8, for 24,
   96 and 384 validation samples: a measurement ÷ a plain validation pass over the same samples, whole modalities and
-  the table column by column, zeros fill, with and without ``encoders``; and the peak memory of one batch's copies
-  with the CT rows of the table copies not built (one expanded row) ÷ built.
+  the table column by column, zeros fill, with and without ``encoders``; and the bytes one batch's copies allocate
+  with the CT rows of the table copies and the CT copy's zeros rows not built (one expanded row each) ÷ built.
 - A tiny late-fusion MLP (2 modalities of 32 features, 4 batches of 64): a measurement with ``encoders`` ÷ one
   without (the cache's own work exceeds what it saves there: the plain path is chosen from one batch's
   timing), and a measurement without ÷ its floor (the forward passes alone, 1 clean + 1 per modality).
@@ -135,7 +135,7 @@ def p10_small_sets(config: Config) -> tuple[list[Row], Table]:
 
 
 def _replayed_memory(config: Config, model: nn.Module, cached: ContributionMeasurement) -> Row:
-    """Peak memory of one batch's copies (table per column) with the CT rows of the table copies not built ÷ built."""
+    """Bytes one batch's copies (table per column) allocate with the CT rows of the copies not built ÷ built."""
     batch = _volume_batches(BATCH, config.device)[0]
     cache = cached.engine.cache
     assert cache is not None
@@ -156,7 +156,8 @@ def _replayed_memory(config: Config, model: nn.Module, cached: ContributionMeasu
         allocated[True] < allocated[False],
         note=(
             f"{allocated[True] / mib:.2f} MiB ÷ {allocated[False] / mib:.2f} MiB allocated in all: the {COLUMNS} table "
-            f"copies' {COLUMNS * BATCH} CT rows ({COLUMNS * BATCH * SIDE**3 * 4 / mib:.2f} MiB) are one expanded row; "
+            f"copies' {COLUMNS * BATCH} CT rows and the CT copy's {BATCH} zeros rows "
+            f"({(COLUMNS + 1) * BATCH * SIDE**3 * 4 / mib:.2f} MiB) are one expanded row each; "
             f"peak {peaks[True] / mib:.2f} ÷ {peaks[False] / mib:.2f} MiB (the clean pass's CT activations)"
         ),
         extra={

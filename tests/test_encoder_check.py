@@ -115,6 +115,7 @@ def test_the_cached_path_builds_no_rows_of_inputs_it_replays() -> None:
     # the batch's first row, expanded in place (stride 0, the batch's own memory: nothing copied)
     assert [rows for rows, _, _ in model.calls] == [N, N, 4 * N]
     assert model.calls[-1][1:] == (0, image.untyped_storage().data_ptr())
+    assert model.calls[1][1] == 0  # the image copy's zeros: the fill's row, expanded (its encoder runs it once)
     plain = make_engine(COLUMNS)
     assert_same_numbers(engine.run(model, batch(1)).occluded, plain.run(model, batch(1)).occluded)
 

@@ -21,9 +21,10 @@ row of each copy of the first batch of a fit (and again after :meth:`EncoderCach
 and raises a ``ValueError`` naming the module otherwise.
 
 A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
-(the check makes sure the model reads that input nowhere else). Where replaying does not pay (tiny encoders), the
-timing of the batch after the check (its clean pass against its cached copies, per row) keeps the plain path for the fit
-(:mod:`~lightning_mc.core.path_choice`).
+(the check makes sure the model reads that input nowhere else); nor those of a modality it fills whole with a fill
+that is the same for every sample: the fill's row, expanded, which the encoders run once. Where replaying does not
+pay (tiny encoders), the timing of the batch after the check (its clean pass against its cached copies, per row) keeps
+the plain path for the fit (:mod:`~lightning_mc.core.path_choice`).
 """
 
 from __future__ import annotations
@@ -279,12 +280,19 @@ class EncoderCache:
         return set_modes
 
     def _replayed_whole(self, first: Copy, fills: BatchFills) -> frozenset[int]:
-        """The modalities whose every encoder replays in a call of copies like ``first``: their rows are not built."""
+        """The modalities whose rows are not built in a call of copies like ``first``: one row stands in for them.
+
+        Those whose every encoder replays (the clean row stands in), and those the copies replace whole by a fill that
+        is the same for every sample (its row stands in: the encoders see one row expanded, which they run once).
+        """
         assert self.found is not None
         replayed = []
         for modality in self.found:
             owner = self.modality_names.index(modality)
-            if owner not in first.occluded or (first.mask is None and fills.sources[owner] is not None):
+            whole = owner in first.occluded and first.mask is None
+            if owner not in first.occluded or (
+                whole and (fills.sources[owner] is not None or fills.same_for_every_sample[owner])
+            ):
                 replayed.append(owner)
         return frozenset(replayed)
 

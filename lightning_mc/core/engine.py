@@ -257,8 +257,8 @@ class OcclusionEngine:
             copies: The copies to run.
             before_chunk: Called with each chunk's pieces before its forward call; given one, a chunk holds copies
                 that occlude the same way only (the encoder cache sets one mode per encoder per call). It returns the
-                modalities (indices) the model reads only through replayed encoders in that call, or ``None``: their
-                rows are not built (one clean row stands in for all, expanded without a copy).
+                modalities (indices) whose rows are not built in that call, or ``None``: one row stands in for all,
+                expanded without a copy (see :meth:`_forward_chunk`).
         """
         outputs, labels = [], []
         max_rows = self.rows_per_call(view.size)
@@ -315,9 +315,12 @@ class OcclusionEngine:
     ) -> tuple[Tensor, str]:
         """Run one chunk: its rows of every modality and of the batch's other tensors, in one forward call.
 
-        A modality in ``stand_ins`` gets one clean row expanded to the chunk's rows (no copy is made).
+        A modality in ``stand_ins`` gets one row expanded to the chunk's rows (no copy is made): its fill's where the
+        chunk's copies replace it whole by a fill drawn without a permutation (the encoder cache gives only fills that
+        are the same for every sample), else its clean row.
         """
         num_rows = sum(piece.stop - piece.start for piece in chunk)
+        first = copies[chunk[0].copy]
         rows = [copies[piece.copy].rows(piece.start, piece.stop) for piece in chunk]
         ranges = [span for piece_rows in rows for span in sample_ranges(piece_rows)]
         # the modality tensors are replaced below: only the other tensors of the batch are cut here
@@ -325,7 +328,9 @@ class OcclusionEngine:
         chunk_batch = apply_to_collection(view.batch, Tensor, _cut_rows, rows=rows, view=view, ranges=ranges, skip=skip)
         for owner, modality in enumerate(self.modalities):
             if stand_ins and owner in stand_ins:
-                value = view.values[owner][:1].expand(num_rows, *view.values[owner].shape[1:])
+                filled = owner in first.occluded and first.mask is None and fills.sources[owner] is None
+                source = fills.values[owner] if filled else view.values[owner]
+                value = source[:1].expand(num_rows, *view.values[owner].shape[1:])
             else:
                 value = torch.cat(
                     [
