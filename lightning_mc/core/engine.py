@@ -258,7 +258,8 @@ class OcclusionEngine:
             before_chunk: Called with each chunk's pieces before its forward call; given one, a chunk holds copies
                 that occlude the same way only (the encoder cache sets one mode per encoder per call). It returns the
                 modalities (indices) whose rows are not built in that call, or ``None``: one row stands in for all,
-                expanded without a copy (see :meth:`_forward_chunk`).
+                expanded without a copy: the fill's row where the copies replace the modality whole by a fill drawn
+                without a permutation, else the clean row.
         """
         outputs, labels = [], []
         max_rows = self.rows_per_call(view.size)
