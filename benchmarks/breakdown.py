@@ -43,7 +43,7 @@ STEPS: tuple[tuple[Any, str, str, str], ...] = (
     (engine_module.OcclusionEngine, "run", "engine.run: its own work (eval mode, inference mode)", "batch"),
     (layout_module.BatchView, "of", "engine: select the modality tensors", "batch"),
     (engine_module, "attribute_masks", "engine: build the attribute masks", "batch"),
-    (engine_module, "attribute_copies", "engine: describe the copies (rows each one runs)", "batch"),
+    (engine_module, "describe_copies", "engine: describe the copies (rows each one runs)", "batch"),
     (fill_draws.FillDraws, "fill", "engine: compute the fills", "batch"),
     (engine_module.OcclusionEngine, "_run_copies", "engine: run the copies (encoder cache or not)", "batch"),
     (engine_module.OcclusionEngine, "forward_copies", "engine: chunk loop, split the outputs by copy", "batch"),

@@ -62,7 +62,7 @@ EXPLANATIONS: dict[str, str] = {
         "per batch of 8, compute; the safety check of encoders= ran on the fit's first) over the model's plain "
         "forward on the same samples; the note gives the same without encoders and the fit's first measurement "
         "(with the check). Targets from 24 samples on: ≤ 1.2 whole, ≤ 1.3 per column. The tiny MLP: a measurement "
-        "with encoders ÷ one without (≤ 1.0: where caching cannot pay, the first batches' timing chooses the plain "
+        "with encoders ÷ one without (≤ 1.0: where caching cannot pay, one batch's timing chooses the plain "
         "path), and a measurement without encoders ÷ its floor (≤ 1.15)."
     ),
     "P11": (

@@ -234,10 +234,10 @@ class ContributionMeasurement:
                 resumed fit draws what an uninterrupted one draws.
 
         The encoder cache keeps what it checked (a new fit checks again: :meth:`check_encoders_again`) and forgets
-        what it computed with the old weights.
+        what it computed with weights that changed since.
         """
         if self.engine.cache is not None:
-            self.engine.cache.forget_weights()
+            self.engine.cache.new_measurement()
             self.engine.cache.start_measurement(check, self.options.seed)
         self.engine.start_draws(check)
         self.contribution.reset()
@@ -260,6 +260,8 @@ class ContributionMeasurement:
 
     def _set_sync(self, sync: bool) -> None:
         """Whether every accumulator (and any metric inside it) syncs across processes in its ``compute()``."""
+        for analysis in self.analyses:
+            analysis.sync = sync
         owned = [self.contribution.metric, *(metric for analysis in self.analyses for metric in analysis.metrics())]
         for metric in (module for owner in owned if owner is not None for module in owner.modules()):
             if isinstance(metric, Metric) and metric.sync_on_compute != sync:

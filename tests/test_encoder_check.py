@@ -1,5 +1,6 @@
 """The safety check of ``encoders=`` runs once per fit on one row of each copy, replayed inputs are never copied, and
-where caching cannot pay the plain path is chosen (from the first batches' timing) and said once."""
+where caching cannot pay the plain path is chosen (from the first batch's clean pass and cached copies) and said
+once."""
 
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def test_the_cached_path_builds_no_rows_of_inputs_it_replays() -> None:
     # the batch's first row, expanded in place (stride 0, the batch's own memory: nothing copied)
     assert [rows for rows, _, _ in model.calls] == [N, N, 4 * N]
     assert model.calls[-1][1:] == (0, image.untyped_storage().data_ptr())
+    assert model.calls[1][1] == 0  # the image copy's zeros: the fill's row, expanded (its encoder runs it once)
     plain = make_engine(COLUMNS)
     assert_same_numbers(engine.run(model, batch(1)).occluded, plain.run(model, batch(1)).occluded)
 
@@ -134,11 +136,15 @@ def test_where_caching_does_not_pay_the_plain_path_is_chosen_and_said_once(monke
     model = LateFusion().eval()
     measurement = ContributionMeasurement(modalities(), occlusion="zeros", encoders=ENCODERS)
     cache = measurement.engine.cache
-    ticks = iter([0.0, 5.0, 10.0, 11.0])  # the cached batch takes 5 s, the plain one 1 s, for the same rows
+    # the clean pass of the batch after the check takes 1 s (one forward call: the plain path runs the 2 copies' 2N
+    # rows in one), its 2 cached copies 5 s
+    ticks = iter([0.0, 1.0, 10.0, 15.0])  # read on that batch only: no batch runs the plain path to be timed
     cache.choice.clock = lambda: next(ticks)
     with pytest.warns(UserWarning, match="the encoders are too small for caching to pay") as said:
-        for seed in range(3):  # the check, the cached path timed, the plain path timed
-            measurement.update(model, batch(seed))
+        measurement.update(model, batch(0))  # the check
+        measurement.update(model, batch(1))  # the clean pass and the cached copies timed
+        assert cache.choice.plain
+        measurement.update(model, batch(2))
     assert cache.choice.plain and len([w for w in said if "caching to pay" in str(w.message)]) == 1
     model.reset_counts()
     with warnings.catch_warnings():
@@ -155,7 +161,7 @@ def test_where_caching_pays_the_cached_path_is_kept(monkeypatch) -> None:
     monkeypatch.setattr(path_choice, "PLAIN_IF_DEARER", 1.0)
     model = LateFusion().eval()
     engine = make_engine(modalities(), occlusion="zeros", encoders=ENCODERS)
-    ticks = iter([0.0, 1.0, 10.0, 15.0])  # cached 1 s, plain 5 s
+    ticks = iter([0.0, 5.0, 10.0, 11.0])  # the clean pass (as one plain call of 2N rows): 5 s; the cached copies: 1 s
     engine.cache.choice.clock = lambda: next(ticks)
     for seed in range(3):
         engine.run(model, batch(seed))
@@ -163,3 +169,23 @@ def test_where_caching_pays_the_cached_path_is_kept(monkeypatch) -> None:
     engine.run(model, batch(3))
     assert not engine.cache.choice.plain
     assert (model.image_encoder.rows, model.table_encoder.rows) == (N, N)
+
+
+def test_with_the_clean_pass_given_the_batch_after_the_first_times_the_plain_path(monkeypatch) -> None:
+    monkeypatch.setattr(path_choice, "PLAIN_IF_DEARER", 1.0)
+    model = LateFusion().eval()
+    engine = make_engine(modalities(), occlusion="zeros", encoders=ENCODERS)
+    # no clean pass of the engine's own (reuse_outputs): batch 1's 2 cached copies (2N rows) take 5 s, batch 2 on the
+    # plain path 1 s for its 2N rows (batch 0 is the check's, never timed)
+    ticks = iter([0.0, 5.0, 10.0, 11.0])
+    engine.cache.choice.clock = lambda: next(ticks)
+    rows = []
+    with pytest.warns(UserWarning, match="µs on the next batch: the encoders are too small for caching to pay"):
+        for seed in range(4):
+            with torch.no_grad(), engine.recording_encoders(model) as recording:
+                clean = model(*batch(seed))  # what the validation step computes
+            model.reset_counts()
+            engine.run(model, batch(seed), clean=clean, encoder_outputs=recording)
+            rows.append((engine.cache.choice.plain, model.image_encoder.rows, model.table_encoder.rows))
+    assert [plain for plain, _, _ in rows[:2]] == [False, False]
+    assert rows[2:] == [(True, 2 * N, 2 * N)] * 2  # the plain path from batch 2 on: every copy runs the whole model

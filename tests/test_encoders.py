@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_mc import Modality
+from lightning_mc import ContributionMeasurement, Modality
 from lightning_mc.core.modality import resolve_modalities
 from lightning_mc.masks import ColumnGroups, Columns, CustomMasks, Patches2d, Tokens, Words
 
@@ -299,3 +299,21 @@ def test_a_recording_of_two_forward_calls_cannot_be_replayed_so_the_clean_batch_
         actual = engine.run(model, batch(), clean=clean, encoder_outputs=recording)
     expected = make_engine(modalities(), occlusion="mean").run(model, batch())
     assert_same_numbers(actual.occluded, expected.occluded)
+
+
+def test_a_constant_fills_row_is_kept_across_measurements_while_the_weights_hold_their_values() -> None:
+    model = LateFusion().eval()
+    measurement = ContributionMeasurement(modalities(), occlusion="zeros", encoders=ENCODERS)
+    measurement.update(model, batch(0))  # the check, and the zeros row of each encoder
+    rows = []
+    for change in (None, "data", None):
+        if change == "data":
+            model.image_encoder.inner[0].weight.data.copy_(torch.ones(3, 1, 3, 3))  # moves no version counter
+        measurement.reset()
+        model.reset_counts()
+        measurement.update(model, batch(1))
+        rows.append(model.image_encoder.rows)
+    assert rows == [N, N + 1, N]  # the clean rows; after the write, the zeros row once more
+    expected = ContributionMeasurement(modalities(), occlusion="zeros")
+    expected.update(model, batch(1))
+    assert_same_numbers(measurement.compute().raw, expected.compute().raw)

@@ -138,3 +138,31 @@ def test_a_shared_mask_that_occludes_nothing_runs_no_row_and_a_per_sample_mask_r
     assert torch.equal(outputs.occluded["a"][:, 0], outputs.clean)
     assert torch.equal(outputs.occluded["b"][[0, 2, 4], 0], outputs.clean[[0, 2, 4]])
     assert (outputs.occluded["b"][[1, 3], 0] != outputs.clean[[1, 3]]).all()
+
+
+class ImageRowCounter(nn.Module):
+    """Sums a 64×64 image (4096 elements per sample: compared with its fill sample by sample) and reads a table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+        self.rows: list[int] = []
+
+    def forward(self, image: Tensor, table: Tensor) -> Tensor:
+        self.rows.append(image.shape[0])
+        return self.head(torch.stack([image.flatten(1).nan_to_num().sum(1), table.sum(1)], dim=1))
+
+
+def test_a_large_whole_modality_equal_to_its_fill_on_a_sample_runs_no_row_for_it() -> None:
+    image = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    image[1] = 0.0  # zeros change nothing here: not run, exactly 0
+    image[2, 0, 63, 63] = float("nan")  # NaN != NaN: counts as changed, runs
+    image[3] = 0.0
+    image[3, 0, 63, 63] = -1.0  # only the last element differs from the fill
+    batch = (image, torch.randn(4, 3))
+    model = ImageRowCounter()
+    engine = make_engine([Modality("image", key=0), Modality("table", key=1)], occlusion="zeros")
+    outputs = engine.run(model, batch)
+    assert sum(model.rows) == 4 + 3 + 4  # clean, the image copy on samples 0, 2 and 3, the table copy
+    assert torch.equal(outputs.occluded["image"][1, 0], outputs.clean[1])
+    assert outputs.changed["image"].tolist() == [1]

@@ -64,6 +64,10 @@ class Analysis:
     and one-at-a-time outputs in :meth:`coalitions`, and may give an opinion in :meth:`converged`.
     """
 
+    #: Whether :meth:`write` reduces across processes (set by the measurement before each write); an analysis that
+    #: keeps torchmetrics metrics gets them synced instead (:meth:`metrics`).
+    sync: bool = False
+
     @classmethod
     def from_options(cls, options: MeasurementOptions, modality_names: tuple[str, ...]) -> Analysis | None:
         """Check the options this analysis owns; the analysis they ask for, or ``None`` when they do not.

@@ -9,14 +9,13 @@ fraction and the fix (``output_transform="log_softmax"``, or the logits).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+import torch.distributed
 from torch import Tensor
-from torchmetrics import Metric
 
 from lightning_mc.analyses.options import MeasurementOptions
-from lightning_mc.analyses.part import MetricAnalysis, Passes
+from lightning_mc.analyses.part import Analysis, Passes
+from lightning_mc.core.engine import OccludedOutputs
 from lightning_mc.core.outputs import PROBABILITY_TRANSFORMS
 from lightning_mc.core.result import ContributionResult
 from lightning_mc.core.warn_once import WarnOnce
@@ -25,49 +24,27 @@ from lightning_mc.core.warn_once import WarnOnce
 WARN_FRACTION = 0.1
 
 
-class SaturatedSamples(Metric):
-    """Counts the samples whose outputs hold an exact 1.0 (or 0.0 with ``zeros``), out of all samples seen.
-
-    Example:
-        >>> metric = SaturatedSamples(zeros=False)
-        >>> metric.update(torch.tensor([[1.0, 0.0], [0.7, 0.3]]))
-        >>> metric.compute().item()
-        0.5
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
-    def __init__(self, zeros: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.zeros = zeros
-        self.add_state("saturated", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, clean: Tensor) -> None:
-        """Add the clean outputs ``(N, C)`` of a batch."""
-        hits = clean == 1.0
-        if self.zeros:
-            hits |= clean == 0.0
-        self.saturated += hits.any(dim=-1).sum()
-        self.total += clean.shape[0]
-
-    def compute(self) -> Tensor:
-        """The fraction of saturated samples (0 without samples)."""
-        return self.saturated / self.total.clamp_min(1)
-
-
-class SaturationCheck(MetricAnalysis):
+class SaturationCheck(Analysis):
     """Warns (once per measurement object) when many samples' probabilities are saturated.
+
+    Two counters, not a torchmetrics ``Metric`` (building one per measurement cost more than its batches' updates):
+    the saturated samples, a tensor on the outputs' device (no host sync per batch), and the samples seen, an ``int``.
 
     Args:
         output_transform: The named probability transform (``"softmax"``, ``"softmax:1"``, ... or ``"sigmoid"``).
+
+    Example:
+        >>> check = SaturationCheck("softmax")
+        >>> check.count(torch.tensor([[1.0, 0.0], [0.7, 0.3]]))
+        >>> check.fraction()
+        0.5
     """
 
     def __init__(self, output_transform: str) -> None:
         self.output_transform = output_transform
-        self.metric = SaturatedSamples(zeros=output_transform == "sigmoid")
+        self.zeros = output_transform == "sigmoid"
+        #: Saturated samples so far (on the outputs' device), and all samples so far.
+        self.saturated, self.total = torch.zeros((), dtype=torch.long), 0
         self._warn = WarnOnce()
 
     @classmethod
@@ -76,13 +53,37 @@ class SaturationCheck(MetricAnalysis):
         transform = options.output_transform
         return cls(transform) if isinstance(transform, str) and transform in PROBABILITY_TRANSFORMS else None
 
+    def prepare(self, outputs: OccludedOutputs) -> None:
+        """Moves the saturated count to the outputs' device."""
+        self.saturated = self.saturated.to(outputs.clean.device)
+
+    def reset(self) -> None:
+        """Forgets the counts."""
+        self.saturated, self.total = torch.zeros_like(self.saturated), 0
+
     def update(self, passes: Passes) -> None:
         """Counts the batch's saturated samples."""
-        self.metric.update(passes.outputs.clean[: passes.num_samples])
+        self.count(passes.outputs.clean[: passes.num_samples])
+
+    def count(self, clean: Tensor) -> None:
+        """Adds the clean outputs ``(N, C)`` of a batch: the samples whose outputs hold an exact 1.0 (or 0.0)."""
+        hits = clean == 1.0
+        if self.zeros:
+            hits |= clean == 0.0
+        self.saturated = self.saturated + hits.any(dim=-1).sum()
+        self.total += clean.shape[0]
+
+    def fraction(self) -> float:
+        """The fraction of saturated samples (0 without samples), of every process's under :attr:`sync`."""
+        counts = torch.stack([self.saturated, torch.tensor(self.total, device=self.saturated.device)])
+        if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        saturated, total = counts.tolist()
+        return saturated / max(total, 1)
 
     def write(self, result: ContributionResult) -> ContributionResult:
         """Warns when at least :data:`WARN_FRACTION` of the samples were saturated; the result is unchanged."""
-        fraction = float(self.metric.compute())
+        fraction = self.fraction()
         if fraction >= WARN_FRACTION:
             self._warn("saturated", self.message(fraction, any(share != share for share in result.shares.values())))
         return result
@@ -107,4 +108,4 @@ class SaturationCheck(MetricAnalysis):
         )
 
 
-__all__ = ["WARN_FRACTION", "SaturatedSamples", "SaturationCheck"]
+__all__ = ["WARN_FRACTION", "SaturationCheck"]

@@ -32,48 +32,112 @@ def coalition_copy(modalities: Sequence[Modality], members: frozenset[int]) -> C
     return Copy("+".join(modalities[i].name for i in sorted(members)), members)
 
 
-def attribute_copies(
-    modalities: Sequence[Modality], owner: int, masks: AttributeMasks, value: Tensor, fill: Tensor
-) -> tuple[list[Copy], Tensor]:
-    """One copy per attribute of modality ``owner``, each on the samples whose input its occlusion changes.
+def describe_copies(
+    modalities: Sequence[Modality], masks: Sequence[AttributeMasks], values: Sequence[Tensor], fills: Sequence[Tensor]
+) -> tuple[list[Copy], dict[str, Tensor]]:
+    """One copy per attribute of each modality, each on the samples whose input its occlusion changes.
 
     A sample whose occluded input equals its clean input would be the clean sample again: its mask is all false (a
     padded token, a word the sample does not have), or the fill equals the data under the mask (``"permute"`` on a
     one-sample batch, ``"zeros"`` on zeros). It is not run, and its row of the outputs is the clean row, so its
-    difference is exactly 0.
+    difference is exactly 0. Which samples each copy runs on is found on the device for every attribute of every
+    modality at once and read to the host in one transfer; the samples go back in one more.
 
     Args:
         modalities: The measured modalities.
-        owner: The index of the modality.
-        masks: Its attribute masks.
-        value: Its tensor ``(N, ...)``.
-        fill: Its fill for this batch, the shape of ``value`` (or broadcastable to it).
+        masks: Each modality's attribute masks.
+        values: Each modality's tensor ``(N, ...)``.
+        fills: Each modality's fill for this batch, the shape of its value (or broadcastable to it).
 
     Returns:
-        The copies, and ``(h,)`` (on the CPU): whether each attribute's mask covers anything in this batch.
+        The copies, modality after modality, and ``name -> (h_i,)`` on the CPU: ``1`` where attribute ``l``'s
+        occlusion changed some sample's input, ``0`` where its mask covered input but the fill equals it there (no row
+        ran), ``-1`` where its mask covered nothing (padding).
+
+    Example:
+        >>> from lightning_mc.core.modality import resolve_modalities
+        >>> modalities = resolve_modalities({"a": 0, "b": 1})
+        >>> a, b = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.ones(2, 3)
+        >>> whole = _whole_modality_masks(2, a.device)
+        >>> copies, changed = describe_copies(modalities, [whole, whole], [a, b], [a * 0, b * 0])
+        >>> copies[0].samples.tolist(), copies[1].samples, changed["a"].tolist()  # a's 2nd sample: zeros already
+        ([0], None, [1])
     """
-    if not isinstance(masks, AttributeMasks):
-        raise TypeError(
-            f"Modality {modalities[owner].name!r}: attributes returned {type(masks).__name__}, expected "
-            "lightning_mc.masks.AttributeMasks."
-        )
-    name = modalities[owner].name
-    changed = plain_tensor(value) != plain_tensor(fill)  # NaN != NaN: a NaN input counts as changed
-    if masks.whole:
-        # one device sync: which samples the fill changes
-        runs = changed.reshape(changed.shape[0], -1).any(dim=-1).cpu()
-        return [Copy(name, frozenset({owner}), None, _selected(runs, value.device))], torch.ones(1, dtype=torch.bool)
-    # masks broadcast against (N, ...) aligned on the right: give each its sample dimension (N or 1)
-    aligned = masks.masks.reshape(
-        masks.masks.shape[0], *[1] * (value.ndim + 1 - masks.masks.ndim), *masks.masks.shape[1:]
-    )
-    covered = aligned.reshape(*aligned.shape[:2], -1).any(dim=-1).any(dim=-1, keepdim=True)  # (h, 1)
-    both = torch.cat([_changed_samples(aligned, changed), covered], dim=1).cpu()  # one device sync per modality
-    runs, covered = both[:, :-1], both[:, -1]
-    return [
-        Copy(f"{name}/{label}", frozenset({owner}), mask, _selected(runs[attribute], mask.device))
-        for attribute, (label, mask) in enumerate(zip(masks.names, aligned))
-    ], covered
+    flags, aligned_masks = [], []
+    for owner, (attribute_masks, value, fill) in enumerate(zip(masks, values, fills)):
+        if not isinstance(attribute_masks, AttributeMasks):
+            raise TypeError(
+                f"Modality {modalities[owner].name!r}: attributes returned {type(attribute_masks).__name__}, expected "
+                "lightning_mc.masks.AttributeMasks."
+            )
+        if attribute_masks.whole:
+            runs = _changed_rows(plain_tensor(value), plain_tensor(fill)).unsqueeze(0)  # (1, N)
+            covered = torch.ones(1, 1, dtype=torch.bool, device=runs.device)
+            aligned_masks.append(None)
+        else:
+            changed = plain_tensor(value) != plain_tensor(fill)  # NaN != NaN: a NaN input counts as changed
+            aligned = _aligned(attribute_masks.masks, value.ndim)
+            covered = aligned.reshape(*aligned.shape[:2], -1).any(dim=-1).any(dim=-1, keepdim=True)  # (h, 1)
+            runs = _changed_samples(aligned, changed)
+            aligned_masks.append(aligned)
+        flags.append(torch.cat([runs, covered], dim=1))
+    if not flags:
+        return [], {}
+    host = _to_host(flags)  # the one device sync: which samples each copy changes
+    runs, covered = host[:, :-1], host[:, -1]
+    every = runs.all(dim=1)
+    ran = every | runs.any(dim=1)
+    samples = _samples(runs, every, values[0].device)
+    copies, changed_by_name, first = [], {}, 0
+    for owner, (modality, attribute_masks, aligned) in enumerate(zip(modalities, masks, aligned_masks)):
+        count = len(attribute_masks.names)
+        if aligned is None:
+            copies.append(Copy(modality.name, frozenset({owner}), None, samples[first]))
+        else:
+            copies.extend(
+                Copy(f"{modality.name}/{label}", frozenset({owner}), mask, samples[first + index])
+                for index, (label, mask) in enumerate(zip(attribute_masks.names, aligned))
+            )
+        rows = slice(first, first + count)
+        changed_by_name[modality.name] = torch.where(covered[rows], ran[rows].long(), -1)
+        first += count
+    return copies, changed_by_name
+
+
+#: From this many elements per sample, a whole modality on the CPU is compared with its fill sample by sample.
+_PER_SAMPLE_FROM = 4096
+
+
+def _changed_rows(value: Tensor, fill: Tensor) -> Tensor:
+    """``(N,)``: whether each sample's input differs from its fill anywhere (a NaN input counts as changed).
+
+    On the CPU, large samples are compared one by one with :func:`torch.equal`, which stops at the first element that
+    differs (where data and fill differ, at once): comparing every element costs more than the fill itself. On other
+    devices, and for small samples, every element is compared at once (no host sync).
+
+    Example:
+        >>> _changed_rows(torch.tensor([[0.0, 1.0], [0.0, 0.0], [float("nan"), 0.0]]), torch.zeros(3, 2)).tolist()
+        [True, False, True]
+    """
+    per_sample = value[0].numel() if value.ndim and value.shape[0] else 0
+    if value.device.type == "cpu" and fill.shape == value.shape and fill.dtype == value.dtype:
+        if per_sample >= _PER_SAMPLE_FROM:  # torch.equal: NaN never equals, -0.0 equals 0.0, as != has it
+            return torch.tensor(
+                [not torch.equal(row, fill_row) for row, fill_row in zip(value, fill)], dtype=torch.bool
+            )
+    return (value != fill).reshape(value.shape[0], -1).any(dim=-1)
+
+
+def _aligned(masks: Tensor, ndim: int) -> Tensor:
+    """Masks that broadcast against ``(N, ...)`` aligned on the right, each given its sample dimension (N or 1)."""
+    return masks.reshape(masks.shape[0], *[1] * (ndim + 1 - masks.ndim), *masks.shape[1:])
+
+
+def _to_host(flags: list[Tensor]) -> Tensor:
+    """The flags of every modality, stacked, on the CPU: one transfer where they share a device."""
+    if len({flag.device for flag in flags}) == 1:
+        return torch.cat(flags).cpu()
+    return torch.cat([flag.cpu() for flag in flags])
 
 
 #: Most elements of the ``(h, N, ...)`` mask-and-change tensor built at once (larger ones go attribute by attribute).
@@ -88,22 +152,17 @@ def _changed_samples(aligned: Tensor, changed: Tensor) -> Tensor:
     return torch.stack([(mask & changed).reshape(num_samples, -1).any(dim=-1) for mask in aligned])
 
 
-def _selected(runs: Tensor, device: torch.device) -> Tensor | None:
-    """The samples to run (``runs``: ``(N,)`` bool); ``None``: all of them."""
-    return None if bool(runs.all()) else runs.nonzero().flatten().to(device)
-
-
-def what_changed(modalities: Sequence[Modality], per_modality: list[tuple[list[Copy], Tensor]]) -> dict[str, Tensor]:
-    """``name -> (h_i,)`` (CPU), from :func:`attribute_copies`' results: which occlusions changed an input.
-
-    ``1`` where attribute ``l``'s occlusion changed some sample's input, ``0`` where its mask covered input but the
-    fill equals it there, ``-1`` where its mask covered nothing (padding).
-    """
-    changed = {}
-    for modality, (copies, covered) in zip(modalities, per_modality):
-        ran = torch.tensor([copy.samples is None or copy.samples.numel() > 0 for copy in copies])
-        changed[modality.name] = torch.where(covered, ran.long(), -1)
-    return changed
+def _samples(runs: Tensor, every: Tensor, device: torch.device) -> list[Tensor | None]:
+    """Each copy's samples (``runs``: ``(H, N)`` bool, CPU): ``None`` where it runs on all; sent in one transfer."""
+    chosen: list[Tensor | None] = [None] * runs.shape[0]
+    some = (~every).nonzero().flatten()
+    if not some.numel():
+        return chosen
+    partial = runs.index_select(0, some)
+    positions = partial.nonzero()[:, 1].to(device)  # row by row: each copy's samples in order
+    for copy, samples in zip(some.tolist(), positions.split(partial.sum(dim=1).tolist())):
+        chosen[copy] = samples
+    return chosen
 
 
 def outputs_by_modality(
@@ -143,10 +202,9 @@ def _whole_modality_masks(ndim: int, device: torch.device) -> AttributeMasks:
 
 
 __all__ = [
-    "attribute_copies",
     "attribute_masks",
     "coalition_copy",
+    "describe_copies",
     "is_whole",
     "outputs_by_modality",
-    "what_changed",
 ]

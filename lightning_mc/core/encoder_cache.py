@@ -11,7 +11,7 @@ encoders run.
     copy                    image encoder            table encoder            fusion head
     clean                   runs, recorded           runs, recorded           runs
     image occluded          runs on the copy         replays                  runs
-      (fill "zeros"/number: once per batch, expanded; "permute": replays permuted recorded rows)
+      (fill "zeros"/number: one row, expanded, kept while the weights hold; "permute": replays permuted rows)
     table column j          replays                  runs on the copy         runs
     image+table (Shapley)   runs on the copy         runs on the copy         runs
 
@@ -23,8 +23,10 @@ on a seeded random row (:mod:`~lightning_mc.core.spot_check`): an encoder that r
 batches is caught within a few measurements.
 
 A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
-(the check makes sure the model reads that input nowhere else). Where replaying does not pay (tiny encoders), the
-first batches' timing keeps the plain path for the fit (:mod:`~lightning_mc.core.path_choice`).
+(the check makes sure the model reads that input nowhere else); nor those of a modality it fills whole with a fill
+that is the same for every sample: the fill's row, expanded, which the encoders run once. Where replaying does not
+pay (tiny encoders), the timing of the batch after the check (its clean pass against its cached copies, per row) keeps
+the plain path for the fit (:mod:`~lightning_mc.core.path_choice`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ from lightning_mc.core.encoders import ResolvedEncoders, noise_gap, relative_gap
 from lightning_mc.core.layout import BatchFills, BatchView, Copy, Piece, samples_of
 from lightning_mc.core.modality import Batch, Modality
 from lightning_mc.core.path_choice import PathChoice
-from lightning_mc.core.replay import EncoderHooks, Mode, Recording, Replay, _index_rows, rows_of
+from lightning_mc.core.replay import EncoderHooks, KeptRows, Mode, Recording, Replay, _index_rows, rows_of
 from lightning_mc.core.spot_check import SpotCheck
+
+#: Chunk layouts whose encoder modes are kept (a batch of another size or device adds its own).
+_MAX_CHUNK_PLANS = 256
 
 #: Called with the pieces of each chunk before its forward call; returns the modalities (indices) whose rows are not
 #: built for the call (read only through replayed encoders), or ``None``.
@@ -66,6 +71,9 @@ class CopiesRunner(Protocol):
         copies: Sequence[Copy],
         before_chunk: BeforeChunk | None = None,
     ) -> list[Tensor]: ...
+
+    def rows_per_call(self, batch_size: int) -> int:  # noqa: D102
+        ...
 
 
 @dataclass(frozen=True)
@@ -115,10 +123,12 @@ class EncoderCache:
         #: Whether a modality read only through replayed encoders gets one expanded row instead of its copies' rows
         #: (off once the check finds that the model also reads such an input elsewhere).
         self.stand_ins = True
-        #: Which path runs the copies: timed on the first batches, the plain one where caching does not pay.
+        #: Which path runs the copies: timed on the batch after the check, the plain one where caching does not pay.
         self.choice = PathChoice()
-        #: ``encoder name -> (state, input row, output row)`` of a fill that is the same for every sample.
-        self._once: dict[str, tuple[Any, Any, Any]] = {}
+        #: Each encoder's output row on a fill that is the same for every sample.
+        self._once = KeptRows()
+        #: ``chunk layout -> (each encoder's mode, the modalities not built)`` of chunks of whole rows.
+        self._chunk_plans: dict[tuple[Any, ...], tuple[dict[str, tuple[Mode, Tensor]], frozenset[int] | None]] = {}
         #: Which batch of each measurement is checked again (:mod:`~lightning_mc.core.spot_check`).
         self.spot = SpotCheck()
 
@@ -130,11 +140,15 @@ class EncoderCache:
         """Compare the cached path with the plain one on the next batch, and time both again (a new fit)."""
         self._check_pending = True
         self.choice.restart()
-        self.forget_weights()
-
-    def forget_weights(self) -> None:
-        """Run the encoders of fills that are the same for every sample again (the weights changed since)."""
         self._once.clear()
+
+    def new_measurement(self) -> None:
+        """A new measurement: the weights may have changed, so each kept row of a constant fill is checked once.
+
+        The row is reused where the encoder's parameters and buffers hold the values it was computed with, and run
+        again otherwise (:class:`~lightning_mc.core.replay.KeptRows`).
+        """
+        self._once.new_measurement()
 
     @contextmanager
     def recording(self, model: nn.Module) -> Iterator[Recording | None]:
@@ -159,8 +173,9 @@ class EncoderCache:
     ) -> list[Tensor]:
         """The outputs of each copy, with the encoders replayed where their modality is left alone.
 
-        The first batch of a fit (or of another model) is checked against the plain path first; the first batches
-        after it are timed on both paths, and the plain path is kept where caching does not pay.
+        The first batch of a fit (or of another model) is checked against the plain path first; the next one's clean
+        pass (the plain path's work on the clean rows) and its cached copies are timed, and the plain path is kept
+        where caching does not pay (:mod:`~lightning_mc.core.path_choice`).
         """
         call = _Call(runner, model, view, fills)
         if self._hooks is None and not self._searched and view.size > 1:
@@ -172,21 +187,29 @@ class EncoderCache:
             if self._checked_for is not None:  # another model: other weights, maybe another architecture
                 self.check_again()
             self._checked_for = checked_for
-        device, rows = view.values[0].device, sum(copy.num_rows(view.size) for copy in copies)
+        device = view.values[0].device
         spot = self.spot.next_batch() and not self._check_pending  # a fully checked batch needs no spot check
+        # the check's batch is not timed: its clean pass is the model's first call with these shapes (and warms it)
         timed = None if self._check_pending else self.choice.next_to_time
-        if timed == "plain":
-            with self.choice.timing("plain", rows, device):
+        if timed == "plain":  # the timed batch ran no clean pass of its own (reuse_outputs): time this one plain
+            rows = sum(copy.num_rows(view.size) for copy in copies)
+            with self.choice.timing("plain", rows, device, "on the next batch"):
                 return call.run(copies)
+        occluded = [copy for copy in copies if copy.occluded]
+        rows = sum(copy.num_rows(view.size) for copy in occluded)
+        # The plain path would run the occluded rows in `calls` forward calls. With a call's cost = a + b · rows, the
+        # clean pass (one call of N rows) times the rows of one such call, or N where they are fewer, is at most what
+        # the plain path costs: the estimate leans to the plain path, which is never dearer than without encoders.
+        calls = -(-rows // runner.rows_per_call(view.size))
+        clean_stands_for = max(view.size, rows // max(calls, 1))
+        recorded, clean_rows = self._recorded(call, copies, given, clean_stands_for if timed else None)
+        if self._check_pending:
+            self._check(call, occluded, recorded)
+            self._check_pending = False
+            if view.size < 2:  # the stand-in row is the only row: whether the model reads it cannot show
+                self.stand_ins = False
+        replay = Replay(recorded, self._once)
         with self.choice.timing("cached", rows, device) if timed else nullcontext():
-            recorded, clean_rows = self._recorded(call, copies, given)
-            occluded = [copy for copy in copies if copy.occluded]
-            if self._check_pending:
-                self._check(call, occluded, recorded)
-                self._check_pending = False
-                if view.size < 2:  # the stand-in row is the only row: whether the model reads it cannot show
-                    self.stand_ins = False
-            replay = Replay(recorded, self._once)
             with self._hooks.replaying(model, replay):
                 rows_out = call.run(occluded, self._setting_modes(replay, view, fills, occluded))
         if spot:  # outside the timing: the path choice compares the paths' own work
@@ -199,11 +222,12 @@ class EncoderCache:
         return (id(model), *((id(encoder.module), type(encoder.module)) for encoder in self._hooks.bind(model)))
 
     def _recorded(
-        self, call: _Call, copies: list[Copy], given: Recording | None
+        self, call: _Call, copies: list[Copy], given: Recording | None, timed_as: int | None = None
     ) -> tuple[dict[str, Any], Tensor | None]:
         """The encoders' outputs on the clean rows, and the clean outputs when the clean copy ran for them.
 
-        What the caller recorded in the forward call that gave the clean outputs; else the clean copy runs, recorded.
+        What the caller recorded in the forward call that gave the clean outputs; else the clean copy runs, recorded
+        (``timed_as``: timed for :attr:`choice` as the plain path's work on that many rows).
         """
         assert self._hooks is not None
         recorded = None
@@ -215,7 +239,13 @@ class EncoderCache:
         clean_rows = None
         if recorded is None or (copies and copies[0].name is None):
             calls: list[int] = []
-            with self._hooks.record(call.model) as recording:
+            device = call.view.values[0].device
+            timing = (
+                nullcontext()
+                if timed_as is None
+                else self.choice.timing("plain", timed_as, device, "(from the clean pass of the same batch)")
+            )
+            with self._hooks.record(call.model) as recording, timing:
                 clean_rows = call.run([Copy(None)], _counting_rows(calls))[0]
             recorded = recording.concatenated(calls)
         return recorded, clean_rows
@@ -239,20 +269,42 @@ class EncoderCache:
         """A ``before_chunk`` that sets what each encoder does in the chunk about to run."""
 
         def set_modes(chunk: list[Piece]) -> frozenset[int] | None:
-            replay.modes = self._modes(view, fills, copies, chunk)
-            if not self.stand_ins:
-                return None
-            return self._replayed_whole(copies[chunk[0].copy], fills)
+            first = copies[chunk[0].copy]
+            # what a chunk of whole rows does depends on its layout alone (no permutation drawn): decided once
+            key = None
+            if all(copies[piece.copy].samples is None for piece in chunk) and all(s is None for s in fills.sources):
+                ranges = tuple((piece.start, piece.stop) for piece in chunk)
+                layout = (view.size, view.values[0].device, self.stand_ins, fills.same_for_every_sample)
+                key = (*layout, first.occluded, first.mask is None, ranges)
+                planned = self._chunk_plans.get(key)
+                if planned is not None:
+                    replay.modes = planned[0]
+                    return planned[1]
+            modes = self._modes(view, fills, copies, chunk)
+            stand_ins = self._replayed_whole(first, fills) if self.stand_ins else None
+            if key is not None:
+                if len(self._chunk_plans) >= _MAX_CHUNK_PLANS:
+                    self._chunk_plans.clear()
+                self._chunk_plans[key] = (modes, stand_ins)
+            replay.modes = modes
+            return stand_ins
 
         return set_modes
 
     def _replayed_whole(self, first: Copy, fills: BatchFills) -> frozenset[int]:
-        """The modalities whose every encoder replays in a call of copies like ``first``: their rows are not built."""
+        """The modalities whose rows are not built in a call of copies like ``first``: one row stands in for them.
+
+        Those whose every encoder replays (the clean row stands in), and those the copies replace whole by a fill that
+        is the same for every sample (its row stands in: the encoders see one row expanded, which they run once).
+        """
         assert self.found is not None
         replayed = []
         for modality in self.found:
             owner = self.modality_names.index(modality)
-            if owner not in first.occluded or (first.mask is None and fills.sources[owner] is not None):
+            whole = owner in first.occluded and first.mask is None
+            if owner not in first.occluded or (
+                whole and (fills.sources[owner] is not None or fills.same_for_every_sample[owner])
+            ):
                 replayed.append(owner)
         return frozenset(replayed)
 

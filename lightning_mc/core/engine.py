@@ -32,12 +32,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_mc.core.copies import (
-    attribute_copies,
     attribute_masks,
     coalition_copy,
+    describe_copies,
     is_whole,
     outputs_by_modality,
-    what_changed,
 )
 from lightning_mc.core.encoder_cache import BeforeChunk, EncoderCache
 from lightning_mc.core.encoders import ResolvedEncoders
@@ -214,10 +213,7 @@ class OcclusionEngine:
         extra = [copy for copy in extra if copy.occluded not in reused]
         with _evaluating(model), torch.inference_mode():
             fills = self.draws.fill(view)
-            per_modality = [
-                attribute_copies(modalities, i, m, view.values[i], fills.values[i]) for i, m in enumerate(masks)
-            ]
-            attributes = [copy for copies_of_modality, _ in per_modality for copy in copies_of_modality]
+            attributes, changed = describe_copies(modalities, masks, view.values, fills.values)
             copies = [*([Copy(None)] if clean is None else []), *attributes, *extra]
             rows = self._run_copies(model, view, fills, copies, encoder_outputs)
             clean_rows = rows.pop(0) if clean is None else self.outputs.given_clean(clean, _width(rows), view.size)
@@ -227,7 +223,6 @@ class OcclusionEngine:
             coalition_rows[members] = occluded[modalities[owner].name][:, 0]
         names = {m.name: a.names for m, a in zip(modalities, masks)}
         coalition_outputs = {c: coalition_rows[frozenset(c)] for c in coalitions}
-        changed = what_changed(modalities, per_modality)
         return OccludedOutputs(clean_rows, occluded, names, coalition_outputs, changed, view.size)
 
     def check_batch(self, model: nn.Module, batch: Batch) -> None:
@@ -262,11 +257,12 @@ class OcclusionEngine:
             copies: The copies to run.
             before_chunk: Called with each chunk's pieces before its forward call; given one, a chunk holds copies
                 that occlude the same way only (the encoder cache sets one mode per encoder per call). It returns the
-                modalities (indices) the model reads only through replayed encoders in that call, or ``None``: their
-                rows are not built (one clean row stands in for all, expanded without a copy).
+                modalities (indices) whose rows are not built in that call, or ``None``: one row stands in for all,
+                expanded without a copy: the fill's row where the copies replace the modality whole by a fill drawn
+                without a permutation, else the clean row.
         """
         outputs, labels = [], []
-        max_rows = self.settings.max_batch_size or DEFAULT_COPIES_PER_CALL * view.size
+        max_rows = self.rows_per_call(view.size)
         groups = None if before_chunk is None else [(copy.occluded, copy.mask is None) for copy in copies]
         for chunk in plan_chunks([copy.num_rows(view.size) for copy in copies], max_rows, groups):
             stand_ins = before_chunk(chunk) if before_chunk is not None else None
@@ -277,6 +273,10 @@ class OcclusionEngine:
             return [torch.empty(0, 0) for _ in copies]
         self.outputs.check_same_width(outputs, labels)
         return list(torch.cat(outputs).split([copy.num_rows(view.size) for copy in copies]))
+
+    def rows_per_call(self, batch_size: int) -> int:
+        """The most rows one forward call takes, for batches of ``batch_size`` samples."""
+        return self.settings.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
 
     # ------------------------------------------------------------------------------------------------ the copies
 
@@ -316,9 +316,12 @@ class OcclusionEngine:
     ) -> tuple[Tensor, str]:
         """Run one chunk: its rows of every modality and of the batch's other tensors, in one forward call.
 
-        A modality in ``stand_ins`` gets one clean row expanded to the chunk's rows (no copy is made).
+        A modality in ``stand_ins`` gets one row expanded to the chunk's rows (no copy is made): its fill's where the
+        chunk's copies replace it whole by a fill drawn without a permutation (the encoder cache gives only fills that
+        are the same for every sample), else its clean row.
         """
         num_rows = sum(piece.stop - piece.start for piece in chunk)
+        first = copies[chunk[0].copy]
         rows = [copies[piece.copy].rows(piece.start, piece.stop) for piece in chunk]
         ranges = [span for piece_rows in rows for span in sample_ranges(piece_rows)]
         # the modality tensors are replaced below: only the other tensors of the batch are cut here
@@ -326,7 +329,9 @@ class OcclusionEngine:
         chunk_batch = apply_to_collection(view.batch, Tensor, _cut_rows, rows=rows, view=view, ranges=ranges, skip=skip)
         for owner, modality in enumerate(self.modalities):
             if stand_ins and owner in stand_ins:
-                value = view.values[owner][:1].expand(num_rows, *view.values[owner].shape[1:])
+                filled = owner in first.occluded and first.mask is None and fills.sources[owner] is None
+                source = fills.values[owner] if filled else view.values[owner]
+                value = source[:1].expand(num_rows, *view.values[owner].shape[1:])
             else:
                 value = torch.cat(
                     [

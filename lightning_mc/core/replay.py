@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -145,11 +145,10 @@ class Replay:
 
     Args:
         recorded: Each encoder's output on the clean rows.
-        once: Where a constant fill's output row is kept between batches (``encoder name -> (state, input row,
-            output row)``).
+        once: Where a constant fill's output row is kept between batches and measurements.
     """
 
-    def __init__(self, recorded: Mapping[str, Any], once: dict[str, tuple[Any, Any, Any]]) -> None:
+    def __init__(self, recorded: Mapping[str, Any], once: KeptRows) -> None:
         self.recorded = recorded
         self.once = once
         #: ``encoder name -> (mode, sample of each row)`` for the next forward call.
@@ -174,25 +173,132 @@ class Replay:
     ) -> Any:
         """Run the first row only when every row of every input is the same, and expand it to ``rows`` rows.
 
-        The row's output is kept and reused while the input row, the module's parameters and buffers (their version
-        counters move on every in-place update, an optimizer step) and the autocast state stay the same.
+        The row's output is kept (:class:`Kept`) and reused while every row of the inputs equals the kept input row
+        (one comparison per input tensor), the module's parameters and buffers stay the same (their version counters
+        move on every in-place update, an optimizer step; the tensors are listed once, when the row is computed, not
+        walked on every call) and so does the autocast state.
         """
         inputs = pytree.tree_leaves((args, kwargs))
         batched = [leaf for leaf in inputs if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows]
-        if not batched or not all(_rows_equal(leaf) for leaf in batched):
-            return forward(*args, **kwargs)  # the fill is constant but the encoder also reads per-sample inputs
-        first = pytree.tree_map(lambda leaf: _first_row(leaf, rows), (args, kwargs))
+        if not batched:
+            return forward(*args, **kwargs)
         device = batched[0].device.type
-        state = (
-            tuple(tensor._version for tensor in (*module.parameters(), *module.buffers())),
-            torch.is_autocast_enabled(device),
-            torch.get_autocast_dtype(device),
-        )
-        kept = self.once.get(name)
-        if kept is None or kept[0] != state or not same_tree(kept[1], first):
-            kept = (state, first, forward(*first[0], **first[1]))
-            self.once[name] = kept
-        return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), kept[2])
+        kept = self.once.get(name, module, device)
+        if kept is None or not kept.holds(inputs, rows, device):
+            if not all(_rows_equal(leaf) for leaf in batched):
+                return forward(*args, **kwargs)  # the fill is constant but the encoder also reads per-sample inputs
+            first = pytree.tree_map(lambda leaf: _first_row(leaf, rows), (args, kwargs))
+            kept = Kept.of(module, first, forward(*first[0], **first[1]), device)
+            self.once.rows[name] = kept
+        return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), kept.output)
+
+
+#: Parameters and buffers of an encoder (elements in all) up to which a kept row keeps a copy of them, so that the
+#: next measurement can reuse the row where they still hold the same values; larger encoders run the row again.
+KEEP_WEIGHTS_UP_TO = 2**22
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An encoder's output on one row of a constant fill, and what it was computed from.
+
+    Attributes:
+        tensors: The module's parameters and buffers then.
+        state: Their version counters, and the autocast state.
+        inputs: The input row (``(args, kwargs)``, batch tensors cut to their first row).
+        output: The output row.
+        weights: Copies of ``tensors`` (``None`` past :data:`KEEP_WEIGHTS_UP_TO` elements).
+    """
+
+    tensors: tuple[Tensor, ...]
+    state: tuple[Any, ...]
+    inputs: Any
+    output: Any
+    weights: tuple[Tensor, ...] | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module, inputs: Any, output: Any, device: str) -> Kept:
+        """The kept row of ``module``, computed on ``inputs`` now."""
+        tensors = (*module.parameters(), *module.buffers())
+        small = sum(tensor.numel() for tensor in tensors) <= KEEP_WEIGHTS_UP_TO
+        weights = tuple(tensor.detach().clone() for tensor in tensors) if small else None
+        return cls(tensors, _state(tensors, device), inputs, output, weights)
+
+    def holds(self, inputs: list[Any], rows: int, device: str) -> bool:
+        """Whether the output still holds for a call with the leaves ``inputs`` of ``rows`` rows each."""
+        if _state(self.tensors, device) != self.state:
+            return False
+        kept = pytree.tree_leaves(self.inputs)
+        return len(kept) == len(inputs) and all(_same_rows(row, leaf, rows) for row, leaf in zip(kept, inputs))
+
+    def verified(self, module: nn.Module, device: str) -> Kept | None:
+        """This row for ``module`` as it is now, if its parameters and buffers hold the values they had; else ``None``.
+
+        Compares values, not version counters: a write through ``.data`` (an EMA swap) moves no counter.
+        """
+        tensors = (*module.parameters(), *module.buffers())
+        if self.weights is None or len(tensors) != len(self.weights):
+            return None
+        for tensor, weight in zip(tensors, self.weights):
+            same_kind = tensor.shape == weight.shape and tensor.dtype == weight.dtype and tensor.device == weight.device
+            if not same_kind or not torch.equal(tensor, weight):
+                return None
+        return replace(self, tensors=tensors, state=_state(tensors, device))
+
+
+class KeptRows:
+    """Each encoder's kept row of a constant fill (:class:`Kept`), kept across measurements while the weights hold.
+
+    Within a measurement a row is reused while its module's version counters stay the same; the first use in a new
+    measurement (:meth:`new_measurement`) compares the module's parameters and buffers with the copies kept with the
+    row, once.
+    """
+
+    def __init__(self) -> None:
+        #: ``encoder name -> kept row``.
+        self.rows: dict[str, Kept] = {}
+        self._unverified: set[str] = set()
+
+    def new_measurement(self) -> None:
+        """The weights may have changed since the rows were computed: check each once before its next use."""
+        self._unverified = set(self.rows)
+
+    def clear(self) -> None:
+        """Forget every row (a new fit)."""
+        self.rows.clear()
+        self._unverified.clear()
+
+    def get(self, name: str, module: nn.Module, device: str) -> Kept | None:
+        """The kept row of encoder ``name`` (``module``), verified once per measurement; ``None`` if none holds."""
+        kept = self.rows.get(name)
+        if kept is not None and name in self._unverified:
+            self._unverified.discard(name)
+            kept = kept.verified(module, device)
+            if kept is None:
+                del self.rows[name]
+            else:
+                self.rows[name] = kept
+        return kept
+
+
+def _state(tensors: tuple[Tensor, ...], device: str) -> tuple[Any, ...]:
+    return (
+        tuple(tensor._version for tensor in tensors),
+        torch.is_autocast_enabled(device),
+        torch.get_autocast_dtype(device),
+    )
+
+
+def _same_rows(row: Any, leaf: Any, rows: int) -> bool:
+    """Whether ``leaf`` is ``row`` (a kept leaf): every row equal to it for a batch tensor, else equal or the same."""
+    if not isinstance(row, Tensor) or not isinstance(leaf, Tensor):
+        return row is leaf
+    if leaf.ndim and leaf.shape[0] == rows and row.ndim and row.shape[0] == 1:
+        if leaf.dtype != row.dtype or leaf.shape[1:] != row.shape[1:] or leaf.device != row.device:
+            return False
+        leaf = leaf[:1] if leaf.stride(0) == 0 else leaf
+        return torch.equal(leaf, row.expand_as(leaf))
+    return torch.equal(leaf, row)
 
 
 # pytree helpers, shared with encoder discovery (lightning_mc.core.discovery) --------------------------------------
@@ -268,4 +374,4 @@ def _expand_row(leaf: Any, rows: int) -> Any:
     return leaf
 
 
-__all__ = ["Encoder", "EncoderHooks", "Mode", "Recording", "Replay"]
+__all__ = ["KEEP_WEIGHTS_UP_TO", "Encoder", "EncoderHooks", "Kept", "KeptRows", "Mode", "Recording", "Replay"]
