@@ -69,7 +69,7 @@ def test_a_model_output_that_is_not_a_tensor_asks_for_forward_fn(wrap) -> None:
             return wrap(super().forward(a, b))
 
     with pytest.raises(
-        TypeError, match=r"The model returned a (dict|tuple), not a tensor\. Name the prediction tensor"
+        TypeError, match=r"The model returned a (dict|tuple of 2 items), not a tensor\. Name the prediction tensor"
     ):
         modality_contribution(Wrapped(), _dict_batches(), {"a": "a", "b": "b"})
     selected = modality_contribution(
