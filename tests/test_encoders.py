@@ -301,6 +301,7 @@ def test_a_recording_of_two_forward_calls_cannot_be_replayed_so_the_clean_batch_
     assert_same_numbers(actual.occluded, expected.occluded)
 
 
+@pytest.mark.usefixtures("no_spot_check")  # counts the cached path's own rows
 def test_a_constant_fills_row_is_kept_across_measurements_while_the_weights_hold_their_values() -> None:
     model = LateFusion().eval()
     measurement = ContributionMeasurement(modalities(), occlusion="zeros", encoders=ENCODERS)
