@@ -187,7 +187,10 @@ class SharePrecision(MetricAnalysis):
             >>> message[message.index("about") :][:23]
             'about 400 samples would'
         """
-        name, widest = max(half_widths.items(), key=lambda item: item[1])
+        widest = max(half_widths.values())
+        # the first of the widest: two modalities' half-widths are equal (one share is 1 minus the other) up to
+        # float noise, which must not pick the name
+        name = next(name for name, width in half_widths.items() if width >= widest * (1 - 1e-9))
         if widest <= self.tolerance or any(share != share for share in shares.values()):
             return None
         if math.isinf(widest):
