@@ -18,6 +18,15 @@ from benchmarks import distributed, encoders, probe_cost, report, savings, small
 from benchmarks.breakdown import breakdown
 from benchmarks.timing import CLOCKS, DEVICES, choose_clock, pick_device, set_clock
 
+#: The suites that return their summary rows and one detail table.
+ROW_AND_TABLE = {
+    "P6": savings.p6_reuse,
+    "P7": savings.p7_tolerance,
+    "P9": distributed.p9_distributed_tolerance,
+    "P10": small_sets.p10_small_sets,
+    "P11": probe_cost.p11_probe_cost,
+    "P12": spot_check.p12_spot_check,
+}
 SUITES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "scaling", "breakdown")
 
 
@@ -136,32 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             found, by_budget, by_masks = suites.p5_memory(config)
             rows += found
             tables += [by_budget, by_masks]
-        elif name == "P6":
-            found, table = savings.p6_reuse(config)
-            rows += found
-            tables.append(table)
-        elif name == "P7":
-            found, table = savings.p7_tolerance(config)
-            rows += found
-            tables.append(table)
         elif name == "P8":
             found, table = encoders.p8_encoders(config)
             rows += found
             tables += [table, encoders.p8_monai_occlusion(config)]
-        elif name == "P9":
-            found, table = distributed.p9_distributed_tolerance(config)
-            rows += found
-            tables.append(table)
-        elif name == "P10":
-            found, table = small_sets.p10_small_sets(config)
-            rows += found
-            tables.append(table)
-        elif name == "P11":
-            found, table = probe_cost.p11_probe_cost(config)
-            rows += found
-            tables.append(table)
-        elif name == "P12":
-            found, table = spot_check.p12_spot_check(config)
+        elif name in ROW_AND_TABLE:  # the suites that give their rows and one table
+            found, table = ROW_AND_TABLE[name](config)
             rows += found
             tables.append(table)
         elif name == "scaling":

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -22,24 +24,19 @@ from lightning_mc import ModalityContributionMonitor
 from lightning_mc.analyses.probe import linear_probe
 from lightning_mc.callbacks.probe_features import ProbeFeatures
 
-BATCH, CLASSES, COLUMNS = 64, 10, 10
+BATCH, CLASSES, COLUMNS = 64, 10, 10  # the demo's batches: 8×8 digits, a 10-column table, ten classes
 #: Most a training batch's gathering may add to the training step.
 GATHER_TARGET = 0.02
 
 
-class DemoNet(nn.Module):
-    """The demo's late-fusion network (examples/collapse_demo.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.image_branch = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU()
-        )
-        self.table_branch = nn.Sequential(nn.Linear(COLUMNS, 32), nn.ReLU())
-        self.head = nn.Linear(64, CLASSES)
-
-    def forward(self, image: Tensor, table: Tensor) -> Tensor:
-        return self.head(torch.cat([self.image_branch(image), self.table_branch(table)], dim=1))
+def demo_model() -> nn.Module:
+    """The demo's late-fusion network (``DigitsTableNet`` of examples/collapse_demo.py), loaded from the example."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "collapse_demo.py"
+    spec = importlib.util.spec_from_file_location("collapse_demo", path)
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo.DigitsTableNet()
 
 
 def _rows(num: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -77,7 +74,7 @@ def p11_probe_cost(config: Config) -> tuple[list[Row], Table]:
         torch.randn(BATCH, COLUMNS, generator=generator).to(device),
         torch.randint(0, CLASSES, (BATCH,), generator=generator).to(device),
     )
-    model = DemoNet().to(device)
+    model = demo_model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def training_step() -> None:
