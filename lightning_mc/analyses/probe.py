@@ -233,7 +233,7 @@ def linear_probe(
     if reason is not None:
         return result("undecided", None, why=reason)
     outputs = int(y.max()) + 1 if kind == "classes" else None
-    predicted = _out_of_fold(x, y, kind, _folds(y, kind, folds, seed), outputs, seed)
+    predicted = _out_of_fold(x, y, kind, probe_folds(y, kind, folds, seed), outputs, seed)
     found = score(kind, predicted, y)
     if math.isnan(found.value):
         return result("undecided", None, why="the probe's predictions are constant: the features do not vary")
@@ -246,16 +246,6 @@ def linear_probe(
     half_width = (found.high - found.low) / 2
     needed = math.ceil(num_samples * (half_width / gap) ** 2) if gap > 1e-9 else None
     return result("undecided", found, needed)
-
-
-def probe_folds(y: Tensor, kind: str, folds: int, seed: int) -> Tensor:
-    """Each sample's fold: stratified by class (``"classes"``) or by event (``"survival"``), dealt from a seeded order.
-
-    Example:
-        >>> probe_folds(torch.tensor([0, 0, 1, 1]), "classes", 2, seed=0).bincount().tolist()
-        [2, 2]
-    """
-    return _folds(y, kind, folds, seed)
 
 
 def _samples(
@@ -298,7 +288,13 @@ def _fit_targets(kind: str, y: Tensor) -> tuple[Tensor, str | None]:
     return y, None if float(y.std()) > 0 else "the target is constant among the samples"
 
 
-def _folds(y: Tensor, kind: str, folds: int, seed: int) -> Tensor:
+def probe_folds(y: Tensor, kind: str, folds: int, seed: int) -> Tensor:
+    """Each sample's fold: stratified by class (``"classes"``) or by event (``"survival"``), dealt from a seeded order.
+
+    Example:
+        >>> probe_folds(torch.tensor([0, 0, 1, 1]), "classes", 2, seed=0).bincount().tolist()
+        [2, 2]
+    """
     generator = torch.Generator().manual_seed(seed)
     if kind == "classes":
         strata = y
@@ -318,7 +314,7 @@ def _folds(y: Tensor, kind: str, folds: int, seed: int) -> Tensor:
 
 def _out_of_fold(x: Tensor, y: Tensor, kind: str, fold: Tensor, outputs: int | None, seed: int) -> Tensor:
     """Each sample predicted by the model fitted without its fold, at the ``C`` an inner cross-validation chose."""
-    c = choose_c(x, y, kind, _folds(y, kind, INNER_FOLDS, seed + 1), outputs)
+    c = choose_c(x, y, kind, probe_folds(y, kind, INNER_FOLDS, seed + 1), outputs)
     predicted: Tensor | None = None
     model = None
     for k in range(int(fold.max()) + 1):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lightning_mc.analyses.label_kinds import LabelKind, read_labels
 from lightning_mc.analyses.probe import SEED, modality_features
 from lightning_mc.callbacks.monitor import ModalityContributionMonitor
-from lightning_mc.callbacks.probe_reservoir import TrainingReservoir, _on
+from lightning_mc.callbacks.probe_reservoir import TrainingReservoir, index_on
 from lightning_mc.callbacks.validation_batches import PaddingTrim, unpadded_samples
 from lightning_mc.core.encoders import submodule
 from lightning_mc.core.modality import TargetSpec
@@ -54,11 +54,11 @@ def select_labels(batch: Any, labels: TargetSpec, rows: int) -> Tensor:
         value = labels(batch) if callable(labels) else batch[labels]
     except KeyError:
         keys = list(batch.keys()) if hasattr(batch, "keys") else None
-        raise ValueError(f"labels={labels!r} is not a key of the batch; the batch's keys: {keys!r}.") from None
+        raise ValueError(f"labels={spec} is not a key of the batch; the batch's keys: {keys!r}.") from None
     except IndexError:
         length = len(batch) if hasattr(batch, "__len__") else None
         raise ValueError(
-            f"labels={labels!r} is out of range: the batch has {length} items (indices 0 to {(length or 1) - 1})."
+            f"labels={spec} is out of range: the batch has {length} items (indices 0 to {(length or 1) - 1})."
         ) from None
     except TypeError as err:
         raise ValueError(
@@ -108,8 +108,7 @@ class ProbeFeatures:
         self._inputs: dict[str, list[Tensor]] = {}
         self._encoded: dict[str, list[Tensor]] = {}
         self._targets: list[Tensor] = []
-        self._reservoir = TrainingReservoir()
-        self._train_inputs = TrainingReservoir()  # the inputs, where the encoders' outputs are also kept
+        self._reservoir = TrainingReservoir()  # each modality's input rows, and its encoders' under _encoded_key
         self._paths: dict[str, tuple[str, ...]] = {}
         self._handles: list[Any] = []
         self._captured: dict[str, Tensor] = {}
@@ -153,7 +152,6 @@ class ProbeFeatures:
         self._monitor, self._train_names = monitor, names
         seed = SEED + 7919 * trainer.global_rank + 104729 * trainer.current_epoch
         self._reservoir.start(seed)
-        self._train_inputs.start(seed)
         self._hook_encoders(pl_module, monitor, names)
         self._train_complete = dict.fromkeys(self._paths, True)
 
@@ -167,21 +165,16 @@ class ProbeFeatures:
             return
         self._capturing = False
         rows, slots = self._reservoir.slots(self._rows)
-        if self._paths:
-            self._train_inputs.slots(self._rows)  # the same draws for the inputs kept beside the encoders' outputs
         if isinstance(rows, slice) or len(rows):
             with torch.no_grad():  # training runs outside inference mode
                 labels = select_labels(batch, self.labels, self._rows)
-                labels = labels[_on(rows, labels.device)].detach()
+                labels = labels[index_on(rows, labels.device)].detach()
                 inputs, encoded = self._features(self._train_names, rows)
                 for name in self._train_names:
                     if name in self._paths and name not in encoded:
                         self._train_complete[name] = False
-                if self._paths:  # the encoders' outputs, and the inputs for a check where some batch missed them
-                    self._reservoir.store(slots, encoded, labels)
-                    self._train_inputs.store(slots, inputs, labels)
-                else:
-                    self._reservoir.store(slots, inputs, labels)
+                # the inputs too where the encoders' are kept: a check where some batch missed them uses the inputs
+                self._reservoir.store(slots, {**inputs, **{_encoded_key(n): v for n, v in encoded.items()}}, labels)
         self._captured, self._values = {}, {}
 
     def train_stop(self) -> None:
@@ -260,15 +253,14 @@ class ProbeFeatures:
         for name in self._names:
             encoded = bool(self._complete.get(name, False) and self._encoded[name])
             encoded = encoded and (not have_train or self._train_complete.get(name, False))
-            encoded = encoded and (not have_train or self._reservoir.features(name) is not None)
+            encoded = encoded and (not have_train or self._reservoir.features(_encoded_key(name)) is not None)
             # every rank must use the same source: the encoders' outputs only where every rank caught them all
             everywhere = trainer.strategy.reduce_boolean_decision(encoded, all=True) if self._paths else False
             chunks = self._encoded[name] if everywhere else self._inputs[name]
             val = _gather_rows(trainer, torch.cat(chunks) if chunks else torch.zeros(0, 1))
             train = None
             if have_train:
-                kept = self._reservoir if everywhere or not self._paths else self._train_inputs
-                local = kept.features(name)
+                local = self._reservoir.features(_encoded_key(name) if everywhere else name)
                 if trainer.strategy.reduce_boolean_decision(local is not None, all=True) and local is not None:
                     train = _gather_rows(trainer, local.cpu())
             paths = ", ".join(repr(path) for path in self._paths.get(name, ()))
@@ -300,10 +292,12 @@ class ProbeFeatures:
         inputs, encoded = {}, {}
         for name in names:
             values = self._values[name]
-            inputs[name] = modality_features(values[_on(rows, values.device)].detach())
+            inputs[name] = modality_features(values[index_on(rows, values.device)].detach())
             paths = self._paths.get(name, ())
             if paths and all(path in self._captured for path in paths):
-                outputs = torch.cat([self._captured[path][_on(rows, self._captured[path].device)] for path in paths], 1)
+                outputs = torch.cat(
+                    [self._captured[path][index_on(rows, self._captured[path].device)] for path in paths], 1
+                )
                 encoded[name] = modality_features(outputs)
         return inputs, encoded
 
@@ -324,6 +318,11 @@ class ProbeFeatures:
                 self._captured[path] = floating[0].detach().reshape(self._rows, -1)
 
         return hook
+
+
+def _encoded_key(name: str) -> str:
+    """Where the reservoir keeps the encoders' outputs of modality ``name`` (beside its input, under ``name``)."""
+    return f"{name} (encoded)"
 
 
 def _gather_rows(trainer: pl.Trainer, local: Tensor) -> Tensor:

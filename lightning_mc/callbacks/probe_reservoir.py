@@ -80,10 +80,10 @@ class TrainingReservoir:
         for name, values in features.items():
             if name not in self._features:
                 self._features[name] = values.new_zeros(self.capacity, *values.shape[1:])
-            self._features[name][_on(slots, values.device)] = values
+            self._features[name][index_on(slots, values.device)] = values
         if self._labels is None:
             self._labels = labels.new_zeros(self.capacity, *labels.shape[1:])
-        self._labels[_on(slots, labels.device)] = labels
+        self._labels[index_on(slots, labels.device)] = labels
 
     def features(self, name: str) -> Tensor | None:
         """The kept rows of ``name`` (``None``: none stored)."""
@@ -99,8 +99,9 @@ class TrainingReservoir:
         self._features.pop(name, None)
 
 
-def _on(index: Tensor | slice, device: torch.device) -> Tensor | slice:
+def index_on(index: Tensor | slice, device: torch.device) -> Tensor | slice:
+    """``index`` (rows or slots) where it indexes a tensor on ``device``: a slice as it is."""
     return index if isinstance(index, slice) else index.to(device, non_blocking=True)
 
 
-__all__ = ["CAPACITY", "TrainingReservoir"]
+__all__ = ["CAPACITY", "TrainingReservoir", "index_on"]
