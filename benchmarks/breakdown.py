@@ -25,10 +25,12 @@ from typing import Any
 import torchmetrics
 
 import lightning_mc.core.engine as engine_module
+import lightning_mc.core.executor as executor_module
 import lightning_mc.core.fill_draws as fill_draws
 import lightning_mc.core.layout as layout_module
 import lightning_mc.core.metric as metric_module
 import lightning_mc.core.outputs as outputs_module
+import lightning_mc.core.plan as plan_module
 import lightning_mc.core.result as result_module
 import lightning_mc.measurement as measurement_module
 from benchmarks.models import ImageTableNet, image_table_batches, image_table_modalities, seeded
@@ -40,19 +42,18 @@ BATCHES_PER_CHECK, BATCH_SIZE = 2, 64
 
 #: ``(owner, attribute, label, per)``: the steps timed, what they are called in the table, per batch or per check.
 STEPS: tuple[tuple[Any, str, str, str], ...] = (
-    (engine_module.OcclusionEngine, "run", "engine.run: its own work (eval mode, inference mode)", "batch"),
+    (engine_module.OcclusionEngine, "run", "engine.run: its own work (eval mode, inference mode, outputs)", "batch"),
     (layout_module.BatchView, "of", "engine: select the modality tensors", "batch"),
-    (engine_module, "attribute_masks", "engine: build the attribute masks", "batch"),
-    (engine_module, "describe_copies", "engine: describe the copies (rows each one runs)", "batch"),
+    (plan_module.Planner, "plan", "plan: the layout's plan (built once per layout)", "batch"),
     (fill_draws.FillDraws, "fill", "engine: compute the fills", "batch"),
-    (engine_module.OcclusionEngine, "_run_copies", "engine: run the copies (encoder cache or not)", "batch"),
-    (engine_module.OcclusionEngine, "forward_copies", "engine: chunk loop, split the outputs by copy", "batch"),
-    (engine_module.OcclusionEngine, "_forward_chunk", "engine: stack one chunk's rows (torch.cat)", "batch"),
-    (engine_module, "plan_chunks", "engine: plan the chunks", "batch"),
-    (engine_module, "apply_to_collection", "engine: cut the batch's other tensors", "batch"),
-    (engine_module, "rows_like", "engine: hand rows back in the input's type", "batch"),
-    (engine_module, "outputs_by_modality", "engine: outputs by modality and attribute", "batch"),
-    (engine_module.OcclusionEngine, "_forward", "engine: forward-call wrapper", "batch"),
+    (engine_module, "restrict", "guard: which samples each copy changes (one host read)", "batch"),
+    (engine_module.OcclusionEngine, "_execute", "engine: hand the plan to the executor", "batch"),
+    (executor_module.ChunkRunner, "run", "executor: chunk loop, split the outputs by copy", "batch"),
+    (executor_module.ChunkRunner, "forward_chunk", "executor: stack one chunk's rows (torch.cat)", "batch"),
+    (executor_module, "apply_to_collection", "executor: cut the batch's other tensors", "batch"),
+    (executor_module, "rows_like", "executor: hand rows back in the input's type", "batch"),
+    (executor_module.ChunkRunner, "_forward", "executor: forward-call wrapper", "batch"),
+    (plan_module.BatchPlan, "outputs_by_modality", "engine: outputs by modality and attribute", "batch"),
     (outputs_module, "select_prediction", "engine: pick the prediction (output_key)", "batch"),
     (outputs_module.OutputReader, "transform", "engine: check, flatten, softmax the outputs", "batch"),
     (outputs_module.OutputReader, "check_same_width", "engine: compare output shapes", "batch"),

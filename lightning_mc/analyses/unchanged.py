@@ -1,6 +1,6 @@
 """Always on: a warning when a modality's (or an attribute's) occlusion changed no input in a whole measurement.
 
-Rows whose occluded input equals the clean input are never run (:func:`~lightning_mc.core.copies.describe_copies`):
+Rows whose occluded input equals the clean input are never run (:mod:`~lightning_mc.core.changed_rows`):
 they contribute exactly 0. When that holds for every sample of a measurement, the modality's raw value is 0 by
 construction, not because the model ignores it, and the user is told why: ``"permute"`` on batches of one sample is
 the identity; a fill equal to the data (``"zeros"`` on an all-zero input) changes nothing either.

@@ -65,6 +65,9 @@ class Columns:
         torch.Size([3, 1, 3])
     """
 
+    #: The masks depend on the tensor's shape only: the engine builds them once per batch layout.
+    shape_only = True
+
     def __init__(self, names: Sequence[str] | None = None) -> None:
         if names is not None:
             if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
@@ -110,6 +113,9 @@ class ColumnGroups:
         >>> groups(torch.zeros(5, 4)).masks[1]
         tensor([[False, False,  True,  True]])
     """
+
+    #: The masks depend on the tensor's shape only: the engine builds them once per batch layout.
+    shape_only = True
 
     def __init__(self, groups: Mapping[str, Sequence[int]]) -> None:
         if not isinstance(groups, Mapping):
@@ -164,6 +170,9 @@ def _check_size(builder: str, size: object, dims: int) -> tuple[int, ...]:
 
 class _Patches:
     """A grid of patches over the last ``len(size)`` dimensions; patch ``k`` starts at ``k·size``."""
+
+    #: The masks depend on the tensor's shape only: the engine builds them once per batch layout.
+    shape_only = True
 
     _letters: tuple[str, ...] = ()
 

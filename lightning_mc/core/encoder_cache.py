@@ -24,18 +24,21 @@ batches is caught within a few measurements.
 
 A copy does not build the rows of a modality whose encoders all replay: one clean row, expanded, stands in for them
 (the check makes sure the model reads that input nowhere else); nor those of a modality it fills whole with a fill
-that is the same for every sample: the fill's row, expanded, which the encoders run once. Where replaying does not
-pay (tiny encoders), the timing of the batch after the check (its clean pass against its cached copies, per row) keeps
-the plain path for the fit (:mod:`~lightning_mc.core.path_choice`).
+that gives encoders one row (:attr:`~lightning_mc.core.occlusion.Fill.encoder_input`): the fill's row, expanded, which
+the encoders run once. What each encoder does in each forward call is decided once per batch layout and kept in the
+batch's plan (:class:`~lightning_mc.core.plan.BatchPlan`); the cache only chooses the executor of each batch
+(:class:`~lightning_mc.core.executor.ReplayingExecutor` or the plain one). Where replaying does not pay (tiny
+encoders), the timing of the batch after the check (its clean pass against its cached copies, per row) keeps the plain
+path for the fit (:mod:`~lightning_mc.core.path_choice`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,51 +46,17 @@ from torchmetrics.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mc.core.discovery import discover_encoders
 from lightning_mc.core.encoders import ResolvedEncoders, noise_gap, relative_gap
-from lightning_mc.core.layout import BatchFills, BatchView, Copy, Piece, samples_of
-from lightning_mc.core.modality import Batch, Modality
+from lightning_mc.core.executor import Call, ChunkRunner, ChunkSettings, PlainExecutor, ReplayingExecutor
+from lightning_mc.core.layout import BatchFills, BatchView, Copy, Piece, plan_chunks, samples_of
+from lightning_mc.core.modality import Modality
+from lightning_mc.core.occlusion import EncoderInput
 from lightning_mc.core.path_choice import PathChoice
+from lightning_mc.core.plan import BatchPlan, chunks_of
 from lightning_mc.core.replay import EncoderHooks, KeptRows, Mode, Recording, Replay, _index_rows, rows_of
 from lightning_mc.core.spot_check import SpotCheck
 
-#: Chunk layouts whose encoder modes are kept (a batch of another size or device adds its own).
-_MAX_CHUNK_PLANS = 256
-
-#: Called with the pieces of each chunk before its forward call; returns the modalities (indices) whose rows are not
-#: built for the call (read only through replayed encoders), or ``None``.
-BeforeChunk = Callable[[list[Piece]], "frozenset[int] | None"]
-
-
-class CopiesRunner(Protocol):
-    """What the cache needs of the engine: the modalities, the forward call and running copies chunk by chunk."""
-
-    modalities: tuple[Modality, ...]
-    forward_fn: Callable[[nn.Module, Batch], Any]
-
-    def forward_copies(  # noqa: D102
-        self,
-        model: nn.Module,
-        view: BatchView,
-        fills: BatchFills,
-        copies: Sequence[Copy],
-        before_chunk: BeforeChunk | None = None,
-    ) -> list[Tensor]: ...
-
-    def rows_per_call(self, batch_size: int) -> int:  # noqa: D102
-        ...
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One batch's forward calls through the runner: the model, the batch and its fills, bound once."""
-
-    runner: CopiesRunner
-    model: nn.Module
-    view: BatchView
-    fills: BatchFills
-
-    def run(self, copies: Sequence[Copy], before_chunk: BeforeChunk | None = None) -> list[Tensor]:
-        """The outputs of each of ``copies`` (:meth:`CopiesRunner.forward_copies`)."""
-        return self.runner.forward_copies(self.model, self.view, self.fills, copies, before_chunk)
+#: ``encoder name -> (mode, the samples of the rows, the modality whose permutation reorders them or None)``.
+_BaseModes = dict[str, tuple[Mode, Tensor, int | None]]
 
 
 class EncoderCache:
@@ -127,8 +96,6 @@ class EncoderCache:
         self.choice = PathChoice()
         #: Each encoder's output row on a fill that is the same for every sample.
         self._once = KeptRows()
-        #: ``chunk layout -> (each encoder's mode, the modalities not built)`` of chunks of whole rows.
-        self._chunk_plans: dict[tuple[Any, ...], tuple[dict[str, tuple[Mode, Tensor]], frozenset[int] | None]] = {}
         #: Which batch of each measurement is checked again (:mod:`~lightning_mc.core.spot_check`).
         self.spot = SpotCheck()
 
@@ -163,26 +130,27 @@ class EncoderCache:
             yield recording
 
     def run(
-        self,
-        runner: CopiesRunner,
-        model: nn.Module,
-        view: BatchView,
-        fills: BatchFills,
-        copies: list[Copy],
-        given: Recording | None,
+        self, runner: ChunkRunner, call: Call, plan: BatchPlan, given: Recording | None, max_rows: int
     ) -> list[Tensor]:
-        """The outputs of each copy, with the encoders replayed where their modality is left alone.
+        """The outputs of each of the plan's copies, with the encoders replayed where their modality is left alone.
 
         The first batch of a fit (or of another model) is checked against the plain path first; the next one's clean
         pass (the plain path's work on the clean rows) and its cached copies are timed, and the plain path is kept
         where caching does not pay (:mod:`~lightning_mc.core.path_choice`).
+
+        Args:
+            runner: Builds and runs each forward call.
+            call: The model, the batch and its fills.
+            plan: The batch's plan.
+            given: The encoders' outputs recorded in the forward call that gave the clean outputs, if any.
+            max_rows: The most rows per forward call.
         """
-        call = _Call(runner, model, view, fills)
+        view, plain = call.view, PlainExecutor(runner)
         if self._hooks is None and not self._searched and view.size > 1:
-            self._discover(runner, model, view)
+            self._discover(runner, call.model, view)
         if self._hooks is None or self.choice.plain:  # no encoders, or the plain path chosen for this fit
-            return call.run(copies)
-        checked_for = self._model_key(model)
+            return plain.run(call, plan.copies, chunks_of(plan, max_rows))
+        checked_for = self._model_key(call.model)
         if checked_for != self._checked_for:
             if self._checked_for is not None:  # another model: other weights, maybe another architecture
                 self.check_again()
@@ -192,29 +160,28 @@ class EncoderCache:
         # the check's batch is not timed: its clean pass is the model's first call with these shapes (and warms it)
         timed = None if self._check_pending else self.choice.next_to_time
         if timed == "plain":  # the timed batch ran no clean pass of its own (reuse_outputs): time this one plain
-            rows = sum(copy.num_rows(view.size) for copy in copies)
+            rows = sum(copy.num_rows(view.size) for copy in plan.copies)
             with self.choice.timing("plain", rows, device, "on the next batch"):
-                return call.run(copies)
-        occluded = [copy for copy in copies if copy.occluded]
+                return plain.run(call, plan.copies, chunks_of(plan, max_rows))
+        occluded = plan.copies[1:] if plan.runs_clean else plan.copies
         rows = sum(copy.num_rows(view.size) for copy in occluded)
         # The plain path would run the occluded rows in `calls` forward calls. With a call's cost = a + b · rows, the
         # clean pass (one call of N rows) times the rows of one such call, or N where they are fewer, is at most what
         # the plain path costs: the estimate leans to the plain path, which is never dearer than without encoders.
-        calls = -(-rows // runner.rows_per_call(view.size))
+        calls = -(-rows // max_rows)
         clean_stands_for = max(view.size, rows // max(calls, 1))
-        recorded, clean_rows = self._recorded(call, copies, given, clean_stands_for if timed else None)
+        recorded, clean_rows = self._recorded(runner, call, plan, given, max_rows, clean_stands_for if timed else None)
         if self._check_pending:
-            self._check(call, occluded, recorded)
+            self._check(runner, call, occluded, recorded, max_rows)
             self._check_pending = False
             if view.size < 2:  # the stand-in row is the only row: whether the model reads it cannot show
                 self.stand_ins = False
-        replay = Replay(recorded, self._once)
+        executor = self._replaying(runner, recorded, self.stand_ins, plan)
         with self.choice.timing("cached", rows, device) if timed else nullcontext():
-            with self._hooks.replaying(model, replay):
-                rows_out = call.run(occluded, self._setting_modes(replay, view, fills, occluded))
+            rows_out = executor.run(call, occluded, chunks_of(plan, max_rows, grouped=True, skip_clean=True))
         if spot:  # outside the timing: the path choice compares the paths' own work
-            self._spot_check(call, recorded)
-        return [clean_rows, *rows_out] if len(occluded) < len(copies) else rows_out
+            self._spot_check(runner, call, recorded, max_rows)
+        return [clean_rows, *rows_out] if plan.runs_clean else rows_out
 
     def _model_key(self, model: nn.Module) -> tuple[Any, ...]:
         """What identifies the modules the check ran on: the model and each named encoder."""
@@ -222,7 +189,13 @@ class EncoderCache:
         return (id(model), *((id(encoder.module), type(encoder.module)) for encoder in self._hooks.bind(model)))
 
     def _recorded(
-        self, call: _Call, copies: list[Copy], given: Recording | None, timed_as: int | None = None
+        self,
+        runner: ChunkRunner,
+        call: Call,
+        plan: BatchPlan,
+        given: Recording | None,
+        max_rows: int,
+        timed_as: int | None = None,
     ) -> tuple[dict[str, Any], Tensor | None]:
         """The encoders' outputs on the clean rows, and the clean outputs when the clean copy ran for them.
 
@@ -237,8 +210,8 @@ class EncoderCache:
             except ValueError as err:  # e.g. a validation step that calls the model twice: record by running again
                 rank_zero_warn(f"{err} (in the forward call that gave the clean outputs); the clean batch runs again.")
         clean_rows = None
-        if recorded is None or (copies and copies[0].name is None):
-            calls: list[int] = []
+        if recorded is None or plan.runs_clean:
+            chunks = plan_chunks([call.view.size], max_rows)
             device = call.view.values[0].device
             timing = (
                 nullcontext()
@@ -246,11 +219,11 @@ class EncoderCache:
                 else self.choice.timing("plain", timed_as, device, "(from the clean pass of the same batch)")
             )
             with self._hooks.record(call.model) as recording, timing:
-                clean_rows = call.run([Copy(None)], _counting_rows(calls))[0]
-            recorded = recording.concatenated(calls)
+                clean_rows = runner.run(call, [Copy(None)], chunks)[0]
+            recorded = recording.concatenated([sum(piece.stop - piece.start for piece in chunk) for chunk in chunks])
         return recorded, clean_rows
 
-    def _discover(self, runner: CopiesRunner, model: nn.Module, view: BatchView) -> None:
+    def _discover(self, runner: ChunkRunner, model: nn.Module, view: BatchView) -> None:
         """Resolve ``"auto"`` on this batch (:func:`~.discovery.discover_encoders`), and say what it found."""
         found = discover_encoders(model, functools.partial(runner.forward_fn, model), view.batch, runner.modalities)
         self._searched = True
@@ -265,72 +238,75 @@ class EncoderCache:
                 UserWarning,
             )
 
-    def _setting_modes(self, replay: Replay, view: BatchView, fills: BatchFills, copies: Sequence[Copy]) -> BeforeChunk:
-        """A ``before_chunk`` that sets what each encoder does in the chunk about to run."""
+    def _replaying(
+        self, runner: ChunkRunner, recorded: dict[str, Any], stand_ins: bool, plan: BatchPlan | None = None
+    ) -> ReplayingExecutor:
+        """The replaying executor of one batch; its chunks' settings are kept in ``plan`` (``None``: computed now)."""
+        assert self._hooks is not None
 
-        def set_modes(chunk: list[Piece]) -> frozenset[int] | None:
-            first = copies[chunk[0].copy]
-            # what a chunk of whole rows does depends on its layout alone (no permutation drawn): decided once
-            key = None
-            if all(copies[piece.copy].samples is None for piece in chunk) and all(s is None for s in fills.sources):
-                ranges = tuple((piece.start, piece.stop) for piece in chunk)
-                layout = (view.size, view.values[0].device, self.stand_ins, fills.same_for_every_sample)
-                key = (*layout, first.occluded, first.mask is None, ranges)
-                planned = self._chunk_plans.get(key)
-                if planned is not None:
-                    replay.modes = planned[0]
-                    return planned[1]
-            modes = self._modes(view, fills, copies, chunk)
-            stand_ins = self._replayed_whole(first, fills) if self.stand_ins else None
-            if key is not None:
-                if len(self._chunk_plans) >= _MAX_CHUNK_PLANS:
-                    self._chunk_plans.clear()
-                self._chunk_plans[key] = (modes, stand_ins)
-            replay.modes = modes
-            return stand_ins
+        def settings(copies: Sequence[Copy], chunks: Sequence[list[Piece]], fills: BatchFills) -> list[ChunkSettings]:
+            if plan is None:
+                base = self._base_settings(copies, chunks, fills, stand_ins)
+            else:  # the chunks are the plan's own (kept in it): their settings are kept beside them
+                key: Hashable = ("replay settings", stand_ins, id(chunks))
+                base = plan.memo(key, lambda: self._base_settings(copies, chunks, fills, stand_ins))
+            return [_for_batch(settings, permuted, fills) for settings, permuted in base]
 
-        return set_modes
+        return ReplayingExecutor(runner, self._hooks, Replay(recorded, self._once), settings)
+
+    def _base_settings(
+        self, copies: Sequence[Copy], chunks: Sequence[list[Piece]], fills: BatchFills, stand_ins: bool
+    ) -> list[tuple[ChunkSettings, dict[str, int]]]:
+        """Each chunk's settings, and the encoders whose rows a permutation drawn per batch reorders (their owner)."""
+        device = fills.values[0].device
+        settings = []
+        for chunk in chunks:
+            modes = self._modes(copies, chunk, fills, device)
+            replayed = self._replayed_whole(copies[chunk[0].copy], fills) if stand_ins else frozenset()
+            plain = {name: (mode, samples) for name, (mode, samples, _) in modes.items()}
+            permuted = {name: owner for name, (_, _, owner) in modes.items() if owner is not None}
+            settings.append((ChunkSettings(plain, replayed), permuted))
+        return settings
 
     def _replayed_whole(self, first: Copy, fills: BatchFills) -> frozenset[int]:
         """The modalities whose rows are not built in a call of copies like ``first``: one row stands in for them.
 
         Those whose every encoder replays (the clean row stands in), and those the copies replace whole by a fill that
-        is the same for every sample (its row stands in: the encoders see one row expanded, which they run once).
+        gives encoders one row (its row stands in: the encoders see one row expanded, which they run once) or a
+        permutation of the clean rows (replayed permuted).
         """
         assert self.found is not None
         replayed = []
         for modality in self.found:
             owner = self.modality_names.index(modality)
             whole = owner in first.occluded and first.mask is None
-            if owner not in first.occluded or (
-                whole and (fills.sources[owner] is not None or fills.same_for_every_sample[owner])
-            ):
+            if owner not in first.occluded or (whole and fills.encoder_inputs[owner] is not EncoderInput.ROWS):
                 replayed.append(owner)
         return frozenset(replayed)
 
-    def _modes(
-        self, view: BatchView, fills: BatchFills, copies: Sequence[Copy], chunk: list[Piece]
-    ) -> dict[str, tuple[Mode, Tensor]]:
+    def _modes(self, copies: Sequence[Copy], chunk: list[Piece], fills: BatchFills, device: torch.device) -> _BaseModes:
         """What each encoder does in this chunk, whose copies all occlude the same modalities the same way."""
         assert self.found is not None
         first = copies[chunk[0].copy]
-        device = view.values[0].device
         samples = torch.cat([samples_of(copies[piece.copy].rows(piece.start, piece.stop), device) for piece in chunk])
-        modes = {}
+        modes: _BaseModes = {}
         for modality, names in self.found.items():
             owner = self.modality_names.index(modality)
+            given = fills.encoder_inputs[owner]
             if owner not in first.occluded:
-                mode = (Mode.REPLAY, samples)
-            elif first.mask is None and fills.sources[owner] is not None:  # permute: other samples' clean rows
-                mode = (Mode.REPLAY, fills.sources[owner].index_select(0, samples))
-            elif first.mask is None and fills.same_for_every_sample[owner]:
-                mode = (Mode.RUN_ONCE, samples)
+                mode = (Mode.REPLAY, samples, None)
+            elif first.mask is None and given is EncoderInput.PERMUTED:  # other samples' clean rows
+                mode = (Mode.REPLAY, samples, owner)
+            elif first.mask is None and given is EncoderInput.ONE_ROW:
+                mode = (Mode.RUN_ONCE, samples, None)
             else:
-                mode = (Mode.RUN, samples)
+                mode = (Mode.RUN, samples, None)
             modes.update(dict.fromkeys(names, mode))
         return modes
 
-    def _check(self, call: _Call, copies: list[Copy], recorded: dict[str, Any]) -> None:
+    def _check(
+        self, runner: ChunkRunner, call: Call, copies: Sequence[Copy], recorded: dict[str, Any], max_rows: int
+    ) -> None:
         """Compare the cached and the plain path on one row of each copy: raise if an encoder is not one modality's.
 
         Each copy is checked on one of the samples it runs on, the ``k + 1``-th for the ``k``-th copy, so rows whose
@@ -345,18 +321,16 @@ class EncoderCache:
         """
         assert self._hooks is not None and self.found is not None
         self.checks_run += 1
-        restricted = check_copies(copies, call.view.size, call.view.values[0].device)
-        call_copies: list[Copy] = []
-
-        def note_call(chunk: list[Piece]) -> None:
-            call_copies.append(restricted[chunk[0].copy])
-
+        view = call.view
+        restricted = check_copies(copies, view.size, view.values[0].device)
+        groups = [(copy.occluded, copy.mask is None) for copy in restricted]
+        chunks = plan_chunks([copy.num_rows(view.size) for copy in restricted], max_rows, groups)
+        call_copies = [restricted[chunk[0].copy] for chunk in chunks]
         with self._hooks.record(call.model) as plain_recording:
-            plain = call.run(restricted, note_call)
-        cached_recording, cached = self._cached_rows(call, restricted, recorded)
+            plain = runner.run(call, restricted, chunks)
+        cached_recording, cached = self._cached_rows(runner, call, restricted, chunks, recorded, self.stand_ins)
         if self.stand_ins:  # with the rows built, the cached path must give the same floats bit for bit
-            self.stand_ins = False
-            built_recording, built = self._cached_rows(call, restricted, recorded)
+            built_recording, built = self._cached_rows(runner, call, restricted, chunks, recorded, stand_ins=False)
             self.stand_ins = all(torch.equal(a, b) for a, b in zip(cached, built))
             if not self.stand_ins:
                 cached_recording, cached = built_recording, built
@@ -374,7 +348,7 @@ class EncoderCache:
         if mismatch is not None:
             raise self._outputs_differ(*mismatch)
 
-    def _spot_check(self, call: _Call, recorded: dict[str, Any]) -> None:
+    def _spot_check(self, runner: ChunkRunner, call: Call, recorded: dict[str, Any], max_rows: int) -> None:
         """Run a seeded random sample once per modality, it clean and every other modality occluded; compare.
 
         One plain forward call of one row per modality with encoders: each encoder's output on its own modality's
@@ -393,7 +367,7 @@ class EncoderCache:
             owner = self.modality_names.index(modality)
             copies.append(Copy(f"all but {modality!r}", frozenset(i for i in everything if i != owner), None, sample))
         with self._hooks.record(call.model) as recording:
-            call.run(copies)
+            runner.run(call, copies, plan_chunks([1] * len(copies), max_rows))
         where = f" (the spot check of batch {self.spot.batch} of this measurement; the first batch's full check passed)"
         calls = next(iter(recording.calls.values()))  # more than one with a max_batch_size below the modalities
         plain = recording.concatenated([rows_of(output) for output in calls])
@@ -425,13 +399,32 @@ class EncoderCache:
             "does not run its encoders once per forward call on its own inputs. Leave encoders out for this model."
         )
 
-    def _cached_rows(self, call: _Call, copies: list[Copy], recorded: dict[str, Any]) -> tuple[Recording, list[Tensor]]:
+    def _cached_rows(
+        self,
+        runner: ChunkRunner,
+        call: Call,
+        copies: Sequence[Copy],
+        chunks: Sequence[list[Piece]],
+        recorded: dict[str, Any],
+        stand_ins: bool,
+    ) -> tuple[Recording, list[Tensor]]:
         """The cached path's outputs of ``copies``, with the encoders' (replayed) outputs of each call recorded."""
         assert self._hooks is not None
-        replay = Replay(recorded, self._once)
-        with self._hooks.replaying(call.model, replay), self._hooks.record(call.model) as recording:
-            rows = call.run(copies, self._setting_modes(replay, call.view, call.fills, copies))
+        with self._hooks.record(call.model) as recording:
+            rows = self._replaying(runner, recorded, stand_ins).run(call, copies, chunks)
         return recording, rows
+
+
+def _for_batch(settings: ChunkSettings, permuted: dict[str, int], fills: BatchFills) -> ChunkSettings:
+    """A chunk's settings for this batch: the rows of a permuted modality's encoders follow this batch's draw."""
+    if not permuted:
+        return settings
+    modes = dict(settings.modes)
+    for name, owner in permuted.items():
+        order = fills.orders[owner]
+        assert order is not None
+        modes[name] = (Mode.REPLAY, order.index_select(0, modes[name][1]))
+    return ChunkSettings(modes, settings.stand_ins)
 
 
 def check_copies(copies: Sequence[Copy], batch_size: int, device: torch.device) -> list[Copy]:
@@ -463,13 +456,4 @@ def _first_mismatch(
     return None
 
 
-def _counting_rows(calls: list[int]) -> BeforeChunk:
-    """A ``before_chunk`` that appends each call's number of rows to ``calls``."""
-
-    def count(chunk: list[Piece]) -> None:
-        calls.append(sum(piece.stop - piece.start for piece in chunk))
-
-    return count
-
-
-__all__ = ["BeforeChunk", "CopiesRunner", "EncoderCache", "check_copies"]
+__all__ = ["EncoderCache", "check_copies"]

@@ -1,13 +1,20 @@
-"""Builds the occluded copies of a batch and runs them through the model in as few forward calls as allowed.
+"""Runs a model on a batch and on its occluded copies: the plan of the batch's layout, run by an executor.
 
 For a batch of ``N`` samples and ``H`` attributes over all modalities the engine needs up to ``(1 + H) · N`` rows of
 model input: the clean batch and one copy per attribute, plus one copy per coalition of whole modalities an analysis
-asks for. It describes each copy (:class:`~.layout.Copy`: what it occludes, on which samples it runs), lays the
-copies' rows out as one virtual batch, cuts it into chunks of at most ``max_batch_size`` rows and runs each chunk in
-one forward call. An attribute copy runs only on the samples its mask occludes something in; its other rows are the
-clean outputs, so their difference is exactly 0. With ``encoders``, the encoder cache
-(:class:`~lightning_mc.core.encoder_cache.EncoderCache`) decides what each encoder does in each call. Nothing here
-knows about Lightning, and nothing here has a default: the settings come resolved from
+asks for. Per batch it
+
+1. finds the plan of the batch's layout (:class:`~lightning_mc.core.plan.Planner`: the copies, their chunks and what
+   the encoders do in each call, decided once per layout),
+2. draws the fills (:class:`~lightning_mc.core.fill_draws.FillDraws`),
+3. runs the one guard that reads values, which samples each copy changes
+   (:func:`~lightning_mc.core.changed_rows.restrict`: a copy does not run on a sample it leaves as it was, so that
+   sample's difference is exactly 0),
+4. hands the plan to an executor (:mod:`~lightning_mc.core.executor`): the plain one, or with ``encoders`` the one the
+   encoder cache chooses (:class:`~lightning_mc.core.encoder_cache.EncoderCache`),
+5. lays the outputs out by modality and attribute.
+
+Nothing here knows about Lightning, and nothing here has a default: the settings come resolved from
 :class:`~lightning_mc.analyses.options.MeasurementOptions`.
 
 Example:
@@ -28,38 +35,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_mc.core.copies import (
-    attribute_masks,
-    coalition_copy,
-    describe_copies,
-    is_whole,
-    outputs_by_modality,
-)
-from lightning_mc.core.encoder_cache import BeforeChunk, EncoderCache
+from lightning_mc.core.changed_rows import ran, restrict
+from lightning_mc.core.encoder_cache import EncoderCache
 from lightning_mc.core.encoders import ResolvedEncoders
+from lightning_mc.core.executor import Call, ChunkRunner, PlainExecutor
 from lightning_mc.core.fill_draws import FillDraws
-from lightning_mc.core.forward import ForwardFn, UnmappableBatch, default_forward
-from lightning_mc.core.layout import (
-    BatchFills,
-    BatchView,
-    Copy,
-    Piece,
-    mask_rows,
-    plan_chunks,
-    sample_ranges,
-    take,
-)
+from lightning_mc.core.forward import ForwardFn, default_forward
+from lightning_mc.core.layout import BatchView, Copy, plan_chunks
 from lightning_mc.core.modality import Batch, Modality
-from lightning_mc.core.occlusion import (
-    Fill,
-    occlude,
-    plain_tensor,
-    rows_like,
-)
+from lightning_mc.core.occlusion import Fill
 from lightning_mc.core.outputs import GivenCleanError, OutputReader
+from lightning_mc.core.plan import BatchPlan, Planner, chunks_of
 from lightning_mc.core.replay import Recording
 
 __all__ = [
@@ -150,17 +138,26 @@ class OcclusionEngine:
         self.outputs = settings.outputs
         self.forward_fn = settings.forward_fn if settings.forward_fn is not None else default_forward(self.modalities)
         self.fills = tuple(m.fill if m.fill is not None else settings.fill for m in self.modalities)
-        #: The encoder cache (``None`` without ``encoders``).
+        #: The plan of each batch layout.
+        self.planner = Planner(self.modalities)
+        #: Builds and runs each forward call, for every executor.
+        self.runner = ChunkRunner(self.modalities, self.forward_fn, self.outputs)
+        #: Runs every row through the whole model.
+        self.plain = PlainExecutor(self.runner)
+        #: The encoder cache (``None`` without ``encoders``): chooses the executor of each batch.
         self.cache = None if settings.encoders is None else EncoderCache(settings.encoders, self.modalities)
         #: Each batch's fills (:meth:`start_draws` starts a measurement's draws).
         self.draws = FillDraws(self.modalities, self.fills, settings.seed)
-        #: Model input rows run so far (clean and occluded copies), for progress reports.
-        self.rows_forwarded = 0
 
     @property
     def modality_names(self) -> tuple[str, ...]:
         """The modalities' names, in order."""
         return tuple(modality.name for modality in self.modalities)
+
+    @property
+    def rows_forwarded(self) -> int:
+        """Model input rows run so far (clean and occluded copies), for progress reports."""
+        return self.runner.rows_forwarded
 
     @contextmanager
     def recording_encoders(self, model: nn.Module) -> Iterator[Recording | None]:
@@ -206,24 +203,19 @@ class OcclusionEngine:
                 another modality.
         """
         view = BatchView.of(batch, self.modalities)
-        modalities = self.modalities
-        masks = [attribute_masks(m, value, batch) for m, value in zip(modalities, view.values)]
-        extra = [coalition_copy(modalities, members) for members in dict.fromkeys(map(frozenset, coalitions))]
-        reused = {copy.occluded: next(iter(copy.occluded)) for copy in extra if is_whole(modalities, copy.occluded)}
-        extra = [copy for copy in extra if copy.occluded not in reused]
+        layout_plan = self.planner.plan(view, clean is not None, coalitions)
         with _evaluating(model), torch.inference_mode():
             fills = self.draws.fill(view)
-            attributes, changed = describe_copies(modalities, masks, view.values, fills.values)
-            copies = [*([Copy(None)] if clean is None else []), *attributes, *extra]
-            rows = self._run_copies(model, view, fills, copies, encoder_outputs)
-            clean_rows = rows.pop(0) if clean is None else self.outputs.given_clean(clean, _width(rows), view.size)
-            occluded = outputs_by_modality(modalities, masks, clean_rows, attributes, rows[: len(attributes)])
-        coalition_rows = dict(zip((copy.occluded for copy in extra), rows[len(attributes) :]))
-        for members, owner in reused.items():
-            coalition_rows[members] = occluded[modalities[owner].name][:, 0]
-        names = {m.name: a.names for m, a in zip(modalities, masks)}
+            plan = restrict(layout_plan, view, fills)
+            rows = self._execute(Call(model, view, fills), plan, encoder_outputs)
+            clean_rows = rows[0] if plan.runs_clean else self.outputs.given_clean(clean, _width(rows), view.size)
+            occluded = plan.outputs_by_modality(clean_rows, rows[plan.attributes])
+        coalition_rows = dict(zip((copy.occluded for copy in plan.coalitions), rows[plan.attributes.stop :]))
+        for members, owner in plan.reused.items():
+            coalition_rows[members] = occluded[self.modalities[owner].name][:, 0]
+        changed = plan.changed() if plan.dense else plan.changed(ran(plan))
         coalition_outputs = {c: coalition_rows[frozenset(c)] for c in coalitions}
-        return OccludedOutputs(clean_rows, occluded, names, coalition_outputs, changed, view.size)
+        return OccludedOutputs(clean_rows, occluded, plan.attribute_names, coalition_outputs, changed, view.size)
 
     def check_batch(self, model: nn.Module, batch: Batch) -> None:
         """Check the modalities, the fills and the output on ``batch`` without measuring (one forward call of 1 row).
@@ -237,167 +229,41 @@ class OcclusionEngine:
         first = torch.zeros(1, dtype=torch.long, device=view.values[0].device)
         with _evaluating(model), torch.inference_mode():
             self.draws.check(view)
-            fills = BatchFills(view.values, (None,) * len(view.values), (False,) * len(view.values))
-            self.forward_copies(model, view, fills, [Copy(None, samples=first)])
-
-    def forward_copies(
-        self,
-        model: nn.Module,
-        view: BatchView,
-        fills: BatchFills,
-        copies: Sequence[Copy],
-        before_chunk: BeforeChunk | None = None,
-    ) -> list[Tensor]:
-        """Lay ``copies`` out as one virtual batch, run it chunk by chunk, and split the outputs by copy.
-
-        Args:
-            model: The model (already in eval and inference mode).
-            view: The batch.
-            fills: The batch's fills.
-            copies: The copies to run.
-            before_chunk: Called with each chunk's pieces before its forward call; given one, a chunk holds copies
-                that occlude the same way only (the encoder cache sets one mode per encoder per call). It returns the
-                modalities (indices) whose rows are not built in that call, or ``None``: one row stands in for all,
-                expanded without a copy: the fill's row where the copies replace the modality whole by a fill drawn
-                without a permutation, else the clean row.
-        """
-        outputs, labels = [], []
-        max_rows = self.rows_per_call(view.size)
-        groups = None if before_chunk is None else [(copy.occluded, copy.mask is None) for copy in copies]
-        for chunk in plan_chunks([copy.num_rows(view.size) for copy in copies], max_rows, groups):
-            stand_ins = before_chunk(chunk) if before_chunk is not None else None
-            output, label = self._forward_chunk(model, view, fills, copies, chunk, stand_ins)
-            outputs.append(output)
-            labels.append(label)
-        if not outputs:
-            return [torch.empty(0, 0) for _ in copies]
-        self.outputs.check_same_width(outputs, labels)
-        return list(torch.cat(outputs).split([copy.num_rows(view.size) for copy in copies]))
+            call = Call(model, view, self.draws.unfilled(view))
+            self.plain.run(call, [Copy(None, samples=first)], plan_chunks([1], 1))
 
     def rows_per_call(self, batch_size: int) -> int:
         """The most rows one forward call takes, for batches of ``batch_size`` samples."""
         return self.settings.max_batch_size or DEFAULT_COPIES_PER_CALL * batch_size
 
-    # ------------------------------------------------------------------------------------------------ the copies
-
-    def _modality_rows(
-        self, view: BatchView, fills: BatchFills, copy: Copy, owner: int, rows: slice | Tensor
-    ) -> Tensor:
-        """Rows ``rows`` of modality ``owner`` in ``copy``."""
-        if owner not in copy.occluded:
-            return take(view.values[owner], rows, view.size)
-        if copy.mask is None:
-            return take(fills.values[owner], rows, view.size)
-        value, fill = take(view.values[owner], rows, view.size), take(fills.values[owner], rows, view.size)
-        return occlude(value, fill, mask_rows(copy.mask, rows, view.size))
-
     def start_draws(self, check: int) -> None:
         """The next batch is the first of measurement ``check``: random fills depend only on the seed and where."""
         self.draws.start(check)
 
-    # --------------------------------------------------------------------------------------------- forward calls
-
-    def _run_copies(
-        self, model: nn.Module, view: BatchView, fills: BatchFills, copies: list[Copy], given: Recording | None
-    ) -> list[Tensor]:
-        """The transformed outputs of each copy, ``(rows of the copy, C)``, through the encoder cache if any."""
+    def _execute(self, call: Call, plan: BatchPlan, given: Recording | None) -> list[Tensor]:
+        """The transformed outputs of each of the plan's copies, ``(rows of the copy, C)``, by the chosen executor."""
+        max_rows = self.rows_per_call(call.view.size)
         if self.cache is not None:
-            return self.cache.run(self, model, view, fills, copies, given)
-        return self.forward_copies(model, view, fills, copies)
-
-    def _forward_chunk(
-        self,
-        model: nn.Module,
-        view: BatchView,
-        fills: BatchFills,
-        copies: Sequence[Copy],
-        chunk: list[Piece],
-        stand_ins: frozenset[int] | None = None,
-    ) -> tuple[Tensor, str]:
-        """Run one chunk: its rows of every modality and of the batch's other tensors, in one forward call.
-
-        A modality in ``stand_ins`` gets one row expanded to the chunk's rows (no copy is made): its fill's where the
-        chunk's copies replace it whole by a fill drawn without a permutation (the encoder cache gives only fills that
-        are the same for every sample), else its clean row.
-        """
-        num_rows = sum(piece.stop - piece.start for piece in chunk)
-        first = copies[chunk[0].copy]
-        rows = [copies[piece.copy].rows(piece.start, piece.stop) for piece in chunk]
-        ranges = [span for piece_rows in rows for span in sample_ranges(piece_rows)]
-        # the modality tensors are replaced below: only the other tensors of the batch are cut here
-        skip = {id(original) for original in view.originals}
-        chunk_batch = apply_to_collection(view.batch, Tensor, _cut_rows, rows=rows, view=view, ranges=ranges, skip=skip)
-        for owner, modality in enumerate(self.modalities):
-            if stand_ins and owner in stand_ins:
-                filled = owner in first.occluded and first.mask is None and fills.sources[owner] is None
-                source = fills.values[owner] if filled else view.values[owner]
-                value = source[:1].expand(num_rows, *view.values[owner].shape[1:])
-            else:
-                value = torch.cat(
-                    [
-                        self._modality_rows(view, fills, copies[piece.copy], owner, piece_rows)
-                        for piece, piece_rows in zip(chunk, rows)
-                    ]
-                )
-            chunk_batch = modality.replace(chunk_batch, rows_like(view.originals[owner], value, ranges))
-        names = list(dict.fromkeys(copies[piece.copy].name for piece in chunk))
-        label = _call_label(None in names, [name for name in names if name is not None])
-        return self._forward(model, chunk_batch, num_rows, label, names, view.size), label
-
-    def _forward(
-        self, model: nn.Module, batch: Batch, rows: int, label: str, names: Sequence[str | None], batch_size: int
-    ) -> Tensor:
-        self.rows_forwarded += rows
-        try:
-            output = self.forward_fn(model, batch)
-        except UnmappableBatch:  # a mistake in the options, not in the model: raised as it is
-            raise
-        except Exception as err:
-            occluded = [name for name in names if name is not None]
-            what = f"while occluding modality {', '.join(map(repr, occluded))}" if occluded else "on the clean batch"
-            raise RuntimeError(
-                f"The model's forward call raised {type(err).__name__} {what} (one call of {rows} stacked rows: "
-                f"{label}): {err}\n"
-                "Reproduce it on this batch, one occluded copy per call, with the functional API: "
-                "lightning_mc.functional.modality_contribution(model, [batch], modalities, forward_fn=forward_fn, "
-                f"occlusion=occlusion, max_batch_size={batch_size}), with the same modalities, forward_fn "
-                "and occlusion as here."
-            ) from err
-        return self.outputs.read(output, rows)
-
-
-def _call_label(holds_clean: bool, occluded: Sequence[str]) -> str:
-    """What one forward call holds, for error messages: ``the clean batch, 'b' occluded``."""
-    return ", ".join((["the clean batch"] if holds_clean else []) + [f"{name!r} occluded" for name in occluded])
+            return self.cache.run(self.runner, call, plan, given, max_rows)
+        return self.plain.run(call, plan.copies, chunks_of(plan, max_rows))
 
 
 @contextmanager
 def _evaluating(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode and give each submodule its own mode back afterwards.
 
-    A model already in eval mode (the monitor's case, inside validation) is left alone: no second module-tree walk.
-    A user's frozen submodule that was in eval mode inside a training model stays in eval mode.
+    A model already in eval mode (the monitor's case, inside validation) costs one walk of the module tree. Exactly
+    the submodules that were in training mode are switched back, so a user's frozen submodule in eval mode inside a
+    training model stays in eval mode.
     """
-    modes = [module.training for module in model.modules()]
-    needs_eval = any(modes)
-    if needs_eval:
-        model.eval()
+    training = [module for module in model.modules() if module.training]
+    if training:
+        model.eval()  # through eval(): a module that overrides train() sees the switch
     try:
         yield
     finally:
-        if needs_eval:
-            for module, training in zip(model.modules(), modes):
-                module.training = training
-
-
-def _cut_rows(
-    tensor: Tensor, rows: list[slice | Tensor], view: BatchView, ranges: list[tuple[int, int]], skip: set[int]
-) -> Tensor:
-    """A batch tensor's rows for one chunk; tensors without the batch dimension or in ``skip`` (ids) pass unchanged."""
-    if id(tensor) in skip or tensor.ndim == 0 or tensor.shape[0] != view.size:
-        return tensor
-    plain = plain_tensor(tensor)
-    return rows_like(tensor, torch.cat([take(plain, piece_rows, view.size) for piece_rows in rows]), ranges)
+        for module in training:
+            module.training = True
 
 
 def _width(rows: Sequence[Tensor]) -> int | None:

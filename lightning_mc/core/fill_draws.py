@@ -32,6 +32,9 @@ from lightning_mc.core.occlusion import Fill, PermuteFill
 #: Mixed into every seed, so the fills' draws differ from those of user code seeded with the same number.
 _SEED_SALT = 0x6C6D63
 
+#: What fills that draw nothing are given (module-level: never pickled with a measurement, as ``ddp_spawn`` does).
+_UNUSED = torch.Generator()
+
 
 class FillDraws:
     """Draws each modality's fill for one batch after another.
@@ -45,6 +48,8 @@ class FillDraws:
     def __init__(self, modalities: Sequence[Modality], fills: Sequence[Fill], seed: int) -> None:
         self.modalities, self.fills, self.seed = tuple(modalities), tuple(fills), seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._encoder_inputs = tuple(fill.encoder_input for fill in self.fills)
+
         self._check, self._batch = 0, 0
 
     def start(self, check: int) -> None:
@@ -57,21 +62,25 @@ class FillDraws:
         Raises:
             TypeError, ValueError: Naming the modality, if its fill does not fit its data.
         """
-        values, sources = [], []
-        generator = self._generator(view.values[0].device)
+        values, orders = [], []
+        generator = _UNUSED  # fills that draw nothing get a generator they never use: no reseeding per batch
         for modality, fill, value in zip(self.modalities, self.fills, view.values):
-            if generator.device != value.device:
+            if fill.draws_random and (generator is _UNUSED or generator.device != value.device):
                 generator = self._generator(value.device)
             with _naming(modality):
                 if isinstance(fill, PermuteFill):
                     order = fill.order(value, generator)
                     values.append(value[order])
-                    sources.append(order)
+                    orders.append(order)
                 else:
                     values.append(fill(value, generator))
-                    sources.append(None)
+                    orders.append(None)
         self._batch += 1
-        return BatchFills(tuple(values), tuple(sources), tuple(fill.same_for_every_sample for fill in self.fills))
+        return BatchFills(tuple(values), tuple(orders), self._encoder_inputs)
+
+    def unfilled(self, view: BatchView) -> BatchFills:
+        """The batch itself as its fills (for forward calls that occlude nothing): no draw is used up."""
+        return BatchFills(view.values, (None,) * len(view.values), self._encoder_inputs)
 
     def check(self, view: BatchView) -> None:
         """Raise what :meth:`fill` would raise on this batch, filling its first sample only (no draw is used up)."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_mc.core.modality import Batch, Modality
-from lightning_mc.core.occlusion import plain_tensor
+from lightning_mc.core.occlusion import EncoderInput, plain_tensor
 
 #: Rows of one copy: a slice of the batch's samples, or the indices of the samples it runs on.
 Rows = slice | Tensor
@@ -66,14 +66,14 @@ class BatchFills:
     """Each modality's fill for one batch.
 
     Attributes:
-        values: Each modality's filled tensor (the shape of its values).
-        sources: For ``"permute"``, the sample each filled row came from (``None`` for other fills).
-        same_for_every_sample: Whether the fill is the same for every sample (zeros, a constant).
+        values: Each modality's filled tensor (the shape of its values; a constant fill is one element, expanded).
+        orders: For a permutation (``"permute"``), the sample each filled row came from (``None`` for other fills).
+        encoder_inputs: What each fill gives a replayed encoder (:class:`~lightning_mc.core.occlusion.EncoderInput`).
     """
 
     values: tuple[Tensor, ...]
-    sources: tuple[Tensor | None, ...]
-    same_for_every_sample: tuple[bool, ...]
+    orders: tuple[Tensor | None, ...]
+    encoder_inputs: tuple[EncoderInput, ...]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import enum
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,6 +30,17 @@ FillSpec = Union[FillName, float, int, bool, Callable[[Tensor], Tensor], "Fill"]
 FILL_NAMES: tuple[str, ...] = ("zeros", "mean", "noise", "permute")
 
 
+class EncoderInput(enum.Enum):
+    """What a fill gives a replayed encoder of its modality (``encoders=``), the same for every batch.
+
+    The encoder cache reads it instead of testing fill types: a fill says once how encoders treat it.
+    """
+
+    ONE_ROW = "one row"  # the same for every sample (zeros, a constant): the encoder runs one row, expanded
+    ROWS = "rows"  # differs per sample (mean, noise, a callable): the encoder runs every row
+    PERMUTED = "permuted"  # other samples' clean inputs (permute): the encoder's clean outputs, permuted, replay
+
+
 def _is_integer_like(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex)
 
@@ -41,9 +53,10 @@ class Fill:
 
     #: Whether the fill is defined for integer tensors such as token ids.
     supports_integer: bool = False
-    #: Whether every sample gets the same fill (zeros, a constant): an encoder of the filled modality then needs one
-    #: row per batch (see :mod:`lightning_mc.core.encoders`).
-    same_for_every_sample: bool = False
+    #: What a replayed encoder of the filled modality gets (:class:`EncoderInput`).
+    encoder_input: EncoderInput = EncoderInput.ROWS
+    #: Whether the fill draws from the generator it is given (the engine seeds one per batch only for these).
+    draws_random: bool = True
 
     def __call__(self, value: Tensor, generator: torch.Generator) -> Tensor:
         """Return the fill for ``value`` (shape ``(N, ...)``), same shape and dtype.
@@ -87,10 +100,11 @@ class ZerosFill(Fill):
     """Replace by zeros (``False`` for boolean tensors)."""
 
     supports_integer = True
-    same_for_every_sample = True
+    encoder_input = EncoderInput.ONE_ROW
+    draws_random = False
 
     def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.zeros_like(value)
+        return value.new_zeros(()).expand(value.shape)  # one element, expanded: no batch-sized buffer per batch
 
     def __repr__(self) -> str:
         return "'zeros'"
@@ -107,6 +121,8 @@ class MeanFill(Fill):
         >>> MeanFill()(torch.tensor([[1.0, float("nan"), 3.0]]), torch.Generator())
         tensor([[2., 2., 2.]])
     """
+
+    draws_random = False
 
     def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
         full = value if value.dtype in (torch.float32, torch.float64) else value.float()
@@ -137,7 +153,8 @@ class ConstantFill(Fill):
     value: float | int | bool
 
     supports_integer = True
-    same_for_every_sample = True
+    encoder_input = EncoderInput.ONE_ROW
+    draws_random = False
 
     def __call__(self, value: Tensor, generator: torch.Generator) -> Tensor:  # noqa: D102
         if _is_integer_like(value.dtype) and isinstance(self.value, float):
@@ -148,7 +165,7 @@ class ConstantFill(Fill):
         return super().__call__(value, generator)
 
     def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.full_like(value, self.value)
+        return value.new_full((), self.value).expand(value.shape)  # one element, expanded
 
     def __repr__(self) -> str:
         return repr(self.value)
@@ -182,6 +199,7 @@ class PermuteFill(Fill):
     """
 
     supports_integer = True
+    encoder_input = EncoderInput.PERMUTED
 
     def order(self, value: Tensor, generator: torch.Generator) -> Tensor:
         """The shuffle: row ``k`` of the fill is sample ``order[k]`` of ``value``."""
@@ -205,6 +223,7 @@ class CallableFill(Fill):
     function: Callable[[Tensor], Tensor]
 
     supports_integer = True
+    draws_random = False
 
     def _fill(self, value: Tensor, generator: torch.Generator) -> Tensor:
         return self.function(value)
