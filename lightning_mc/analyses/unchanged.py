@@ -46,7 +46,11 @@ class UnchangedOcclusions(Analysis):
         outputs = passes.outputs
         self.largest_batch = max(self.largest_batch, outputs.batch_size)
         for name, changed in outputs.changed.items():
-            self.changed[name] = changed if name not in self.changed else torch.maximum(self.changed[name], changed)
+            kept = self.changed.get(name)
+            if kept is None or kept is changed:  # a layout's plan gives every batch where all ran the same flags
+                self.changed[name] = changed
+            else:
+                self.changed[name] = torch.maximum(kept, changed)
 
     def reset(self) -> None:
         """Forgets the flags (the warnings already given stay given)."""

@@ -148,11 +148,16 @@ class OcclusionEngine:
         self.cache = None if settings.encoders is None else EncoderCache(settings.encoders, self.modalities)
         #: Each batch's fills (:meth:`start_draws` starts a measurement's draws).
         self.draws = FillDraws(self.modalities, self.fills, settings.seed)
+        self._modules: tuple[nn.Module, ...] | None = None
 
     @property
     def modality_names(self) -> tuple[str, ...]:
         """The modalities' names, in order."""
         return tuple(modality.name for modality in self.modalities)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (``ddp_spawn``) or copied without the listed modules of the last model (they are listed again)."""
+        return {**self.__dict__, "_modules": None}
 
     @property
     def rows_forwarded(self) -> int:
@@ -204,7 +209,7 @@ class OcclusionEngine:
         """
         view = BatchView.of(batch, self.modalities)
         layout_plan = self.planner.plan(view, clean is not None, coalitions)
-        with _evaluating(model), torch.inference_mode():
+        with _evaluating(self._modules_of(model)), torch.inference_mode():
             fills = self.draws.fill(view)
             plan = restrict(layout_plan, view, fills)
             rows = self._execute(Call(model, view, fills), plan, encoder_outputs)
@@ -227,7 +232,7 @@ class OcclusionEngine:
         """
         view = BatchView.of(batch, self.modalities)
         first = torch.zeros(1, dtype=torch.long, device=view.values[0].device)
-        with _evaluating(model), torch.inference_mode():
+        with _evaluating(self._modules_of(model)), torch.inference_mode():
             self.draws.check(view)
             call = Call(model, view, self.draws.unfilled(view))
             self.plain.run(call, [Copy(None, samples=first)], plan_chunks([1], 1))
@@ -239,6 +244,13 @@ class OcclusionEngine:
     def start_draws(self, check: int) -> None:
         """The next batch is the first of measurement ``check``: random fills depend only on the seed and where."""
         self.draws.start(check)
+        self._modules = None  # a submodule added between measurements is seen
+
+    def _modules_of(self, model: nn.Module) -> tuple[nn.Module, ...]:
+        """The model and its submodules, listed once per measurement (a walk of the tree costs a small model's op)."""
+        if self._modules is None or self._modules[0] is not model:
+            self._modules = tuple(model.modules())
+        return self._modules
 
     def _execute(self, call: Call, plan: BatchPlan, given: Recording | None) -> list[Tensor]:
         """The transformed outputs of each of the plan's copies, ``(rows of the copy, C)``, by the chosen executor."""
@@ -249,16 +261,16 @@ class OcclusionEngine:
 
 
 @contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode and give each submodule its own mode back afterwards.
+def _evaluating(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Put the model (``modules[0]``, then its submodules) in eval mode and give each its own mode back afterwards.
 
-    A model already in eval mode (the monitor's case, inside validation) costs one walk of the module tree. Exactly
-    the submodules that were in training mode are switched back, so a user's frozen submodule in eval mode inside a
+    A model already in eval mode (the monitor's case, inside validation) costs one read per module. Exactly the
+    submodules that were in training mode are switched back, so a user's frozen submodule in eval mode inside a
     training model stays in eval mode.
     """
-    training = [module for module in model.modules() if module.training]
+    training = [module for module in modules if module.training]
     if training:
-        model.eval()  # through eval(): a module that overrides train() sees the switch
+        modules[0].eval()  # through eval(): a module that overrides train() sees the switch
     try:
         yield
     finally:

@@ -41,7 +41,7 @@ def absolute_differences(clean: Tensor, occluded: Tensor) -> Tensor:
         (:func:`~lightning_mc.core.outputs.full_precision_dtype`).
     """
     dtype = full_precision_dtype(clean.dtype, occluded.dtype)
-    return (occluded.to(dtype) - clean.to(dtype).unsqueeze(1)).abs()
+    return (occluded.to(dtype) - clean.to(dtype).unsqueeze(1)).abs_()
 
 
 def sum_per_modality(values: Tensor, attribute_counts: Sequence[int], dim: int) -> Tensor:
@@ -206,19 +206,19 @@ class ModalityContribution(Metric):
         diffs = diffs.to(self.attribute_diff.dtype)
         # a difference is finite exactly when both outputs are (inf − inf is NaN), so one pass finds the bad samples;
         # they contribute 0 (torch.where, not boolean indexing: no copy of the batch). On CPU reading the flag is
-        # free and spares the masking when every sample is finite; on a GPU it would sync, so mask there always.
-        finite = diffs.flatten(1).isfinite().all(dim=1)
-        every_finite = diffs.device.type == "cpu" and bool(finite.all())
-        if not every_finite:
-            diffs = torch.where(finite[:, None, None], diffs, 0.0)
-
-        self.attribute_diff += diffs.sum(dim=0)
+        # free and spares the per-sample test and the masking when every value is finite; on a GPU it would sync, so
+        # mask there always. The states are added to in place (no Metric.__setattr__ per state per batch).
+        every_finite = diffs.device.type == "cpu" and bool(diffs.isfinite().all())
         if every_finite:
-            self.num_samples += finite.shape[0]
+            self.attribute_diff.add_(diffs.sum(dim=0))
+            self.num_samples.add_(diffs.shape[0])
         else:
+            finite = diffs.flatten(1).isfinite().all(dim=1)
+            diffs = torch.where(finite[:, None, None], diffs, 0.0)
+            self.attribute_diff.add_(diffs.sum(dim=0))
             num_finite = finite.sum()
-            self.num_samples += num_finite
-            self.num_skipped += finite.shape[0] - num_finite
+            self.num_samples.add_(num_finite)
+            self.num_skipped.add_(finite.shape[0] - num_finite)
         # only the chosen normalisation reads these states: the default skips the per-sample work entirely
         if self.normalization == "per_sample":
             self._update_sample_shares(diffs)

@@ -80,8 +80,8 @@ class BatchPlan:
 
     @property
     def attribute_names(self) -> dict[str, tuple[str, ...]]:
-        """``name -> h_i`` attribute names."""
-        return {modality.name: masks.names for modality, masks in zip(self.modalities, self.masks)}
+        """``name -> h_i`` attribute names (the same dict for every batch of the layout)."""
+        return self.memo("names", lambda: {m.name: masks.names for m, masks in zip(self.modalities, self.masks)})
 
     @property
     def runs_clean(self) -> bool:
