@@ -38,7 +38,7 @@ class Config:
 
     quick: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    #: Interleaved rounds per comparison; ``0``: 3 quick, 9 otherwise (``make bench-check`` runs quick sizes with 9).
+    #: Interleaved rounds per comparison; ``0``: 3 quick, 9 otherwise (``make bench-check`` runs quick sizes with 25).
     rounds: int = 0
 
     @property
