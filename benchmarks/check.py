@@ -1,17 +1,21 @@
 """``python -m benchmarks.check [--update]`` (``make bench-check``): the quick rows against the committed ones.
 
-Runs the quick benchmark rows (P1 and P10 at quick sizes, :data:`ROUNDS` interleaved rounds each, 1 thread, so the
-clock is the thread's CPU time: about 40 s on 2 cores), prints each row's median ratio and interquartile range
-beside the committed ones in :data:`BASELINE`, and exits 1 when a row is more than :data:`DEARER` dearer than
-committed (every ratio of these rows is a cost: lower is better). ``--update`` writes the run as the new baseline:
-commit it when a row got cheaper, measured on a quiet machine.
+Runs the quick benchmark rows (P1 and P10 at quick sizes, :data:`ROUNDS` interleaved rounds of :data:`CALLS` calls
+each, 1 thread, so the clock is the thread's CPU time: about 70 s on 2 cores), prints each row's median ratio and
+interquartile range beside the committed ones in :data:`BASELINE`, and exits 1 when a row is more than
+:data:`DEARER` dearer than committed (every ratio of these rows is a cost: lower is better). ``--update`` writes the
+run as the new baseline: commit it when a row got cheaper.
 
 "Dearer" must be told from the spread of the rounds. Run after run on this 2-core machine shared with other jobs
-(9 rounds, 2 threads, the wall clock) the medians of the same code moved by up to ±30 %, so a gate on the medians
-alone failed at random. Three things make the verdict rest on evidence:
+(9 rounds of 1 call, 2 threads, the wall clock) the medians of the same code moved by up to ±30 %, so a gate on the
+medians alone failed at random. What makes the verdict rest on evidence:
 
 - the thread's CPU time with 1 intra-op thread leaves out the time the process waited for a core (2 threads on the
   wall clock were the noisiest setting);
+- the fastest of :data:`CALLS` = 2 back-to-back calls per round: with 1 call, a call's time depended on the function
+  before it in the round (after the measurement without ``encoders``, which allocates the big copies, P10's plain
+  pass took 15 ms instead of 9 ms), so the per-round ratios were bimodal by round parity and a median sat between
+  the two modes; the second call runs after itself;
 - :data:`ROUNDS` = 25 rounds, not 9, so a median moves less with a few disturbed rounds;
 - a row is dearer only when its median now is more than :data:`DEARER` above the committed median **and** the lower
   quartile of its rounds now is above the committed upper quartile: the middle halves of the two runs' rounds do
@@ -19,11 +23,12 @@ alone failed at random. Three things make the verdict rest on evidence:
   whose quartiles still overlap is printed as within the spread and does not fail; a tight row fails at about 20 %,
   a row whose rounds spread widely needs a larger rise before the gate can call it one.
 
-Measured on this machine (other jobs running, load 0.6–1.1): across 3 runs of the same code, the 84 row-against-row
-comparisons had 2 medians more than 20 % dearer and no row dearer by this rule; with a regression planted in
-``ContributionMeasurement.update`` (30 % more of its own time), every pairing of a clean run with a slowed one failed,
-on 8 to 11 of the 14 rows. ``interleaved`` keeping the garbage collector off during the rounds steadied the rows too
-(see :func:`benchmarks.timing.interleaved`).
+Measured on this machine with other jobs running (load 0.9–2.1): 3 runs of the same code gave interquartile ranges
+of ±2–8 % and medians within 10 % of each other; none of the 84 row-against-row comparisons was dearer, by this rule
+or by the median alone. With a regression planted in ``ContributionMeasurement.update`` (30 % more of its own time),
+every pairing of a clean run with a slowed one failed, on 10 or 11 of the 14 rows (those that rose by 22–43 %).
+Before, with 9 rounds of 1 call and a garbage collection every round, 6 of 60 comparisons had a median more than
+20 % dearer at 2 threads and 3 of 60 at 1 thread; with 25 rounds of 1 call and the collector off, 2 of 84.
 
 A row missing from the baseline (new) is printed and never fails.
 """
@@ -45,7 +50,8 @@ from benchmarks.timing import Stat
 BASELINE = Path(__file__).parent / "results" / "bench-check.json"
 #: A row fails when its median exceeds the committed one by more than this fraction (and the quartiles part).
 DEARER = 0.20
-ROUNDS, THREADS, SUITES = 25, 1, "P1,P10"
+#: Interleaved rounds, calls per round (the fastest kept), torch threads, the suites run.
+ROUNDS, CALLS, THREADS, SUITES = 25, 2, 1, "P1,P10"
 
 
 def key(row: dict[str, Any]) -> str:
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", action="store_true", help=f"write this run as the baseline ({BASELINE.name})")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as out:
-        command = ["--quick", "--only", SUITES, "--threads", str(THREADS), "--repeats", str(ROUNDS), "--out", out]
+        command = ["--quick", "--only", SUITES, "--threads", str(THREADS), "--repeats", str(ROUNDS)]
+        command += ["--inner", str(CALLS), "--out", out]
         run_benchmarks(command)
         written = Path(out) / f"quick-{SUITES.replace(',', '-')}.json"
         current = quartiles(written)
