@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=0, help="interleaved rounds per comparison; 0 (default): 3 with --quick, else 9"
     )
+    parser.add_argument(
+        "--inner",
+        type=int,
+        default=0,
+        help="back-to-back calls of each function per round, the fastest kept; 0 (default): 1 with --quick, else 3. "
+        "With 1, a call's time depends on the function before it in the round",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where JSON/MD go")
     args = parser.parse_args(argv)
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -111,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"--clock {args.clock}: {err}")
     set_clock(clock)
-    config = suites.Config(quick=args.quick, device=device, rounds=max(args.repeats, 0))
+    config = suites.Config(quick=args.quick, device=device, rounds=max(args.repeats, 0), calls=max(args.inner, 0))
     command = "python -m benchmarks" + (" --quick" if args.quick else "") + f" --threads {threads}"
     if args.repeats > 0:
         command += f" --repeats {args.repeats}"
+    if args.inner > 0:
+        command += f" --inner {args.inner}"
     if args.device != "auto":
         command += f" --device {args.device}"
     if args.clock != "auto":

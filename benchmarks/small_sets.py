@@ -7,8 +7,11 @@ gives the first measurement of a fit too (the check, and the timing of one batch
 
 - A 3-D CNN (3 conv layers of 16 channels) on 24³ volumes and an MLP for 10 table columns, batches of 8, for 24,
   96 and 384 validation samples: a measurement ÷ a plain validation pass over the same samples, whole modalities and
-  the table column by column, zeros fill, with and without ``encoders``; and the bytes one batch's copies allocate
-  with the CT rows of the table copies and the CT copy's zeros rows not built (one expanded row each) ÷ built.
+  the table column by column, zeros fill, with and without ``encoders``; a measurement with ``encoders`` ÷ its hand
+  floor (:mod:`benchmarks.hand_floor`: the same shares in plain torch, each encoder run only where a copy changes its
+  input; checked equal to the library's within :data:`~benchmarks.suites.SHARE_TOLERANCE`); and the bytes one batch's
+  copies allocate with the CT rows of the table copies and the CT copy's zeros rows not built (one expanded row each)
+  ÷ built.
 - A tiny late-fusion MLP (2 modalities of 32 features, 4 batches of 64): a measurement with ``encoders`` ÷ one
   without (the cache's own work exceeds what it saves there: the plain path is chosen from one batch's
   timing), and a measurement without ÷ its floor (the forward passes alone, 1 clean + 1 per modality).
@@ -25,8 +28,9 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.encoders import VolumeTableNet
+from benchmarks.hand_floor import HandFloor
 from benchmarks.peers import Floor
-from benchmarks.suites import Config, Row, Table, peak_bytes
+from benchmarks.suites import SHARE_TOLERANCE, Config, Row, Table, peak_bytes
 from benchmarks.timing import Stat, interleaved, ratio
 from lightning_mc import ContributionMeasurement, Modality
 from lightning_mc.masks import Columns
@@ -36,6 +40,8 @@ SIZES = (24, 96, 384)
 #: Targets of a measurement with encoders ÷ a plain validation pass, from the smallest size on.
 TARGETS = {"whole, zeros": 1.2, "table per column, zeros": 1.3}
 TINY_TARGET, FLOOR_TARGET = 1.0, 1.15
+#: Target of a measurement with encoders ÷ its hand floor (issue 36: the library within 15 % of it).
+HAND_FLOOR_TARGET = 1.15
 
 
 def _volume_batches(samples: int, device: torch.device) -> list[dict[str, Tensor]]:
@@ -61,6 +67,21 @@ def measure(measurement: ContributionMeasurement, model: nn.Module, batches: lis
     for batch in batches:
         measurement.update(model, batch)
     measurement.compute()
+
+
+def hand_floor_gap(
+    measurement: ContributionMeasurement, model: nn.Module, batches: list[Any], floor: HandFloor
+) -> float:
+    """The largest difference between the library's shares (and per-column shares) and the hand floor's."""
+    measurement.reset()
+    for batch in batches:
+        measurement.update(model, batch)
+    result = measurement.compute()
+    hand = floor.shares()
+    gaps = [abs(result.shares[name] - hand[name]) for name in hand]
+    if floor.per_column:  # the table's attribute shares, in column order
+        gaps += [abs(a - b) for a, b in zip(result.attribute_shares["table"].values(), floor.column_shares())]
+    return max(gaps)
 
 
 def _plain_pass(forward: Callable[..., Any], model: nn.Module, batches: list[Any]) -> None:
@@ -90,6 +111,10 @@ def p10_small_sets(config: Config) -> tuple[list[Row], Table]:
         for samples in sizes:
             batches = _volume_batches(samples, config.device)
             measure(cached, model, batches, first=True)  # the fit's first measurement: the check, the path timing
+            floor = HandFloor(model, batches, per_column)
+            gap = hand_floor_gap(cached, model, batches, floor)
+            print(f"  P10 {case}, {samples} samples: hand floor's shares vs the library's: max gap {gap:.1e}")
+            assert gap <= SHARE_TOLERANCE, f"the hand floor's shares differ from the library's by {gap:.1e}"
             repeats = max(3, config.repeats // (2 if samples > 100 else 1))
             times = interleaved(
                 {
@@ -97,6 +122,7 @@ def p10_small_sets(config: Config) -> tuple[list[Row], Table]:
                     "without": partial(measure, plain, model, batches),
                     "with": partial(measure, cached, model, batches),
                     "with, first of a fit": partial(measure, first_of_fit, model, batches, first=True),
+                    "hand floor": floor,
                 },
                 repeats,
                 config.device,
@@ -105,6 +131,8 @@ def p10_small_sets(config: Config) -> tuple[list[Row], Table]:
             with_ = ratio(times["with"], times["plain pass"])
             without = ratio(times["without"], times["plain pass"])
             first = ratio(times["with, first of a fit"], times["plain pass"])
+            over_floor = ratio(times["with"], times["hand floor"])
+            floor_cost = ratio(times["hand floor"], times["plain pass"])
             target = TARGETS[case]
             rows.append(
                 Row(
@@ -118,17 +146,53 @@ def p10_small_sets(config: Config) -> tuple[list[Row], Table]:
                     extra={"without_over_plain": without.as_dict(), "first_over_plain": first.as_dict()},
                 )
             )
-            details.append([case, f"{samples}", with_.format(), without.format(), first.format()])
+            rows.append(
+                Row(
+                    "P10",
+                    f"3-D CNN 24³ + 10 columns, {case}, {samples} samples",
+                    "measurement with encoders ÷ hand floor",
+                    over_floor,
+                    f"≤ {HAND_FLOOR_TARGET}",
+                    over_floor.median <= HAND_FLOOR_TARGET,
+                    note=(
+                        f"hand floor ÷ plain validation pass {floor_cost.format()}; the hand floor's shares equal the "
+                        f"library's within {gap:.1e}"
+                    ),
+                    extra={"hand_floor_over_plain": floor_cost.as_dict(), "shares_max_abs_diff": gap},
+                )
+            )
+            details.append(
+                [
+                    case,
+                    f"{samples}",
+                    with_.format(),
+                    without.format(),
+                    first.format(),
+                    over_floor.format(),
+                    floor_cost.format(),
+                ]
+            )
     rows.append(_replayed_memory(config, model, cached))
     table = Table(
         f"P10 small 3-D validation sets: a measurement ÷ a plain validation pass (3-D CNN of {CHANNELS} channels on "
         f"{SIDE}³ + MLP on "
         f"{COLUMNS} columns, batches of {BATCH}, {torch.get_num_threads()} threads)",
-        ["case", "samples", "with encoders", "without encoders", "with encoders, first of a fit"],
+        [
+            "case",
+            "samples",
+            "with encoders",
+            "without encoders",
+            "with encoders, first of a fit",
+            "with encoders ÷ hand floor",
+            "hand floor",
+        ],
         details,
         note=(
             "The safety check of encoders= runs on the first measurement of a fit (one row of each copy through both "
-            "paths); later measurements replay the CT encoder for every table copy without building the CT rows."
+            "paths); later measurements replay the CT encoder for every table copy without building the CT rows. "
+            "The hand floor (benchmarks/hand_floor.py) is the same measurement in plain torch: the clean pass keeping "
+            "both encodings, the CT encoder on a zeros volume once per measurement, the table encoder on the occluded "
+            "rows only, one head call for all copies; its column is hand floor ÷ plain validation pass."
         ),
     )
     return [*rows, *tiny_mlp(config)], table

@@ -38,8 +38,10 @@ class Config:
 
     quick: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    #: Interleaved rounds per comparison; ``0``: 3 quick, 9 otherwise (``make bench-check`` runs quick sizes with 9).
+    #: Interleaved rounds per comparison; ``0``: 3 quick, 9 otherwise (``make bench-check`` runs quick sizes with 25).
     rounds: int = 0
+    #: Back-to-back calls per round, the fastest kept; ``0``: 1 quick, 3 otherwise (``make bench-check``: 2).
+    calls: int = 0
 
     @property
     def repeats(self) -> int:
@@ -49,6 +51,8 @@ class Config:
 
     @property
     def inner(self) -> int:
+        if self.calls:
+            return self.calls
         return 1 if self.quick else 3
 
     @property
