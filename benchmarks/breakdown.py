@@ -130,8 +130,8 @@ def breakdown(config: Config) -> Table:
     samples: dict[str, list[float]] = defaultdict(list)
     with _instrumented(stopwatch) as missing:
         monitor = Monitor(modalities)  # built under the stopwatch: torchmetrics binds update/compute at construction
-        forward_fn = monitor.engine.forward_fn
-        monitor.engine.forward_fn = stopwatch.timed(forward_fn, FORWARD)
+        forward_fn = monitor.engine.runner.forward_fn
+        monitor.engine.runner.forward_fn = stopwatch.timed(forward_fn, FORWARD)
         try:
             order = [("check", lambda: monitor(model, batches)), ("floor", floor)]
             for round_ in range(-2, repeats):  # two warm-up rounds
@@ -151,7 +151,7 @@ def breakdown(config: Config) -> Table:
                 for label in [*per, FORWARD]:
                     samples[label].append(stopwatch.exclusive.get(label, 0.0) / BATCHES_PER_CHECK)
         finally:
-            monitor.engine.forward_fn = forward_fn
+            monitor.engine.runner.forward_fn = forward_fn
     stats = {label: Stat.of(values) for label, values in samples.items()}
     check, floor_stat = stats.pop("total check"), stats.pop("total floor")
     beyond = Stat.of([c - f for c, f in zip(samples["total check"], samples["total floor"])])

@@ -49,9 +49,14 @@ def restrict(plan: BatchPlan, view: BatchView, fills: BatchFills) -> BatchPlan:
     ]
     if not runs:
         return plan
-    flags = torch.cat(runs) if len({flag.device for flag in runs}) == 1 else torch.cat([r.cpu() for r in runs])
-    if bool(flags.all()):
-        return plan
+    if all(flag.device.type == "cpu" for flag in runs):  # reading a flag is free: no concatenation in the usual case
+        if all(bool(flag.all()) for flag in runs):
+            return plan
+        flags = torch.cat(runs)
+    else:
+        flags = torch.cat(runs) if len({flag.device for flag in runs}) == 1 else torch.cat([r.cpu() for r in runs])
+        if bool(flags.all()):
+            return plan
     host = flags.cpu()
     every = host.all(dim=1)
     return _with_samples(plan, host, every, view.values[0].device)
@@ -77,7 +82,7 @@ def _with_samples(plan: BatchPlan, runs: Tensor, every: Tensor, device: torch.de
 def _changed_samples(aligned: Tensor | None, value: Tensor, fill: Tensor) -> Tensor:
     """``(h, N)``: whether attribute ``l``'s occlusion changes sample ``n``'s input (``aligned``: ``None``, whole)."""
     if aligned is None:
-        return _changed_rows(value, fill).unsqueeze(0)
+        return _changed_rows(value, fill)[None]
     changed = value != fill  # NaN != NaN: a NaN input counts as changed
     num_attributes, num_samples = aligned.shape[0], changed.shape[0]
     if num_attributes * changed.numel() <= _MAX_BROADCAST:
@@ -96,10 +101,11 @@ def _changed_rows(value: Tensor, fill: Tensor) -> Tensor:
         >>> _changed_rows(torch.tensor([[0.0, 1.0], [0.0, 0.0], [float("nan"), 0.0]]), torch.zeros(3, 2)).tolist()
         [True, False, True]
     """
-    per_sample = value[0].numel() if value.ndim and value.shape[0] else 0
-    if value.device.type == "cpu" and fill.shape == value.shape and fill.dtype == value.dtype:
-        if per_sample >= _PER_SAMPLE_FROM:  # torch.equal: NaN never equals, -0.0 equals 0.0, as != has it
+    per_sample = value.shape[1:].numel() if value.ndim and value.shape[0] else 0
+    if per_sample >= _PER_SAMPLE_FROM and value.device.type == "cpu":
+        if fill.shape == value.shape and fill.dtype == value.dtype:  # torch.equal: NaN never equals, -0.0 equals 0.0
             return torch.tensor(
                 [not torch.equal(row, fill_row) for row, fill_row in zip(value, fill)], dtype=torch.bool
             )
-    return (value != fill).reshape(value.shape[0], -1).any(dim=-1)
+    changed = torch.ne(value, fill)  # NaN != NaN: a NaN input counts as changed
+    return changed.flatten(1).any(dim=1) if value.ndim > 1 else changed

@@ -41,7 +41,9 @@ def absolute_differences(clean: Tensor, occluded: Tensor) -> Tensor:
         (:func:`~lightning_mc.core.outputs.full_precision_dtype`).
     """
     dtype = full_precision_dtype(clean.dtype, occluded.dtype)
-    return (occluded.to(dtype) - clean.to(dtype).unsqueeze(1)).abs_()
+    if clean.dtype != dtype or occluded.dtype != dtype:
+        clean, occluded = clean.to(dtype), occluded.to(dtype)
+    return (occluded - clean[:, None]).abs_()
 
 
 def sum_per_modality(values: Tensor, attribute_counts: Sequence[int], dim: int) -> Tensor:
@@ -203,7 +205,8 @@ class ModalityContribution(Metric):
         diffs = absolute_differences(clean, stacked)
         if diffs.dtype == torch.float64 and self.attribute_diff.dtype != torch.float64:
             self._sum_in_float64()
-        diffs = diffs.to(self.attribute_diff.dtype)
+        if diffs.dtype != self.attribute_diff.dtype:
+            diffs = diffs.to(self.attribute_diff.dtype)
         # a difference is finite exactly when both outputs are (inf − inf is NaN), so one pass finds the bad samples;
         # they contribute 0 (torch.where, not boolean indexing: no copy of the batch). On CPU reading the flag is
         # free and spares the per-sample test and the masking when every value is finite; on a GPU it would sync, so
