@@ -178,7 +178,7 @@ class Replay:
         move on every in-place update, an optimizer step; the tensors are listed once, when the row is computed, not
         walked on every call) and so does the autocast state.
         """
-        inputs = pytree.tree_leaves((args, kwargs))
+        inputs = _call_leaves(args, kwargs)
         batched = [leaf for leaf in inputs if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows]
         if not batched:
             return forward(*args, **kwargs)
@@ -187,10 +187,10 @@ class Replay:
         if kept is None or not kept.holds(inputs, rows, device):
             if not all(_rows_equal(leaf) for leaf in batched):
                 return forward(*args, **kwargs)  # the fill is constant but the encoder also reads per-sample inputs
-            first = pytree.tree_map(lambda leaf: _first_row(leaf, rows), (args, kwargs))
+            first = _map_call(lambda leaf: _first_row(leaf, rows), args, kwargs)
             kept = Kept.of(module, first, forward(*first[0], **first[1]), device)
             self.once.rows[name] = kept
-        return pytree.tree_map(lambda leaf: _expand_row(leaf, rows), kept.output)
+        return _map(lambda leaf: _expand_row(leaf, rows), kept.output)
 
 
 #: Parameters and buffers of an encoder (elements in all) up to which a kept row keeps a copy of them, so that the
@@ -228,7 +228,7 @@ class Kept:
         """Whether the output still holds for a call with the leaves ``inputs`` of ``rows`` rows each."""
         if _state(self.tensors, device) != self.state:
             return False
-        kept = pytree.tree_leaves(self.inputs)
+        kept = _call_leaves(*self.inputs)
         return len(kept) == len(inputs) and all(_same_rows(row, leaf, rows) for row, leaf in zip(kept, inputs))
 
     def verified(self, module: nn.Module, device: str) -> Kept | None:
@@ -308,21 +308,19 @@ def recorder(calls: list[Any]) -> Callable[[nn.Module, Any, Any], None]:
     """A forward hook that appends the module's output (as plain tensors) to ``calls``."""
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        calls.append(pytree.tree_map(lambda leaf: plain_tensor(leaf) if isinstance(leaf, Tensor) else leaf, output))
+        calls.append(_map(lambda leaf: plain_tensor(leaf) if isinstance(leaf, Tensor) else leaf, output))
 
     return hook
 
 
 def has_rows(output: Any, rows: int) -> bool:
     """Whether one of ``output``'s tensors has ``rows`` rows along dimension 0."""
-    return any(isinstance(leaf, Tensor) and leaf.ndim and leaf.shape[0] == rows for leaf in pytree.tree_leaves(output))
+    return any(isinstance(leaf, Tensor) and leaf.ndim and leaf.shape[0] == rows for leaf in _leaves(output))
 
 
 def rows_of(output: Any) -> int:
     """The largest leading dimension of the output's tensors (0 when it has none)."""
-    return max(
-        (leaf.shape[0] for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor) and leaf.ndim), default=0
-    )
+    return max((leaf.shape[0] for leaf in _leaves(output) if isinstance(leaf, Tensor) and leaf.ndim), default=0)
 
 
 def same_tree(left: Any, right: Any) -> bool:
@@ -354,6 +352,8 @@ def _concatenate(outputs: Sequence[Any], rows_per_call: Sequence[int]) -> Any:
 
 
 def _index_rows(recorded: Any, samples: Tensor) -> Any:
+    if isinstance(recorded, Tensor):  # the usual encoder output: no tree walk
+        return recorded.index_select(0, samples) if recorded.ndim else recorded
     size = rows_of(recorded)
     return pytree.tree_map(
         lambda leaf: (
@@ -361,6 +361,30 @@ def _index_rows(recorded: Any, samples: Tensor) -> Any:
         ),
         recorded,
     )
+
+
+def _leaves(tree: Any) -> list[Any]:
+    """``pytree.tree_leaves``, without the tree walk for a single tensor (an encoder's usual output)."""
+    return [tree] if isinstance(tree, Tensor) else pytree.tree_leaves(tree)
+
+
+def _map(function: Callable[[Any], Any], tree: Any) -> Any:
+    """``pytree.tree_map``, without the tree walk for a single tensor."""
+    return function(tree) if isinstance(tree, Tensor) else pytree.tree_map(function, tree)
+
+
+def _call_leaves(args: Any, kwargs: Any) -> list[Any]:
+    """The leaves of a call's ``(args, kwargs)``; tensors passed positionally need no tree walk."""
+    if not kwargs and all(isinstance(arg, Tensor) for arg in args):
+        return list(args)
+    return pytree.tree_leaves((args, kwargs))
+
+
+def _map_call(function: Callable[[Any], Any], args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """``function`` on each leaf of a call's ``(args, kwargs)``, the structure kept."""
+    if not kwargs and all(isinstance(arg, Tensor) for arg in args):
+        return tuple(function(arg) for arg in args), {}
+    return pytree.tree_map(function, (args, kwargs))
 
 
 def _first_row(leaf: Any, rows: int) -> Any:
