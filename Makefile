@@ -74,9 +74,10 @@ screenshots: setup
 bench: setup
 	$(PY) -m benchmarks
 
-# The guard against regressions: the quick rows (P1, P10; a minute or two on 2 cores), each median beside the one
-# committed in benchmarks/results/bench-check.json; fails when a row is more than 20 % dearer. After a change that
-# makes rows cheaper: `$(PY) -m benchmarks.check --update` and commit the file.
+# The guard against regressions: the quick rows (P1, P10; about 70 s on 2 cores), each median and its quartiles
+# beside the ones committed in benchmarks/results/bench-check.json; fails when a row is more than 20 % dearer and
+# its rounds' middle half lies above the committed one's. After a change that makes rows cheaper:
+# `$(PY) -m benchmarks.check --update` and commit the file.
 bench-check: setup
 	$(PY) -m benchmarks.check
 

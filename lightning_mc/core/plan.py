@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,8 +48,6 @@ __all__ = ["BatchPlan", "Planner", "chunks_of", "coalition_copy"]
 #: Layouts whose plans are kept (a measurement sees a handful: the full batches and a last, smaller one).
 _MAX_PLANS = 64
 
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -61,7 +59,7 @@ class BatchPlan:
         aligned: Each modality's masks with a sample dimension, aligned on the right of its tensor (``None``: whole).
         covered: ``(H,)`` on the CPU: whether attribute ``l``'s mask covers any element (``False``: padding).
         copies: The clean copy (unless its outputs are given), one copy per attribute, then the coalition copies.
-        attributes: Where the attribute copies are in :attr:`copies`.
+        attributes: Where the attribute copies are in ``copies``.
         reused: ``coalition -> modality index`` for coalitions that are one modality measured whole (no copy).
         batch_size: The samples ``N``.
         dense: Whether every copy runs on every sample (``False`` for a plan :meth:`restricted` to a batch).
@@ -93,7 +91,7 @@ class BatchPlan:
         """The copies that occlude several modalities whole at once."""
         return self.copies[self.attributes.stop :]
 
-    def memo(self, key: Hashable, build: Callable[[], T]) -> T:
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """What ``build`` derives from this plan, built on first use (chunks, each call's encoder settings)."""
         if key not in self._memo:
             self._memo[key] = build()
