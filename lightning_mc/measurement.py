@@ -142,6 +142,8 @@ class ContributionMeasurement:
         self.coalitions = tuple(dict.fromkeys(c for analysis in self.analyses for c in analysis.coalitions()))
         self._prepared_for: tuple[Any, ...] | None = None
         self._num_updates = 0
+        #: The sync setting given to the accumulators built so far (``None``: not given yet).
+        self._sync_applied: bool | None = None
 
     @property
     def modality_names(self) -> tuple[str, ...]:
@@ -259,7 +261,13 @@ class ContributionMeasurement:
             self.engine.cache.check_again()
 
     def _set_sync(self, sync: bool) -> None:
-        """Whether every accumulator (and any metric inside it) syncs across processes in its ``compute()``."""
+        """Whether every accumulator (and any metric inside it) syncs across processes in its ``compute()``.
+
+        Set once per setting: walking every metric's modules at each ``compute`` costs as much as a small model's call.
+        """
+        if self._sync_applied is sync:
+            return
+        self._sync_applied = sync
         for analysis in self.analyses:
             analysis.sync = sync
         owned = [self.contribution.metric, *(metric for analysis in self.analyses for metric in analysis.metrics())]
@@ -290,6 +298,7 @@ class ContributionMeasurement:
             for part in (self.contribution, *self.analyses):
                 part.prepare(outputs)
         self._prepared_for = fit
+        self._sync_applied = None  # new accumulators: give them the setting at the next compute
 
 
 def _unlike_batches_message(before: tuple[Any, ...], now: tuple[Any, ...]) -> str:

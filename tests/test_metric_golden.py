@@ -106,3 +106,25 @@ def test_non_finite_samples_are_skipped_counted_and_warned_about(bad_clean, bad_
     assert int(values["num_skipped"]) == 1
     assert int(values["num_samples"]) == 1
     assert values["raw"].tolist() == pytest.approx([1.0, 0.5])
+
+
+@pytest.mark.parametrize("normalization", ["ratio_of_sums", "per_sample", "per_sample_output"])
+def test_a_reset_metric_zeroes_its_sums_in_place_and_gives_what_a_fresh_one_gives(normalization: str) -> None:
+    clean = torch.tensor(GOLDEN["outputs_clean"], dtype=torch.float32)
+    occluded = {name: torch.tensor(GOLDEN["outputs_occluded"][name], dtype=torch.float32) for name in MODALITIES}
+
+    def metric() -> ModalityContribution:
+        attributes = {name: ("mask0", "mask1") for name in MODALITIES}
+        return ModalityContribution(attributes, num_outputs=clean.shape[1], normalization=normalization)
+
+    reused, fresh = metric(), metric()
+    reused.update(clean * 0.5, {name: value.flip(0) for name, value in occluded.items()})  # another batch first
+    sums = reused.attribute_diff
+    reused.reset()
+    reused.update(clean, occluded)
+    fresh.update(clean, occluded)
+
+    assert reused.attribute_diff is sums  # zeroed in place, not rebuilt
+    for key, value in fresh.compute().items():  # the same computation on the same batch: the same floats
+        torch.testing.assert_close(reused.compute()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert int(reused.compute()["num_samples"]) == 3
