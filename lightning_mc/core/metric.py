@@ -229,10 +229,10 @@ class ModalityContribution(Metric):
             self._update_output_shares(diffs)
 
     def reset(self) -> None:
-        """Zero the sums: in place while they keep their defaults' shape and dtype, else as :meth:`Metric.reset`.
+        """Zero the sums: in place while they keep their defaults' shape and dtype, else as ``Metric.reset``.
 
-        :meth:`Metric.reset` builds a new tensor per state, which costs a measurement as much as a small model's forward
-        call; every default here is zeros, so zeroing the tensors in place gives the same state.
+        torchmetrics' ``Metric.reset`` builds a new tensor per state, which costs a measurement as much as a small
+        model's forward call; every default here is zeros, so zeroing the tensors in place gives the same state.
         """
         states = [getattr(self, name) for name in self._defaults]
         inference = torch.is_inference_mode_enabled()
