@@ -386,8 +386,8 @@ class EncoderCache:
             f"encoders: {name!r} (given for modality {owner!r}) is not an encoder of {owner!r} alone: with {occluded} "
             f"occluded its output differs from its replayed output by {gap:.3g} (relative) on sample "
             f"{int(copy.samples[0])}{where}, so it also depends on modality {occluded} (cross-attention, FiLM, early "
-            f"fusion, or state kept between calls). Name only modules whose output depends on {owner!r}'s input alone, "
-            f"or leave {owner!r} out of encoders."
+            f"fusion, or state kept between calls). Name only modules whose output depends on the input of {owner!r} "
+            f"alone, or leave {owner!r} out of encoders."
         )
 
     def _outputs_differ(self, copy: Copy, gap: float, where: str = "") -> ValueError:
