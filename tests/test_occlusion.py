@@ -67,3 +67,36 @@ def test_unknown_fill_names_the_valid_choices() -> None:
         resolve_fill("blur")
     with pytest.raises(TypeError, match="is not a fill"):
         resolve_fill([0.0])
+
+
+def _measure_in_a_spawned_process(measurement: object, batch: tuple, shares: object) -> None:
+    measurement.reset(check=5)
+    measurement.update(_SpawnModel(), batch)
+    shares.put(measurement.compute().shares)
+
+
+class _SpawnModel(torch.nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.stack([a.sum(1), 2 * b.sum(1)], dim=1)
+
+
+def test_a_measurement_that_drew_random_fills_crosses_to_a_spawned_process_and_draws_the_same() -> None:
+    from lightning_mc import ContributionMeasurement
+
+    batch = (torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), torch.randn(6, 2))
+    measurement = ContributionMeasurement({"a": 0, "b": 1}, occlusion="noise")
+    measurement.reset(check=5)
+    measurement.update(_SpawnModel(), batch)  # the fills' generators now exist: they must not travel
+    here = measurement.compute().shares
+    context = torch.multiprocessing.get_context("spawn")
+    shares = context.Queue()
+    process = context.Process(target=_measure_in_a_spawned_process, args=(measurement, batch, shares))
+    process.start()
+    process.join(100)  # a hang fails instead of stalling the suite
+    if process.is_alive():
+        process.kill()
+
+    assert process.exitcode == 0
+    there = shares.get(timeout=5)
+    assert there.keys() == here.keys()
+    assert all(abs(there[name] - here[name]) < 1e-6 for name in here)  # the same draws: seed, check and batch

@@ -52,6 +52,13 @@ class FillDraws:
 
         self._check, self._batch = 0, 0
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without the generators (each is reseeded from ``(seed, check, batch)`` before use: nothing is lost).
+
+        A ``torch.Generator`` cannot cross to a ``ddp_spawn`` process: its state's shared storage fails to open there.
+        """
+        return {**self.__dict__, "_generators": {}}
+
     def start(self, check: int) -> None:
         """The next batch is the first of measurement ``check`` (the monitor passes the trainer's ``global_step``)."""
         self._check, self._batch = check, 0
