@@ -70,7 +70,7 @@ def test_a_batch_whose_fill_equals_a_sample_gets_its_own_plan_and_the_layouts_pl
     assert own is not layout and not own.dense
     assert own.copies[1].samples.tolist() == [0, 1, 3, 4]
     assert all(copy.samples is None for copy in layout.copies)
-    assert own.changed(torch.ones(4, dtype=torch.bool))["image"].tolist() == [1]
+    assert own.changed()["image"].tolist() == [1]
 
 
 def test_masks_that_read_the_values_are_built_for_every_batch() -> None:

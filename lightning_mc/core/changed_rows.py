@@ -62,12 +62,6 @@ def restrict(plan: BatchPlan, view: BatchView, fills: BatchFills) -> BatchPlan:
     return _with_samples(plan, host, every, view.values[0].device)
 
 
-def ran(plan: BatchPlan) -> Tensor:
-    """``(H,)`` on the CPU: whether each attribute copy of ``plan`` runs on some sample."""
-    copies = plan.copies[plan.attributes]
-    return torch.tensor([copy.samples is None or bool(copy.samples.numel()) for copy in copies], dtype=torch.bool)
-
-
 def _with_samples(plan: BatchPlan, runs: Tensor, every: Tensor, device: torch.device) -> BatchPlan:
     """``plan`` restricted to the samples ``runs`` (``(H, N)`` bool, CPU) says; sent to ``device`` in one transfer."""
     chosen: list[Tensor | None] = [None] * runs.shape[0]

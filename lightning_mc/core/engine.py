@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_mc.core.changed_rows import ran, restrict
+from lightning_mc.core.changed_rows import restrict
 from lightning_mc.core.encoder_cache import EncoderCache
 from lightning_mc.core.encoders import ResolvedEncoders
 from lightning_mc.core.executor import Call, ChunkRunner, PlainExecutor
@@ -218,9 +218,8 @@ class OcclusionEngine:
         coalition_rows = dict(zip((copy.occluded for copy in plan.coalitions), rows[plan.attributes.stop :]))
         for members, owner in plan.reused.items():
             coalition_rows[members] = occluded[self.modalities[owner].name][:, 0]
-        changed = plan.changed() if plan.dense else plan.changed(ran(plan))
         coalition_outputs = {c: coalition_rows[frozenset(c)] for c in coalitions}
-        return OccludedOutputs(clean_rows, occluded, plan.attribute_names, coalition_outputs, changed, view.size)
+        return OccludedOutputs(clean_rows, occluded, plan.attribute_names, coalition_outputs, plan.changed(), view.size)
 
     def check_batch(self, model: nn.Module, batch: Batch) -> None:
         """Check the modalities, the fills and the output on ``batch`` without measuring (one forward call of 1 row).

@@ -97,17 +97,16 @@ class BatchPlan:
             self._memo[key] = build()
         return self._memo[key]
 
-    def changed(self, ran: Tensor | None = None) -> dict[str, Tensor]:
+    def changed(self) -> dict[str, Tensor]:
         """Which attribute copies changed anything: ``name -> (h_i,)`` on the CPU.
 
         ``1`` where attribute ``l``'s copy ran, ``0`` where its mask covered input that its fill equals (no row ran),
-        ``-1`` where its mask covered nothing (padding).
-
-        Args:
-            ran: ``(H,)`` bool on the CPU, whether each attribute copy ran on some sample; ``None``: all of them ran.
+        ``-1`` where its mask covered nothing (padding). A dense plan's copies all ran: one set of flags for the layout.
         """
-        if ran is None:
+        if self.dense:
             return self.memo("changed", lambda: self._changed(torch.ones_like(self.covered)))
+        copies = self.copies[self.attributes]
+        ran = torch.tensor([copy.samples is None or bool(copy.samples.numel()) for copy in copies], dtype=torch.bool)
         return self._changed(ran)
 
     def _changed(self, ran: Tensor) -> dict[str, Tensor]:
